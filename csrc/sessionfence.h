@@ -1,0 +1,97 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * sessionfence C hot path: stat + tail hash, append classification, positional reads
+ * and XXH3-128 content digests. Every function is reentrant: no global mutable state,
+ * because cffi calls them with the GIL released.
+ *
+ * Keep the declarations between the CDEF markers in sync with what cffi parses
+ * (csrc/build_ffi.py extracts them from this file).
+ */
+#ifndef SESSIONFENCE_H
+#define SESSIONFENCE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* CDEF-BEGIN */
+#define SF_OK 0
+#define SF_EOS 1        /* OS error: see sys_errno / winerror */
+#define SF_EVALUE 2     /* bad argument: see detail */
+#define SF_EUNSTABLE 3  /* the file never held still */
+#define SF_ENOMEM 4
+#define SF_ESHORT 5     /* the file is shorter than asked: detail = its size */
+
+#define SF_WINDOW_MAX 1048576
+
+#define SF_UNCHANGED 0
+#define SF_APPENDED 1
+#define SF_TOUCHED 2
+#define SF_REWRITTEN 3
+#define SF_TRUNCATED 4
+#define SF_REPLACED 5
+#define SF_CREATED 6
+#define SF_DELETED 7
+
+typedef struct sf_fp {
+    int64_t exists;
+    uint64_t dev;
+    uint64_t ino;
+    int64_t size;
+    int64_t mtime_ns;
+    int64_t ctime_ns;
+    int64_t tail_len;
+    uint64_t tail_hash;
+} sf_fp;
+
+typedef struct sf_err {
+    int32_t code;
+    int32_t sys_errno;
+    int32_t winerror;
+    int32_t where;      /* index of the failing path in sf_fingerprint_many */
+    int64_t detail;
+} sf_err;
+
+typedef struct sf_probe {
+    int64_t handle;     /* fd, or HANDLE on Windows; -1 when closed */
+    uint64_t dev;
+    uint64_t ino;
+    int64_t has_last;
+    sf_fp last;         /* last fingerprint returned, so unchanged polls can reuse it */
+} sf_probe;
+
+typedef struct sf_change {
+    int32_t kind;
+    int32_t has_suffix;
+    sf_fp after;
+    uint8_t *suffix;    /* malloc'd, release with sf_free */
+    int64_t suffix_len;
+} sf_change;
+
+const char *sf_version(void);
+uint64_t sf_xxh3_64(const uint8_t *buf, size_t len);
+void sf_xxh3_128(const uint8_t *buf, size_t len, uint64_t *hi, uint64_t *lo);
+void sf_free(void *ptr);
+
+int sf_fingerprint(const char *path, int64_t window, sf_fp *out, sf_err *err);
+int sf_fingerprint_many(const char *paths, int64_t count, int64_t window, sf_fp *out, sf_err *err);
+
+void sf_probe_init(sf_probe *probe);
+int sf_probe_fingerprint(sf_probe *probe, const char *path, int64_t window, sf_fp *out,
+                         int32_t *same_as_last, sf_err *err);
+void sf_probe_close(sf_probe *probe);
+
+int sf_check_append(sf_probe *probe, const char *path, const sf_fp *before, int64_t window,
+                    int64_t max_suffix, sf_change *out, sf_err *err);
+int sf_read_range(sf_probe *probe, const char *path, int64_t offset, int64_t length,
+                  uint8_t *buf, sf_err *err);
+
+int sf_content_digest(const char *path, int64_t size, uint64_t *hi, uint64_t *lo, sf_err *err);
+void *sf_digest_new(void);
+void sf_digest_free(void *state);
+void *sf_digest_copy(const void *state);
+int sf_digest_update(void *state, const uint8_t *buf, size_t len);
+void sf_digest_value(const void *state, uint64_t *hi, uint64_t *lo);
+int sf_digest_update_file(void *state, const char *path, int64_t size, sf_err *err);
+/* CDEF-END */
+
+#endif

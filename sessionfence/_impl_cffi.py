@@ -1,0 +1,339 @@
+"""C hot path through cffi. cffi releases the GIL on every ``lib`` call."""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+from collections.abc import Iterable
+from typing import Any, NoReturn
+
+from ._ffi import ffi, lib
+from ._types import (
+    DEFAULT_MAX_SUFFIX,
+    DEFAULT_WINDOW,
+    MISSING,
+    STABLE_TRIES,
+    Change,
+    ChangeKind,
+    Fingerprint,
+    PathArg,
+    check_before,
+    check_max_suffix,
+    check_range,
+    check_window,
+    past_end,
+    shorter_than,
+)
+from ._version import __version__
+from .errors import UnstableFileError
+
+__all__ = [
+    "FileProbe",
+    "RollingDigest",
+    "check_append",
+    "content_digest",
+    "fingerprint",
+    "fingerprint_many",
+    "read_range",
+]
+
+NAME = "cffi"
+
+_built_for = ffi.string(lib.sf_version()).decode("ascii")
+if _built_for != __version__:
+    raise ImportError(
+        f"sessionfence._ffi was built for version {_built_for}, but the Python package is "
+        f"{__version__}: reinstall sessionfence (a stale build is on the path)"
+    )
+
+# sf_fp is eight 8-byte fields with no padding: one struct call unpacks it.
+_FP = struct.Struct("=qQQqqqqQ")
+_unpack_fp = _FP.unpack_from
+_KINDS = {
+    lib.SF_UNCHANGED: ChangeKind.UNCHANGED,
+    lib.SF_APPENDED: ChangeKind.APPENDED,
+    lib.SF_TOUCHED: ChangeKind.TOUCHED,
+    lib.SF_REWRITTEN: ChangeKind.REWRITTEN,
+    lib.SF_TRUNCATED: ChangeKind.TRUNCATED,
+    lib.SF_REPLACED: ChangeKind.REPLACED,
+    lib.SF_CREATED: ChangeKind.CREATED,
+    lib.SF_DELETED: ChangeKind.DELETED,
+}
+_new = ffi.new
+_buffer = ffi.buffer
+
+
+def _cpath(path: PathArg) -> bytes:
+    raw = os.fsencode(os.fspath(path))
+    if b"\0" in raw:
+        raise ValueError("embedded null byte in path")
+    return raw
+
+
+def _raise(err: Any, path: PathArg) -> NoReturn:
+    code = err.code
+    if code == lib.SF_EOS:
+        e = int(err.sys_errno)
+        if sys.platform == "win32" and err.winerror:
+            raise OSError(e, os.strerror(e), path, int(err.winerror))
+        raise OSError(e, os.strerror(e), path)
+    if code == lib.SF_EUNSTABLE:
+        raise UnstableFileError(path, STABLE_TRIES)
+    if code == lib.SF_ENOMEM:
+        raise MemoryError(f"out of memory while reading {path!r}")
+    raise ValueError(f"invalid argument ({int(err.detail)}) for {path!r}")
+
+
+def _to_fp(c_fp: Any) -> Fingerprint:
+    fields = _unpack_fp(_buffer(c_fp))
+    if not fields[0]:
+        return MISSING
+    return Fingerprint(True, *fields[1:])
+
+
+def _to_c_fp(fp: Fingerprint) -> Any:
+    c = _new("sf_fp *")
+    if fp.exists:
+        _FP.pack_into(
+            _buffer(c), 0, 1, fp.dev, fp.ino, fp.size, fp.mtime_ns, fp.ctime_ns, fp.tail_len,
+            fp.tail_hash,
+        )
+    return c
+
+
+def fingerprint(path: PathArg, *, window: int = DEFAULT_WINDOW) -> Fingerprint:
+    window = check_window(window)
+    out = _new("sf_fp *")
+    err = _new("sf_err *")
+    if lib.sf_fingerprint(_cpath(path), window, out, err) != 0:
+        _raise(err, path)
+    return _to_fp(out)
+
+
+def fingerprint_many(
+    paths: Iterable[PathArg], *, window: int = DEFAULT_WINDOW
+) -> list[Fingerprint]:
+    window = check_window(window)
+    items = list(paths)
+    if not items:
+        return []
+    # One C call for all files: the paths travel as one NUL-separated buffer.
+    joined = b"\0".join([_cpath(p) for p in items]) + b"\0"
+    out = _new("sf_fp[]", len(items))
+    err = _new("sf_err *")
+    if lib.sf_fingerprint_many(joined, len(items), window, out, err) != 0:
+        _raise(err, items[err.where])
+    result: list[Fingerprint] = []
+    append = result.append
+    for fields in _FP.iter_unpack(_buffer(out)):
+        append(Fingerprint(True, *fields[1:]) if fields[0] else MISSING)
+    return result
+
+
+def _change(out: Any, before: Fingerprint) -> Change:
+    after = _to_fp(ffi.addressof(out, "after"))
+    appended = None
+    if out.has_suffix:
+        appended = _buffer(out.suffix, out.suffix_len)[:]
+        lib.sf_free(out.suffix)
+    return Change(_KINDS[out.kind], before, after, appended)
+
+
+def _check_append(
+    probe: Any, path: PathArg, before: Fingerprint, window: int, max_suffix: int
+) -> Change:
+    window = check_window(window)
+    max_suffix = check_max_suffix(max_suffix)
+    before = check_before(before)
+    out = _new("sf_change *")
+    err = _new("sf_err *")
+    if lib.sf_check_append(probe, _cpath(path), _to_c_fp(before), window, max_suffix, out, err):
+        _raise(err, path)
+    return _change(out, before)
+
+
+def check_append(
+    path: PathArg,
+    before: Fingerprint,
+    *,
+    window: int = DEFAULT_WINDOW,
+    max_suffix: int = DEFAULT_MAX_SUFFIX,
+) -> Change:
+    return _check_append(ffi.NULL, path, before, window, max_suffix)
+
+
+_alloc_raw = ffi.new_allocator(should_clear_after_alloc=False)
+
+
+def _read_range(probe: Any, path: PathArg, offset: int, length: int) -> bytes:
+    offset, length = check_range(offset, length)
+    buf = _alloc_raw("uint8_t[]", max(length, 1))
+    err = _new("sf_err *")
+    if lib.sf_read_range(probe, _cpath(path), offset, length, buf, err) != 0:
+        if err.code == lib.SF_ESHORT:
+            raise past_end(path, offset, length, int(err.detail))
+        _raise(err, path)
+    return _buffer(buf, length)[:]
+
+
+def read_range(path: PathArg, offset: int, length: int) -> bytes:
+    return _read_range(ffi.NULL, path, offset, length)
+
+
+def _check_size(size: object) -> int:
+    if size is None:
+        return -1
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"size must be an int or None, not {type(size).__name__}")
+    if size < 0:
+        raise ValueError(f"size must be >= 0, got {size}")
+    return size
+
+
+def _digest_error(err: Any, path: PathArg, size: int) -> NoReturn:
+    if err.code == lib.SF_ESHORT:
+        raise shorter_than(path, size, int(err.detail))
+    _raise(err, path)
+
+
+def content_digest(path: PathArg, size: int | None = None) -> int:
+    n = _check_size(size)
+    hi = _new("uint64_t *")
+    lo = _new("uint64_t *")
+    err = _new("sf_err *")
+    if lib.sf_content_digest(_cpath(path), n, hi, lo, err) != 0:
+        _digest_error(err, path, n)
+    return (int(hi[0]) << 64) | int(lo[0])
+
+
+def _new_state() -> Any:
+    state = lib.sf_digest_new()
+    if state == ffi.NULL:
+        raise MemoryError("cannot allocate an XXH3 state")
+    return ffi.gc(state, lib.sf_digest_free)
+
+
+class RollingDigest:
+    """XXH3-128 streaming state: roll it forward with appended bytes."""
+
+    __slots__ = ("_state",)
+
+    def __init__(self) -> None:
+        self._state = _new_state()
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        view = ffi.from_buffer(data)
+        if lib.sf_digest_update(self._state, view, len(view)) != 0:
+            raise MemoryError("XXH3 update failed")
+
+    def copy(self) -> RollingDigest:
+        other = RollingDigest.__new__(RollingDigest)
+        state = lib.sf_digest_copy(self._state)
+        if state == ffi.NULL:
+            raise MemoryError("cannot allocate an XXH3 state")
+        other._state = ffi.gc(state, lib.sf_digest_free)
+        return other
+
+    def intdigest(self) -> int:
+        hi = _new("uint64_t *")
+        lo = _new("uint64_t *")
+        lib.sf_digest_value(self._state, hi, lo)
+        return (int(hi[0]) << 64) | int(lo[0])
+
+    @classmethod
+    def from_file(cls, path: PathArg, size: int | None = None) -> RollingDigest:
+        n = _check_size(size)
+        digest = cls()
+        err = _new("sf_err *")
+        if lib.sf_digest_update_file(digest._state, _cpath(path), n, err) != 0:
+            _digest_error(err, path, n)
+        return digest
+
+
+class FileProbe:
+    """Keeps the file open between checks; follows the path to a new file by itself."""
+
+    __slots__ = ("_closed", "_cpath", "_err", "_last", "_out", "_path", "_probe", "_same",
+                 "_window")
+
+    def __init__(self, path: PathArg, *, window: int = DEFAULT_WINDOW) -> None:
+        self._window = check_window(window)
+        self._path = path
+        self._cpath = _cpath(path)
+        probe = _new("sf_probe *")
+        lib.sf_probe_init(probe)
+        self._probe = probe
+        # Reused per call: allocating them is a measurable part of an unchanged poll.
+        self._out = _new("sf_fp *")
+        self._err = _new("sf_err *")
+        self._same = _new("int32_t *")
+        self._last: Fingerprint | None = None
+        self._closed = False
+
+    @property
+    def path(self) -> PathArg:
+        return self._path
+
+    @property
+    def window(self) -> int:
+        return self._window
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise ValueError("operation on a closed FileProbe")
+
+    def fingerprint(self) -> Fingerprint:
+        if self._closed:
+            self._ensure_open()
+        if lib.sf_probe_fingerprint(
+            self._probe, self._cpath, self._window, self._out, self._same, self._err
+        ):
+            _raise(self._err, self._path)
+        last = self._last
+        if self._same[0] and last is not None:
+            return last  # immutable: hand back the object callers already hold
+        fp = _to_fp(self._out)
+        self._last = fp
+        return fp
+
+    def check_append(
+        self,
+        before: Fingerprint,
+        *,
+        window: int | None = None,
+        max_suffix: int = DEFAULT_MAX_SUFFIX,
+    ) -> Change:
+        self._ensure_open()
+        w = self._window if window is None else window
+        return _check_append(self._probe, self._path, before, w, max_suffix)
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        self._ensure_open()
+        return _read_range(self._probe, self._path, offset, length)
+
+    def close(self) -> None:
+        if not self._closed:
+            lib.sf_probe_close(self._probe)
+            self._closed = True
+            self._last = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> FileProbe:
+        self._ensure_open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        probe = getattr(self, "_probe", None)
+        if probe is not None and not getattr(self, "_closed", True):
+            lib.sf_probe_close(probe)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<FileProbe {self._path!r} window={self._window} {state}>"

@@ -1,0 +1,440 @@
+"""Pure-Python hot path: bit-identical results to the C backend, and its baseline."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat as stat_mod
+import sys
+from collections.abc import Iterable
+
+import xxhash
+
+from ._types import (
+    DEFAULT_MAX_SUFFIX,
+    DEFAULT_WINDOW,
+    MISSING,
+    STABLE_TRIES,
+    Change,
+    ChangeKind,
+    Fingerprint,
+    PathArg,
+    check_before,
+    check_max_suffix,
+    check_range,
+    check_window,
+    past_end,
+    shorter_than,
+)
+from .errors import UnstableFileError
+
+__all__ = [
+    "FileProbe",
+    "RollingDigest",
+    "check_append",
+    "content_digest",
+    "fingerprint",
+    "fingerprint_many",
+    "read_range",
+]
+
+NAME = "python"
+
+_OPEN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_NOCTTY", 0)
+    | getattr(os, "O_NONBLOCK", 0)  # a FIFO must not block the open
+    | getattr(os, "O_BINARY", 0)
+)
+_DIGEST_CHUNK = 256 * 1024
+_xxh3_64 = xxhash.xxh3_64_intdigest
+_MISSING_ERRNOS = (errno.ENOENT, errno.ENOTDIR)
+
+
+def _pread(fd: int, length: int, offset: int) -> bytes:
+    """Up to ``length`` bytes at ``offset``; shorter only at end of file."""
+    parts: list[bytes] = []
+    done = 0
+    while done < length:
+        if _HAVE_PREAD:
+            chunk = os.pread(fd, length - done, offset + done)
+        else:  # Windows: the descriptor is private to us, so seek + read is positional
+            os.lseek(fd, offset + done, os.SEEK_SET)
+            chunk = os.read(fd, length - done)
+        if not chunk:
+            break
+        parts.append(chunk)
+        done += len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+_HAVE_PREAD = hasattr(os, "pread")
+
+
+def _check_regular(st: os.stat_result, path: PathArg) -> None:
+    if stat_mod.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    if not stat_mod.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
+
+
+def _open(path: PathArg) -> tuple[int, os.stat_result] | None:
+    """Opens a regular file for reading; None when the path names nothing."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        if exc.errno in _MISSING_ERRNOS:
+            return None
+        if sys.platform == "win32" and exc.errno == errno.EACCES and os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        _check_regular(st, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def _same_state(a: os.stat_result, b: os.stat_result) -> bool:
+    return (
+        a.st_dev == b.st_dev
+        and a.st_ino == b.st_ino
+        and a.st_size == b.st_size
+        and a.st_mtime_ns == b.st_mtime_ns
+        and a.st_ctime_ns == b.st_ctime_ns
+    )
+
+
+def _fp(st: os.stat_result, tail_len: int, tail_hash: int) -> Fingerprint:
+    return Fingerprint(
+        True, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, tail_len,
+        tail_hash,
+    )
+
+
+def _stable_tail(fd: int, st: os.stat_result, window: int, path: PathArg) -> Fingerprint:
+    for _ in range(STABLE_TRIES):
+        tl = min(st.st_size, window)
+        data = _pread(fd, tl, st.st_size - tl) if tl else b""
+        post = os.fstat(fd)
+        if len(data) == tl and _same_state(st, post):
+            return _fp(st, tl, _xxh3_64(data))
+        st = post
+    raise UnstableFileError(path, STABLE_TRIES)
+
+
+def fingerprint(path: PathArg, *, window: int = DEFAULT_WINDOW) -> Fingerprint:
+    window = check_window(window)
+    opened = _open(path)
+    if opened is None:
+        return MISSING
+    fd, st = opened
+    try:
+        return _stable_tail(fd, st, window, path)
+    finally:
+        os.close(fd)
+
+
+def fingerprint_many(
+    paths: Iterable[PathArg], *, window: int = DEFAULT_WINDOW
+) -> list[Fingerprint]:
+    window = check_window(window)
+    return [fingerprint(p, window=window) for p in paths]
+
+
+def _classify(
+    fd: int,
+    st: os.stat_result,
+    before: Fingerprint,
+    window: int,
+    max_suffix: int,
+) -> Change | None:
+    """One attempt; None when the reads saw the file stop short (it shrank under us)."""
+    size = st.st_size
+    aw = min(size, window)
+    same_file = before.exists and st.st_dev == before.dev and st.st_ino == before.ino
+    if not before.exists:
+        whole = size <= max_suffix
+        data = _pread(fd, size if whole else aw, 0 if whole else size - aw)
+        if len(data) != (size if whole else aw):
+            return None
+        after = _fp(st, aw, _xxh3_64(data[len(data) - aw :]))
+        return Change(ChangeKind.CREATED, before, after, data if whole else None)
+    if not same_file or size < before.size:
+        data = _pread(fd, aw, size - aw)
+        if len(data) != aw:
+            return None
+        kind = ChangeKind.REPLACED if not same_file else ChangeKind.TRUNCATED
+        return Change(kind, before, _fp(st, aw, _xxh3_64(data)))
+    tl = before.tail_len
+    if size == before.size:
+        span = max(aw, tl)
+        data = _pread(fd, span, size - span)
+        if len(data) != span:
+            return None
+        after = _fp(st, aw, _xxh3_64(data[span - aw :]))
+        if st.st_mtime_ns == before.mtime_ns and st.st_ctime_ns == before.ctime_ns:
+            kind = ChangeKind.UNCHANGED
+        elif _xxh3_64(data[span - tl :]) == before.tail_hash:
+            kind = ChangeKind.TOUCHED
+        else:
+            kind = ChangeKind.REWRITTEN
+        return Change(kind, before, after)
+    suffix_len = size - before.size
+    old_lo = before.size - tl
+    if suffix_len <= max_suffix:
+        lo = min(old_lo, size - aw)
+        data = _pread(fd, size - lo, lo)
+        if len(data) != size - lo:
+            return None
+        after = _fp(st, aw, _xxh3_64(data[len(data) - aw :]))
+        if _xxh3_64(data[old_lo - lo : before.size - lo]) != before.tail_hash:
+            return Change(ChangeKind.REWRITTEN, before, after)
+        return Change(ChangeKind.APPENDED, before, after, data[before.size - lo :])
+    old = _pread(fd, tl, old_lo)
+    tail = _pread(fd, aw, size - aw)
+    if len(old) != tl or len(tail) != aw:
+        return None
+    after = _fp(st, aw, _xxh3_64(tail))
+    same = _xxh3_64(old) == before.tail_hash
+    return Change(ChangeKind.APPENDED if same else ChangeKind.REWRITTEN, before, after)
+
+
+def _check_append_fd(
+    fd: int,
+    st: os.stat_result,
+    before: Fingerprint,
+    window: int,
+    max_suffix: int,
+    path: PathArg,
+) -> Change:
+    for _ in range(STABLE_TRIES):
+        change = _classify(fd, st, before, window, max_suffix)
+        post = os.fstat(fd)
+        if change is not None and _same_state(st, post):
+            return change
+        st = post
+    raise UnstableFileError(path, STABLE_TRIES)
+
+
+def _missing_change(before: Fingerprint) -> Change:
+    kind = ChangeKind.DELETED if before.exists else ChangeKind.UNCHANGED
+    return Change(kind, before, MISSING)
+
+
+def check_append(
+    path: PathArg,
+    before: Fingerprint,
+    *,
+    window: int = DEFAULT_WINDOW,
+    max_suffix: int = DEFAULT_MAX_SUFFIX,
+) -> Change:
+    window = check_window(window)
+    max_suffix = check_max_suffix(max_suffix)
+    before = check_before(before)
+    opened = _open(path)
+    if opened is None:
+        return _missing_change(before)
+    fd, st = opened
+    try:
+        return _check_append_fd(fd, st, before, window, max_suffix, path)
+    finally:
+        os.close(fd)
+
+
+def _read_range_fd(fd: int, size: int, offset: int, length: int, path: PathArg) -> bytes:
+    if offset > size or length > size - offset:
+        raise past_end(path, offset, length, size)
+    data = _pread(fd, length, offset)
+    if len(data) != length:
+        raise past_end(path, offset, length, offset + len(data))
+    return data
+
+
+def read_range(path: PathArg, offset: int, length: int) -> bytes:
+    offset, length = check_range(offset, length)
+    opened = _open(path)
+    if opened is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+    fd, st = opened
+    try:
+        return _read_range_fd(fd, st.st_size, offset, length, path)
+    finally:
+        os.close(fd)
+
+
+def _check_size(size: object) -> int | None:
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"size must be an int or None, not {type(size).__name__}")
+    if size < 0:
+        raise ValueError(f"size must be >= 0, got {size}")
+    return size
+
+
+def _digest_file(state: xxhash.xxh3_128, path: PathArg, size: int | None) -> None:
+    size = _check_size(size)
+    opened = _open(path)
+    if opened is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+    fd, st = opened
+    try:
+        end = st.st_size if size is None else size
+        if end > st.st_size:
+            raise shorter_than(path, end, st.st_size)
+        off = 0
+        while off < end:
+            chunk = _pread(fd, min(_DIGEST_CHUNK, end - off), off)
+            if not chunk:
+                raise shorter_than(path, end, off)
+            state.update(chunk)
+            off += len(chunk)
+    finally:
+        os.close(fd)
+
+
+def content_digest(path: PathArg, size: int | None = None) -> int:
+    state = xxhash.xxh3_128()
+    _digest_file(state, path, size)
+    return state.intdigest()
+
+
+class RollingDigest:
+    """XXH3-128 streaming state: roll it forward with appended bytes."""
+
+    __slots__ = ("_state",)
+
+    def __init__(self) -> None:
+        self._state = xxhash.xxh3_128()
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        self._state.update(data)
+
+    def copy(self) -> RollingDigest:
+        other = RollingDigest.__new__(RollingDigest)
+        other._state = self._state.copy()
+        return other
+
+    def intdigest(self) -> int:
+        return int(self._state.intdigest())
+
+    @classmethod
+    def from_file(cls, path: PathArg, size: int | None = None) -> RollingDigest:
+        digest = cls()
+        _digest_file(digest._state, path, size)
+        return digest
+
+
+class FileProbe:
+    """Keeps the file open between checks; follows the path to a new file by itself."""
+
+    __slots__ = ("_closed", "_fd", "_ident", "_last", "_path", "_window")
+
+    def __init__(self, path: PathArg, *, window: int = DEFAULT_WINDOW) -> None:
+        self._window = check_window(window)
+        self._path = path
+        self._fd: int | None = None
+        self._ident: tuple[int, int] = (0, 0)
+        self._last: Fingerprint | None = None
+        self._closed = False
+
+    @property
+    def path(self) -> PathArg:
+        return self._path
+
+    @property
+    def window(self) -> int:
+        return self._window
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise ValueError("operation on a closed FileProbe")
+
+    def _drop(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def _attach(self) -> tuple[int, os.stat_result] | None:
+        self._ensure_open()
+        try:
+            st = os.stat(self._path)
+        except OSError as exc:
+            if exc.errno in _MISSING_ERRNOS:
+                self._drop()
+                return None
+            raise
+        _check_regular(st, self._path)
+        if self._fd is not None and self._ident == (st.st_dev, st.st_ino):
+            return self._fd, st
+        self._drop()
+        opened = _open(self._path)
+        if opened is None:
+            return None
+        self._fd, st = opened
+        self._ident = (st.st_dev, st.st_ino)
+        return self._fd, st
+
+    def fingerprint(self) -> Fingerprint:
+        attached = self._attach()
+        fp = MISSING if attached is None else _stable_tail(*attached, self._window, self._path)
+        last = self._last
+        if last is not None and last == fp:
+            return last  # immutable: hand back the object callers already hold
+        self._last = fp
+        return fp
+
+    def check_append(
+        self,
+        before: Fingerprint,
+        *,
+        window: int | None = None,
+        max_suffix: int = DEFAULT_MAX_SUFFIX,
+    ) -> Change:
+        w = self._window if window is None else check_window(window)
+        max_suffix = check_max_suffix(max_suffix)
+        before = check_before(before)
+        attached = self._attach()
+        if attached is None:
+            return _missing_change(before)
+        return _check_append_fd(*attached, before, w, max_suffix, self._path)
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        offset, length = check_range(offset, length)
+        attached = self._attach()
+        if attached is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), self._path)
+        fd, st = attached
+        return _read_range_fd(fd, st.st_size, offset, length, self._path)
+
+    def close(self) -> None:
+        self._drop()
+        self._closed = True
+        self._last = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> FileProbe:
+        self._ensure_open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<FileProbe {self._path!r} window={self._window} {state}>"

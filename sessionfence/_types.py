@@ -1,0 +1,150 @@
+"""Value types and argument checks shared by both backends (SPEC §2)."""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+from typing import Union
+
+__all__ = [
+    "DEFAULT_MAX_SUFFIX",
+    "DEFAULT_WINDOW",
+    "EMPTY_TAIL_HASH",
+    "MISSING",
+    "STABLE_TRIES",
+    "WINDOW_MAX",
+    "Change",
+    "ChangeKind",
+    "Fingerprint",
+    "PathArg",
+    "check_before",
+    "check_max_suffix",
+    "check_window",
+    "same_stat",
+]
+
+PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+
+WINDOW_MAX = 1 << 20
+DEFAULT_WINDOW = 4096
+DEFAULT_MAX_SUFFIX = 1 << 20
+STABLE_TRIES = 64
+EMPTY_TAIL_HASH = 0x2D06800538D394C2  # XXH3-64 of b""
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """Stat identity of a file plus an XXH3-64 hash of its last ``tail_len`` bytes."""
+
+    exists: bool
+    dev: int = 0
+    ino: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    tail_len: int = 0
+    tail_hash: int = 0
+
+
+MISSING = Fingerprint(exists=False)
+
+
+def same_stat(a: Fingerprint, b: Fingerprint) -> bool:
+    """The original's fingerprint equality: existence, identity, size and both times."""
+    if a.exists != b.exists:
+        return False
+    if not a.exists:
+        return True
+    return (
+        a.dev == b.dev
+        and a.ino == b.ino
+        and a.size == b.size
+        and a.mtime_ns == b.mtime_ns
+        and a.ctime_ns == b.ctime_ns
+    )
+
+
+class ChangeKind(enum.Enum):
+    UNCHANGED = "unchanged"
+    APPENDED = "appended"
+    TOUCHED = "touched"
+    REWRITTEN = "rewritten"
+    TRUNCATED = "truncated"
+    REPLACED = "replaced"
+    CREATED = "created"
+    DELETED = "deleted"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What happened to a file since ``before`` (SPEC §2.2)."""
+
+    kind: ChangeKind
+    before: Fingerprint
+    after: Fingerprint
+    appended: bytes | None = None
+
+
+def _check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    return value
+
+
+def check_window(window: object) -> int:
+    w = _check_int("window", window)
+    if not 0 <= w <= WINDOW_MAX:
+        raise ValueError(f"window must be between 0 and {WINDOW_MAX} bytes, got {w}")
+    return w
+
+
+def check_max_suffix(max_suffix: object) -> int:
+    m = _check_int("max_suffix", max_suffix)
+    if m < 0:
+        raise ValueError(f"max_suffix must be >= 0, got {m}")
+    return m
+
+
+def check_before(before: object) -> Fingerprint:
+    if not isinstance(before, Fingerprint):
+        raise TypeError(f"before must be a Fingerprint, not {type(before).__name__}")
+    if before.exists:
+        for name in ("dev", "ino", "size", "mtime_ns", "ctime_ns", "tail_len", "tail_hash"):
+            _check_int(f"before.{name}", getattr(before, name))
+        if before.size < 0:
+            raise ValueError(f"before.size must be >= 0, got {before.size}")
+        if not 0 <= before.tail_len <= min(before.size, WINDOW_MAX):
+            raise ValueError(
+                f"before.tail_len must be between 0 and min(size, {WINDOW_MAX}), "
+                f"got {before.tail_len} for size {before.size}"
+            )
+        if not 0 <= before.tail_hash < 1 << 64:
+            raise ValueError("before.tail_hash must be an unsigned 64-bit value")
+        if not (0 <= before.dev < 1 << 64 and 0 <= before.ino < 1 << 64):
+            raise ValueError("before.dev and before.ino must be unsigned 64-bit values")
+    return before
+
+
+def check_range(offset: object, length: object) -> tuple[int, int]:
+    off = _check_int("offset", offset)
+    ln = _check_int("length", length)
+    if off < 0:
+        raise ValueError(f"offset must be >= 0, got {off}")
+    if ln < 0:
+        raise ValueError(f"length must be >= 0, got {ln}")
+    return off, ln
+
+
+def past_end(path: object, offset: int, length: int, size: int) -> ValueError:
+    return ValueError(
+        f"range [{offset}, {offset + length}) passes the end of the file "
+        f"({size} bytes): {os.fsdecode(path) if isinstance(path, bytes) else path}"
+    )
+
+
+def shorter_than(path: object, size: int, actual: int) -> ValueError:
+    return ValueError(
+        f"file has {actual} bytes, fewer than the {size} asked for: "
+        f"{os.fsdecode(path) if isinstance(path, bytes) else path}"
+    )

@@ -1,0 +1,47 @@
+"""``sessionfence`` command line. Each submodule with ``register(subparsers)`` is a command."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+
+class CliError(Exception):
+    """Bad input: printed as one line, exit status 2, never a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sessionfence",
+        description="Fence shared JSONL agent transcripts: fleet simulation, benchmarks, "
+        "inspection and lock maintenance.",
+    )
+    from .._version import __version__
+
+    parser.add_argument("--version", action="version", version=f"sessionfence {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CliError as exc:
+        print(f"sessionfence {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sessionfence {args.command}: interrupted", file=sys.stderr)
+        return 130
