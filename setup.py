@@ -16,7 +16,8 @@ _HELP = """
 ==================== sessionfence: building the C extension failed ====================
 sessionfence needs a C compiler to build its hot path from source.
   * Debian/Ubuntu: apt-get install build-essential python3-dev
-  * Fedora/RHEL:   dnf install gcc python3-devel        * Alpine: apk add build-base python3-dev libffi-dev
+  * Fedora/RHEL:   dnf install gcc python3-devel
+  * Alpine:        apk add build-base python3-dev libffi-dev
   * macOS:         xcode-select --install               * Windows: Visual Studio Build Tools (C++)
   * Upgrade pip first (python -m pip install -U pip): it may find a prebuilt wheel.
   * To install the slower pure-Python backend on purpose instead:

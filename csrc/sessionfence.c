@@ -28,6 +28,7 @@
 #  include <fcntl.h>
 #  include <sys/stat.h>
 #  include <sys/types.h>
+#  include <time.h>
 #  include <unistd.h>
 #endif
 
@@ -35,8 +36,14 @@
 #  define SF_PACKAGE_VERSION "unknown"
 #endif
 
-/* A file that keeps moving while we read it gets this many tries before UnstableFileError. */
+/*
+ * A file that keeps moving while we read it gets this many tries before UnstableFileError.
+ * The first SF_SPIN_TRIES retry at once; later ones back off (1 us doubling to 1 ms), so a
+ * writer on another core (we run without the GIL) gets room to finish: the whole budget
+ * spans about 50 ms.
+ */
 #define SF_STABLE_TRIES 64
+#define SF_SPIN_TRIES 8
 /* Small windows are read into the stack; the default window is 4 KiB. */
 #define SF_STACK_WINDOW 16384
 #define SF_DIGEST_CHUNK (256 * 1024)
@@ -81,6 +88,25 @@ static int same_state(const sf_stat *a, const sf_stat *b)
 {
     return a->dev == b->dev && a->ino == b->ino && a->size == b->size &&
            a->mtime_ns == b->mtime_ns && a->ctime_ns == b->ctime_ns;
+}
+
+static void backoff(int tries)
+{
+    long us;
+    if (tries < SF_SPIN_TRIES)
+        return;
+    us = tries - SF_SPIN_TRIES >= 10 ? 1000L : 1L << (tries - SF_SPIN_TRIES);
+#ifdef _WIN32
+    Sleep(us >= 1000 ? 1 : 0);
+#else
+    {
+        struct timespec ts;
+        ts.tv_sec = 0;
+        ts.tv_nsec = us * 1000L;
+        while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+            ;
+    }
+#endif
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -463,6 +489,7 @@ static int stable_tail(sf_handle h, sf_stat *pre, int64_t window, sf_fp *out, sf
     for (tries = 0; tries < SF_STABLE_TRIES; tries++) {
         sf_stat post;
         int64_t tl = pre->size < window ? pre->size : window;
+        backoff(tries);
         int64_t got = 0;
         if (buf_reserve(&b, stack, sizeof(stack), tl, err) != 0)
             return -1;
@@ -778,7 +805,9 @@ int sf_check_append(sf_probe *probe, const char *path, const sf_fp *before, int6
     for (tries = 0; tries < SF_STABLE_TRIES; tries++) {
         uint8_t *scratch = NULL;
         sf_stat post;
-        int rc = classify_once(t.h, &st, before, window, max_suffix, out, &scratch, err);
+        int rc;
+        backoff(tries);
+        rc = classify_once(t.h, &st, before, window, max_suffix, out, &scratch, err);
         if (rc < 0) {
             target_close(&t);
             return -1;

@@ -96,7 +96,15 @@ def _to_c_fp(fp: Fingerprint) -> Any:
     c = _new("sf_fp *")
     if fp.exists:
         _FP.pack_into(
-            _buffer(c), 0, 1, fp.dev, fp.ino, fp.size, fp.mtime_ns, fp.ctime_ns, fp.tail_len,
+            _buffer(c),
+            0,
+            1,
+            fp.dev,
+            fp.ino,
+            fp.size,
+            fp.mtime_ns,
+            fp.ctime_ns,
+            fp.tail_len,
             fp.tail_hash,
         )
     return c
@@ -174,7 +182,8 @@ def _read_range(probe: Any, path: PathArg, offset: int, length: int) -> bytes:
         if err.code == lib.SF_ESHORT:
             raise past_end(path, offset, length, int(err.detail))
         _raise(err, path)
-    return _buffer(buf, length)[:]
+    data: bytes = _buffer(buf, length)[:]
+    return data
 
 
 def read_range(path: PathArg, offset: int, length: int) -> bytes:
@@ -254,8 +263,17 @@ class RollingDigest:
 class FileProbe:
     """Keeps the file open between checks; follows the path to a new file by itself."""
 
-    __slots__ = ("_closed", "_cpath", "_err", "_last", "_out", "_path", "_probe", "_same",
-                 "_window")
+    __slots__ = (
+        "_closed",
+        "_cpath",
+        "_err",
+        "_last",
+        "_out",
+        "_path",
+        "_probe",
+        "_same",
+        "_window",
+    )
 
     def __init__(self, path: PathArg, *, window: int = DEFAULT_WINDOW) -> None:
         self._window = check_window(window)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat as stat_mod
 import sys
+import time
 from collections.abc import Iterable
 
 import xxhash
@@ -19,6 +21,7 @@ from ._types import (
     ChangeKind,
     Fingerprint,
     PathArg,
+    backoff_seconds,
     check_before,
     check_max_suffix,
     check_range,
@@ -72,6 +75,12 @@ def _pread(fd: int, length: int, offset: int) -> bytes:
 _HAVE_PREAD = hasattr(os, "pread")
 
 
+def _pause(tries: int) -> None:
+    delay = backoff_seconds(tries)
+    if delay:
+        time.sleep(delay)
+
+
 def _check_regular(st: os.stat_result, path: PathArg) -> None:
     if stat_mod.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
@@ -110,13 +119,20 @@ def _same_state(a: os.stat_result, b: os.stat_result) -> bool:
 
 def _fp(st: os.stat_result, tail_len: int, tail_hash: int) -> Fingerprint:
     return Fingerprint(
-        True, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, tail_len,
+        True,
+        st.st_dev,
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        tail_len,
         tail_hash,
     )
 
 
 def _stable_tail(fd: int, st: os.stat_result, window: int, path: PathArg) -> Fingerprint:
-    for _ in range(STABLE_TRIES):
+    for tries in range(STABLE_TRIES):
+        _pause(tries)
         tl = min(st.st_size, window)
         data = _pread(fd, tl, st.st_size - tl) if tl else b""
         post = os.fstat(fd)
@@ -211,7 +227,8 @@ def _check_append_fd(
     max_suffix: int,
     path: PathArg,
 ) -> Change:
-    for _ in range(STABLE_TRIES):
+    for tries in range(STABLE_TRIES):
+        _pause(tries)
         change = _classify(fd, st, before, window, max_suffix)
         post = os.fstat(fd)
         if change is not None and _same_state(st, post):
@@ -430,10 +447,8 @@ class FileProbe:
     def __del__(self) -> None:
         fd = getattr(self, "_fd", None)
         if fd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

@@ -12,12 +12,14 @@ __all__ = [
     "DEFAULT_WINDOW",
     "EMPTY_TAIL_HASH",
     "MISSING",
+    "SPIN_TRIES",
     "STABLE_TRIES",
     "WINDOW_MAX",
     "Change",
     "ChangeKind",
     "Fingerprint",
     "PathArg",
+    "backoff_seconds",
     "check_before",
     "check_max_suffix",
     "check_window",
@@ -30,6 +32,14 @@ WINDOW_MAX = 1 << 20
 DEFAULT_WINDOW = 4096
 DEFAULT_MAX_SUFFIX = 1 << 20
 STABLE_TRIES = 64
+SPIN_TRIES = 8  # later stable-read retries back off: 1 us doubling to 1 ms (~50 ms in all)
+
+
+def backoff_seconds(tries: int) -> float:
+    """Pause before stable-read retry ``tries`` (the C backend uses the same schedule)."""
+    if tries < SPIN_TRIES:
+        return 0.0
+    return 1e-3 if tries - SPIN_TRIES >= 10 else (1 << (tries - SPIN_TRIES)) * 1e-6
 EMPTY_TAIL_HASH = 0x2D06800538D394C2  # XXH3-64 of b""
 
 

@@ -48,9 +48,7 @@ class SessionWriteLockTimeoutError(SessionWriteLockAcquireError):
 class SessionWriteLockStaleError(SessionWriteLockAcquireError):
     def __init__(self, owner: str, lock_path: str, stale_reasons: list[str]) -> None:
         reasons = list(stale_reasons) or ["unknown"]
-        super().__init__(
-            f"session file lock stale ({', '.join(reasons)}): {owner} {lock_path}"
-        )
+        super().__init__(f"session file lock stale ({', '.join(reasons)}): {owner} {lock_path}")
         self.owner = owner
         self.lock_path = lock_path
         self.stale_reasons = reasons
