@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import struct
 import sys
+import threading
 from collections.abc import Iterable
 from typing import Any, NoReturn
 
@@ -14,6 +15,7 @@ from ._types import (
     DEFAULT_WINDOW,
     MISSING,
     STABLE_TRIES,
+    WINDOW_MAX,
     Change,
     ChangeKind,
     Fingerprint,
@@ -22,6 +24,7 @@ from ._types import (
     check_max_suffix,
     check_range,
     check_window,
+    existing_fingerprint,
     past_end,
     shorter_than,
 )
@@ -62,13 +65,30 @@ _KINDS = {
 }
 _new = ffi.new
 _buffer = ffi.buffer
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
 
 
 def _cpath(path: PathArg) -> bytes:
-    raw = os.fsencode(os.fspath(path))
+    raw = (
+        path.encode(_FS_ENCODING, _FS_ERRORS) if type(path) is str else os.fsencode(os.fspath(path))
+    )
     if b"\0" in raw:
         raise ValueError("embedded null byte in path")
     return raw
+
+
+class _Scratch(threading.local):
+    """Per-thread output structs for one-shot calls: the C side runs without the GIL, so
+    threads must not share them, and allocating them per call costs ~1 us."""
+
+    def __init__(self) -> None:
+        self.fp = _new("sf_fp *")
+        self.fp_view = _buffer(self.fp)
+        self.err = _new("sf_err *")
+
+
+_scratch = _Scratch()
 
 
 def _raise(err: Any, path: PathArg) -> NoReturn:
@@ -85,11 +105,15 @@ def _raise(err: Any, path: PathArg) -> NoReturn:
     raise ValueError(f"invalid argument ({int(err.detail)}) for {path!r}")
 
 
-def _to_fp(c_fp: Any) -> Fingerprint:
-    fields = _unpack_fp(_buffer(c_fp))
-    if not fields[0]:
+def _fp_from_view(view: Any) -> Fingerprint:
+    exists, dev, ino, size, mtime, ctime, tail_len, tail_hash = _unpack_fp(view)
+    if not exists:
         return MISSING
-    return Fingerprint(True, *fields[1:])
+    return existing_fingerprint(dev, ino, size, mtime, ctime, tail_len, tail_hash)
+
+
+def _to_fp(c_fp: Any) -> Fingerprint:
+    return _fp_from_view(_buffer(c_fp))
 
 
 def _to_c_fp(fp: Fingerprint) -> Any:
@@ -111,12 +135,12 @@ def _to_c_fp(fp: Fingerprint) -> Any:
 
 
 def fingerprint(path: PathArg, *, window: int = DEFAULT_WINDOW) -> Fingerprint:
-    window = check_window(window)
-    out = _new("sf_fp *")
-    err = _new("sf_err *")
-    if lib.sf_fingerprint(_cpath(path), window, out, err) != 0:
-        _raise(err, path)
-    return _to_fp(out)
+    if type(window) is not int or not 0 <= window <= WINDOW_MAX:
+        window = check_window(window)
+    scratch = _scratch
+    if lib.sf_fingerprint(_cpath(path), window, scratch.fp, scratch.err) != 0:
+        _raise(scratch.err, path)
+    return _fp_from_view(scratch.fp_view)
 
 
 def fingerprint_many(
@@ -134,8 +158,9 @@ def fingerprint_many(
         _raise(err, items[err.where])
     result: list[Fingerprint] = []
     append = result.append
-    for fields in _FP.iter_unpack(_buffer(out)):
-        append(Fingerprint(True, *fields[1:]) if fields[0] else MISSING)
+    make = existing_fingerprint
+    for exists, dev, ino, size, mtime, ctime, tail_len, tail_hash in _FP.iter_unpack(_buffer(out)):
+        append(make(dev, ino, size, mtime, ctime, tail_len, tail_hash) if exists else MISSING)
     return result
 
 
@@ -272,6 +297,7 @@ class FileProbe:
         "_path",
         "_probe",
         "_same",
+        "_view",
         "_window",
     )
 
@@ -284,6 +310,7 @@ class FileProbe:
         self._probe = probe
         # Reused per call: allocating them is a measurable part of an unchanged poll.
         self._out = _new("sf_fp *")
+        self._view = _buffer(self._out)
         self._err = _new("sf_err *")
         self._same = _new("int32_t *")
         self._last: Fingerprint | None = None
@@ -311,7 +338,7 @@ class FileProbe:
         last = self._last
         if self._same[0] and last is not None:
             return last  # immutable: hand back the object callers already hold
-        fp = _to_fp(self._out)
+        fp = _fp_from_view(self._view)
         self._last = fp
         return fp
 

@@ -26,6 +26,7 @@ from ._types import (
     check_max_suffix,
     check_range,
     check_window,
+    existing_fingerprint,
     past_end,
     shorter_than,
 )
@@ -118,8 +119,7 @@ def _same_state(a: os.stat_result, b: os.stat_result) -> bool:
 
 
 def _fp(st: os.stat_result, tail_len: int, tail_hash: int) -> Fingerprint:
-    return Fingerprint(
-        True,
+    return existing_fingerprint(
         st.st_dev,
         st.st_ino,
         st.st_size,
