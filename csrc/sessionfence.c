@@ -84,6 +84,11 @@ static int fail_errno(sf_err *err, int e)
     return -1;
 }
 
+static int64_t min64(int64_t a, int64_t b)
+{
+    return a < b ? a : b;
+}
+
 static int same_state(const sf_stat *a, const sf_stat *b)
 {
     return a->dev == b->dev && a->ino == b->ino && a->size == b->size &&
@@ -106,6 +111,24 @@ static void backoff(int tries)
         while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
             ;
     }
+#endif
+}
+
+/* Wall-clock time in ns since 1970: file timestamps come from the same clock. */
+static int64_t realtime_ns(void)
+{
+#ifdef _WIN32
+    FILETIME ft;
+    ULARGE_INTEGER t;
+    GetSystemTimePreciseAsFileTime(&ft);
+    t.LowPart = ft.dwLowDateTime;
+    t.HighPart = ft.dwHighDateTime;
+    return (int64_t)(t.QuadPart - 116444736000000000ULL) * 100;
+#else
+    struct timespec ts;
+    if (clock_gettime(CLOCK_REALTIME, &ts) != 0)
+        return INT64_MIN; /* no clock: never trust the cache */
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 #endif
 }
 
@@ -583,6 +606,7 @@ void sf_probe_init(sf_probe *probe)
 {
     memset(probe, 0, sizeof(*probe));
     probe->handle = SF_NO_HANDLE;
+    probe->racy_ns = SF_RACY_NS;
 }
 
 void sf_probe_close(sf_probe *probe)
@@ -618,21 +642,50 @@ static int probe_attach(sf_probe *probe, const char *path, sf_stat *st, int *mis
     return 0;
 }
 
+/*
+ * Git's racy-clean rule: a fingerprint read at time T of a file whose mtime and ctime were
+ * both older than T - racy_ns (at least one timestamp granule of any filesystem we meet:
+ * 2 s covers FAT, ext3, HFS+ and NFS servers) cannot describe content that changed while
+ * the stat stayed equal, because a later write stamps a time past T - racy_ns.
+ */
+static int racy_clean(const sf_probe *probe, const sf_stat *st, int64_t window)
+{
+    const sf_fp *last = &probe->last;
+    int64_t horizon;
+    if (!probe->has_last || !last->exists || probe->racy_ns < 0 ||
+        probe->read_at_ns == INT64_MIN || probe->read_at_ns < INT64_MIN + probe->racy_ns)
+        return 0;
+    horizon = probe->read_at_ns - probe->racy_ns;
+    return st->dev == last->dev && st->ino == last->ino && st->size == last->size &&
+           st->mtime_ns == last->mtime_ns && st->ctime_ns == last->ctime_ns &&
+           last->tail_len == min64(st->size, window) && last->mtime_ns < horizon &&
+           last->ctime_ns < horizon;
+}
+
 int sf_probe_fingerprint(sf_probe *probe, const char *path, int64_t window, sf_fp *out,
                          int32_t *same_as_last, sf_err *err)
 {
     sf_stat st;
     int missing;
+    int64_t started = realtime_ns();
     *same_as_last = 0;
     if (window_ok(window, err) != 0)
         return -1;
     if (probe_attach(probe, path, &st, &missing, err) != 0)
         return -1;
+    if (!missing && racy_clean(probe, &st, window)) {
+        /* Same stat as a read that happened well after the file last changed: any write
+           since would have moved mtime or ctime, so the bytes are the ones we hashed. */
+        *out = probe->last;
+        *same_as_last = 1;
+        return 0;
+    }
     if (missing) {
         fp_missing(out);
     } else if (stable_tail(probe->handle, &st, window, out, err) != 0) {
         return -1;
     }
+    probe->read_at_ns = started;
     if (probe->has_last && memcmp(&probe->last, out, sizeof(*out)) == 0)
         *same_as_last = 1;
     probe->last = *out;
@@ -669,11 +722,6 @@ static void target_close(sf_target *t)
         h_close(t->h);
     t->h = SF_NO_HANDLE;
     t->owned = 0;
-}
-
-static int64_t min64(int64_t a, int64_t b)
-{
-    return a < b ? a : b;
 }
 
 /*

@@ -22,6 +22,7 @@
 #define SF_ESHORT 5     /* the file is shorter than asked: detail = its size */
 
 #define SF_WINDOW_MAX 1048576
+#define SF_RACY_NS 2000000000
 
 #define SF_UNCHANGED 0
 #define SF_APPENDED 1
@@ -57,6 +58,8 @@ typedef struct sf_probe {
     uint64_t ino;
     int64_t has_last;
     sf_fp last;         /* last fingerprint returned, so unchanged polls can reuse it */
+    int64_t read_at_ns; /* wall clock just before the read that produced `last` */
+    int64_t racy_ns;    /* timestamp granularity margin of the racy-clean rule */
 } sf_probe;
 
 typedef struct sf_change {

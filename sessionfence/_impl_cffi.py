@@ -324,6 +324,14 @@ class FileProbe:
     def window(self) -> int:
         return self._window
 
+    @property
+    def _racy_ns(self) -> int:
+        return int(self._probe.racy_ns)
+
+    @_racy_ns.setter
+    def _racy_ns(self, value: int) -> None:
+        self._probe.racy_ns = value
+
     def _ensure_open(self) -> None:
         if self._closed:
             raise ValueError("operation on a closed FileProbe")

@@ -16,6 +16,7 @@ from ._types import (
     DEFAULT_MAX_SUFFIX,
     DEFAULT_WINDOW,
     MISSING,
+    RACY_NS,
     STABLE_TRIES,
     Change,
     ChangeKind,
@@ -28,6 +29,7 @@ from ._types import (
     check_window,
     existing_fingerprint,
     past_end,
+    racy_clean,
     shorter_than,
 )
 from .errors import UnstableFileError
@@ -349,7 +351,7 @@ class RollingDigest:
 class FileProbe:
     """Keeps the file open between checks; follows the path to a new file by itself."""
 
-    __slots__ = ("_closed", "_fd", "_ident", "_last", "_path", "_window")
+    __slots__ = ("_closed", "_fd", "_ident", "_last", "_path", "_racy_ns", "_read_at", "_window")
 
     def __init__(self, path: PathArg, *, window: int = DEFAULT_WINDOW) -> None:
         self._window = check_window(window)
@@ -358,6 +360,8 @@ class FileProbe:
         self._ident: tuple[int, int] = (0, 0)
         self._last: Fingerprint | None = None
         self._closed = False
+        self._read_at = 0
+        self._racy_ns = RACY_NS
 
     @property
     def path(self) -> PathArg:
@@ -397,9 +401,16 @@ class FileProbe:
         return self._fd, st
 
     def fingerprint(self) -> Fingerprint:
+        started = time.time_ns()
         attached = self._attach()
-        fp = MISSING if attached is None else _stable_tail(*attached, self._window, self._path)
         last = self._last
+        if attached is not None:
+            st = attached[1]
+            fields = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if racy_clean(last, fields, self._window, self._read_at, self._racy_ns):
+                return last  # type: ignore[return-value]  # racy_clean implies not None
+        fp = MISSING if attached is None else _stable_tail(*attached, self._window, self._path)
+        self._read_at = started
         if last is not None and last == fp:
             return last  # immutable: hand back the object callers already hold
         self._last = fp

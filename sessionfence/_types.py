@@ -13,6 +13,7 @@ __all__ = [
     "DEFAULT_WINDOW",
     "EMPTY_TAIL_HASH",
     "MISSING",
+    "RACY_NS",
     "SPIN_TRIES",
     "STABLE_TRIES",
     "WINDOW_MAX",
@@ -25,6 +26,7 @@ __all__ = [
     "check_max_suffix",
     "check_window",
     "existing_fingerprint",
+    "racy_clean",
     "same_stat",
 ]
 
@@ -34,6 +36,7 @@ WINDOW_MAX = 1 << 20
 DEFAULT_WINDOW = 4096
 DEFAULT_MAX_SUFFIX = 1 << 20
 STABLE_TRIES = 64
+RACY_NS = 2_000_000_000  # FileProbe's racy-clean margin: one timestamp granule of any FS
 SPIN_TRIES = 8  # later stable-read retries back off: 1 us doubling to 1 ms (~50 ms in all)
 
 
@@ -148,6 +151,26 @@ def _check_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     return value
+
+
+def racy_clean(
+    last: Fingerprint | None,
+    st_fields: tuple[int, int, int, int, int],
+    window: int,
+    read_at_ns: int,
+    racy_ns: int,
+) -> bool:
+    """Git's racy-clean rule (see sf_probe_fingerprint): may ``last`` stand for the file
+    whose stat is ``st_fields`` = (dev, ino, size, mtime_ns, ctime_ns) without a re-read?"""
+    if last is None or not last.exists or racy_ns < 0:
+        return False
+    horizon = read_at_ns - racy_ns
+    return (
+        (last.dev, last.ino, last.size, last.mtime_ns, last.ctime_ns) == st_fields
+        and last.tail_len == min(st_fields[2], window)
+        and last.mtime_ns < horizon
+        and last.ctime_ns < horizon
+    )
 
 
 def check_window(window: object) -> int:

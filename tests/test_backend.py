@@ -65,11 +65,7 @@ def test_unknown_backend_fails_with_the_valid_values() -> None:
 
 def test_cffi_requested_without_the_extension_fails_loudly() -> None:
     # Hide the compiled module the way a broken wheel would lack it.
-    code = (
-        "import sys\n"
-        "sys.modules['sessionfence._ffi'] = None\n"
-        "import sessionfence\n"
-    )
+    code = "import sys\nsys.modules['sessionfence._ffi'] = None\nimport sessionfence\n"
     out = run_python(code, "cffi")
     assert out.returncode != 0
     assert "SESSIONFENCE_BACKEND=cffi but the C extension" in out.stderr

@@ -283,3 +283,63 @@ class TestFileProbe:
         for window in (-1, (1 << 20) + 1):
             with pytest.raises(ValueError, match="window"):
                 impl.FileProbe(tmp_path / "x", window=window)
+
+
+def _bytes_read() -> int:
+    with open("/proc/self/io", "rb") as f:
+        for line in f.read().splitlines():
+            if line.startswith(b"rchar:"):
+                return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux /proc/self/io")
+class TestProbeRacyClean:
+    """An unchanged poll skips the tail re-read only when git's racy-clean rule proves the
+    bytes cannot have changed under an equal stat; otherwise it reads."""
+
+    def poll_cost(self, probe: object) -> tuple[Fingerprint, int]:
+        before = _bytes_read()
+        fp = probe.fingerprint()  # type: ignore[attr-defined]
+        return fp, _bytes_read() - before
+
+    def test_recently_changed_file_is_reread(self, impl: ModuleType, tmp_path: Path) -> None:
+        path = tmp_path / "t.jsonl"
+        path.write_bytes(os.urandom(20_000))
+        with impl.FileProbe(path, window=8192) as probe:
+            first = probe.fingerprint()
+            _, overhead = self.poll_cost(_NoRead())
+            fp, cost = self.poll_cost(probe)
+            assert fp is first
+            # Written just now: within the 2 s margin, so the window is read again.
+            assert cost - overhead >= 8192
+
+    def test_quiet_file_poll_is_one_stat_and_still_sees_changes(
+        self, impl: ModuleType, tmp_path: Path
+    ) -> None:
+        path = tmp_path / "t.jsonl"
+        path.write_bytes(os.urandom(20_000))
+        with impl.FileProbe(path, window=8192) as probe:
+            probe._racy_ns = 0  # the file's timestamps already predate the first read
+            first = probe.fingerprint()
+            _, overhead = self.poll_cost(_NoRead())
+            fp, cost = self.poll_cost(probe)
+            assert fp is first
+            assert cost - overhead < 8192
+            rewrite_keep_size(path)
+            changed, cost = self.poll_cost(probe)
+            assert cost - overhead >= 8192
+            assert changed == expected(path, 8192) and changed.tail_hash != first.tail_hash
+
+
+class _NoRead:
+    def fingerprint(self) -> None:
+        return None
+
+
+def rewrite_keep_size(path: Path) -> None:
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(st.st_size - 10)
+        f.write(b"0123456789")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime restored; ctime moves

@@ -42,12 +42,20 @@ def truth_fp(state: State, window: int) -> Fingerprint:
     tail = state.data[len(state.data) - min(len(state.data), window) :]
     s = state.st
     return Fingerprint(
-        True, s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns, len(tail),
+        True,
+        s.st_dev,
+        s.st_ino,
+        s.st_size,
+        s.st_mtime_ns,
+        s.st_ctime_ns,
+        len(tail),
         xxhash.xxh3_64_intdigest(tail),
     )
 
 
-def truth_kind(old: State, before: Fingerprint, new: State, max_suffix: int) -> tuple[ChangeKind, bytes | None]:
+def truth_kind(
+    old: State, before: Fingerprint, new: State, max_suffix: int
+) -> tuple[ChangeKind, bytes | None]:
     if not old.exists:
         if not new.exists:
             return ChangeKind.UNCHANGED, None
@@ -78,9 +86,18 @@ content = st.binary(max_size=3000)
 mutation = st.one_of(
     st.tuples(st.just("append"), st.binary(min_size=1, max_size=2000)),
     st.tuples(st.just("truncate"), st.integers(0, 4000)),
-    st.tuples(st.just("truncate_regrow"), st.integers(0, 4000), st.binary(min_size=1, max_size=3000)),
-    st.tuples(st.just("rewrite"), st.integers(0, 4000), st.binary(min_size=1, max_size=50), st.booleans()),
-    st.tuples(st.just("rewrite_tail"), st.integers(1, 100), st.binary(min_size=1, max_size=50), st.booleans()),
+    st.tuples(
+        st.just("truncate_regrow"), st.integers(0, 4000), st.binary(min_size=1, max_size=3000)
+    ),
+    st.tuples(
+        st.just("rewrite"), st.integers(0, 4000), st.binary(min_size=1, max_size=50), st.booleans()
+    ),
+    st.tuples(
+        st.just("rewrite_tail"),
+        st.integers(1, 100),
+        st.binary(min_size=1, max_size=50),
+        st.booleans(),
+    ),
     st.tuples(st.just("replace"), st.binary(max_size=3000), st.booleans()),
     st.tuples(st.just("delete")),
     st.tuples(st.just("touch")),
@@ -137,7 +154,11 @@ def apply(path: Path, op: tuple) -> None:  # type: ignore[type-arg]
     max_suffix=st.sampled_from([0, 10, 1 << 20]),
 )
 def test_check_append_matches_ground_truth(
-    initial: bytes | None, ops: list, window: int, new_window: int, max_suffix: int  # type: ignore[type-arg]
+    initial: bytes | None,
+    ops: list,
+    window: int,
+    new_window: int,
+    max_suffix: int,  # type: ignore[type-arg]
 ) -> None:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "t.jsonl"
@@ -154,7 +175,9 @@ def test_check_append_matches_ground_truth(
         after = truth_fp(new, new_window)
         for impl in BACKENDS:
             change = impl.check_append(path, before, window=new_window, max_suffix=max_suffix)
-            assert (change.kind, change.appended, change.after) == (kind, appended, after), impl.NAME
+            assert (change.kind, change.appended, change.after) == (kind, appended, after), (
+                impl.NAME
+            )
             with impl.FileProbe(path, window=new_window) as probe:
                 assert probe.check_append(before, max_suffix=max_suffix) == change
                 assert probe.fingerprint() == after
