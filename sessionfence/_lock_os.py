@@ -1,0 +1,204 @@
+"""Platform primitives of the session write lock: open, OS lock, positional I/O.
+
+POSIX uses ``flock`` because it belongs to the open file description: unlike ``lockf`` /
+``F_SETLK`` it survives the process closing some other descriptor of the same file, and the
+kernel drops it when the holder dies. Windows uses ``msvcrt.locking`` (``LockFile`` under
+the hood) on one byte far past the record, because Windows byte-range locks are mandatory
+and a lock over the record would stop contenders from reading who holds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+import sys
+
+__all__ = [
+    "IS_WINDOWS",
+    "MAX_RECORD_BYTES",
+    "close_quietly",
+    "fstat_regular",
+    "open_lock_file",
+    "read_at",
+    "still_names",
+    "try_lock",
+    "unlock",
+    "write_at",
+]
+
+IS_WINDOWS = sys.platform == "win32"
+
+# A record larger than this is not ours (ours are ~300 bytes); it is treated as garbage
+# without reading it, so a 5 MB junk file costs one fstat per poll, not a 5 MB read.
+MAX_RECORD_BYTES = 1 << 20
+
+# Windows: the locked byte lives here, past any record, so readers never hit the region.
+# msvcrt.locking() locks from the current position, which the CRT keeps in a C long.
+_WIN_LOCK_OFFSET = 0x7FFF_FFF0
+
+_CONTENDED = frozenset(
+    {errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, getattr(errno, "EDEADLOCK", errno.EDEADLK)}
+)
+
+
+def _refuse_symlink(lock_path: str) -> OSError:
+    return OSError(errno.ELOOP, "lock path is a symlink; refusing to follow it", lock_path)
+
+
+def open_lock_file(lock_path: str, *, create: bool = True, write: bool = True) -> int:
+    """Open the lock file without following a symlink in its last component.
+
+    Raises ``OSError(ELOOP)`` for a symlink (its target is never opened, let alone
+    truncated) and ``PermissionError`` for a directory we may not create in (including a
+    read-only filesystem: the caller must see a permission problem at once, not a
+    timeout). Callers check that the file is regular with ``fstat_regular``.
+    """
+    flags = os.O_RDWR if write else os.O_RDONLY
+    flags |= getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOINHERIT", 0)
+    flags |= getattr(os, "O_BINARY", 0)
+    if create:
+        flags |= os.O_CREAT
+    if IS_WINDOWS:
+        # No O_NOFOLLOW here: refuse a link (or junction) by lstat before opening and
+        # compare identities after, so a link planted in between is still refused.
+        try:
+            before = os.lstat(lock_path)
+        except FileNotFoundError:
+            before = None
+        if before is not None and not stat.S_ISREG(before.st_mode):
+            raise _refuse_symlink(lock_path)
+        fd = os.open(lock_path, flags, 0o600)
+        try:
+            after = os.lstat(lock_path)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(after.st_mode) or (after.st_dev, after.st_ino) != (
+                st.st_dev,
+                st.st_ino,
+            ):
+                raise _refuse_symlink(lock_path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    # O_NONBLOCK: a FIFO planted at the lock path must not hang the open. Whether the
+    # file is regular is checked by the caller's fstat/lstat (one syscall fewer here).
+    flags |= os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        return os.open(lock_path, flags, 0o600)
+    except PermissionError:
+        # A sticky directory (e.g. /tmp) refuses O_CREAT on another user's existing file
+        # (protected_regular); opening it without O_CREAT may still work.
+        if not (create and os.path.lexists(lock_path)):
+            raise
+        return os.open(lock_path, flags & ~os.O_CREAT)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EMLINK) and os.path.islink(lock_path):
+            raise _refuse_symlink(lock_path) from None
+        if exc.errno == errno.EROFS:
+            raise PermissionError(
+                errno.EROFS, "cannot create lock file on a read-only filesystem", lock_path
+            ) from None
+        raise
+
+
+def fstat_regular(fd: int, lock_path: str) -> os.stat_result:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, "lock path is not a regular file", lock_path)
+    return st
+
+
+def try_lock(fd: int, *, shared: bool = False) -> bool:
+    """One non-blocking attempt at the OS lock; ``False`` means someone else holds it."""
+    if sys.platform == "win32":
+        import msvcrt
+
+        os.lseek(fd, _WIN_LOCK_OFFSET, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBRLCK if shared else msvcrt.LK_NBLCK, 1)
+        except OSError as exc:
+            if exc.errno in _CONTENDED:
+                return False
+            raise
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except OSError as exc:
+        # EACCES is what some systems return for contention; anything else (ENOLCK,
+        # EOPNOTSUPP on filesystems without flock) fails closed instead of looping.
+        if exc.errno in _CONTENDED:
+            return False
+        raise
+    return True
+
+
+def unlock(fd: int) -> None:
+    """Explicit unlock: it also releases copies of the descriptor a fork/exec still holds."""
+    if sys.platform == "win32":
+        import msvcrt
+
+        os.lseek(fd, _WIN_LOCK_OFFSET, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+        return
+    import fcntl
+
+    fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def still_names(fd: int, lock_path: str) -> os.stat_result | None:
+    """``fstat(fd)`` if the path still names the locked inode and it is linked, else None.
+
+    Unlinking or replacing a lock file lets a waiter lock the orphaned inode while a
+    newcomer locks the fresh one; both would think they hold the lock. Re-checking after
+    locking closes that door for everyone who follows the protocol.
+    """
+    st = os.fstat(fd)
+    if st.st_nlink == 0:
+        return None
+    try:
+        now = os.lstat(lock_path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+        return None
+    return st
+
+
+def read_at(fd: int, size: int, offset: int = 0) -> bytes:
+    chunks: list[bytes] = []
+    while size > 0:
+        if sys.platform == "win32":
+            os.lseek(fd, offset, os.SEEK_SET)
+            chunk = os.read(fd, size)
+        else:
+            chunk = os.pread(fd, size, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size -= len(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def write_at(fd: int, data: bytes, offset: int = 0) -> None:
+    view = memoryview(data)
+    while view:
+        if sys.platform == "win32":
+            os.lseek(fd, offset, os.SEEK_SET)
+            written = os.write(fd, view)
+        else:
+            written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(errno.EIO, "short write to the lock file")
+        view = view[written:]
+        offset += written

@@ -1,0 +1,334 @@
+"""The owner record inside a lock file, process liveness, and the operator knobs.
+
+The record is diagnostics and fence input, never the lock itself: the OS lock decides who
+holds. Decisions taken from a record (its age, whether it is stale) use the host-wide
+monotonic clock when the record was written on this boot of this host, so stepping the
+wall clock changes nothing; ``created_at`` is only for humans and foreign records.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+import secrets
+import socket
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+__all__ = [
+    "MAX_TIMER_SECONDS",
+    "OwnerRecord",
+    "boot_id",
+    "describe_owner",
+    "encode_record",
+    "env_seconds",
+    "hostname",
+    "parse_record",
+    "pid_alive",
+    "process_starttime",
+    "record_age",
+    "record_generation",
+    "stale_reasons",
+]
+
+OwnerRecord = dict[str, Any]
+
+# The original clamps timers to this (just under 2**31 ms); an "infinite" max hold is
+# recorded and watched as this many seconds.
+MAX_TIMER_SECONDS = 2_147_000.0
+_MAX_SAFE_INTEGER = 2**53 - 1
+_DIGITS = re.compile(r"[0-9]+")
+
+STATE_HELD = b"held"
+STATE_FREE = b"free"  # same length as "held": release rewrites four bytes in place
+
+
+def env_seconds(name: str) -> float | None:
+    """An operator override in milliseconds, as seconds; None when unset or invalid.
+
+    Only plain decimal digits count, so ``1e3``, ``0x1000``, ``-5`` or a value past 2**53
+    (where float ms lose precision) are ignored rather than half-understood.
+    """
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    text = raw.strip()
+    if not _DIGITS.fullmatch(text):
+        return None
+    value = int(text)
+    if value <= 0 or value > _MAX_SAFE_INTEGER:
+        return None
+    return value / 1000.0
+
+
+_host: str | None = None
+_boot_id: str | bool | None = False  # False: not read yet
+
+
+def hostname() -> str:
+    global _host
+    if _host is None:
+        _host = socket.gethostname()
+    return _host
+
+
+def boot_id() -> str | None:
+    """Linux's per-boot id: monotonic readings are comparable only within one boot."""
+    global _boot_id
+    if _boot_id is False:
+        try:
+            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+                _boot_id = fh.read().strip() or None
+        except OSError:
+            _boot_id = None
+    return _boot_id if isinstance(_boot_id, str) else None
+
+
+def _proc_stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read()
+    except OSError:
+        return None
+    # comm may contain spaces and parentheses; the fields after the last ')' are fixed.
+    end = raw.rfind(b")")
+    if end < 0:
+        return None
+    return raw[end + 1 :].decode("ascii", "replace").split()
+
+
+def process_starttime(pid: int) -> int | None:
+    """Linux ``/proc/<pid>/stat`` field 22 (start time in clock ticks), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    fields = _proc_stat_fields(pid)
+    # fields[0] is field 3 (state), so field 22 is fields[19].
+    if fields is None or len(fields) < 20:
+        return None
+    try:
+        return int(fields[19])
+    except ValueError:
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` names a running (not zombie) process on this host."""
+    if pid <= 0:
+        return False
+    if sys.platform == "win32":
+        import ctypes
+        from ctypes import wintypes
+
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        kernel32.OpenProcess.restype = wintypes.HANDLE
+        kernel32.OpenProcess.argtypes = (wintypes.DWORD, wintypes.BOOL, wintypes.DWORD)
+        kernel32.GetExitCodeProcess.argtypes = (wintypes.HANDLE, ctypes.POINTER(wintypes.DWORD))
+        kernel32.CloseHandle.argtypes = (wintypes.HANDLE,)
+        process_query_limited_information = 0x1000
+        handle = kernel32.OpenProcess(process_query_limited_information, False, pid)
+        if not handle:
+            # Access denied means it exists; anything else (invalid parameter) means gone.
+            return bool(ctypes.get_last_error() == 5)
+        try:
+            code = wintypes.DWORD()
+            if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+                return True
+            return bool(code.value == 259)  # STILL_ACTIVE
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, it is just not ours
+    except OSError as exc:
+        return exc.errno != errno.ESRCH
+    fields = _proc_stat_fields(pid)
+    # A zombie keeps its pid until reaped but holds no locks any more.
+    return not (fields is not None and fields and fields[0] in ("Z", "X"))
+
+
+def _iso_utc(wall: float) -> str:
+    moment = datetime.fromtimestamp(wall, tz=timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+_own_starttime: tuple[int, int | None] | None = None
+
+
+def own_starttime() -> int | None:
+    """This process's start time, read once per process (a fork child reads its own)."""
+    global _own_starttime
+    pid = os.getpid()
+    if _own_starttime is None or _own_starttime[0] != pid:
+        _own_starttime = (pid, process_starttime(pid))
+    return _own_starttime[1]
+
+
+def encode_record(
+    *, generation: int, max_hold: float, monotonic: float, wall: float
+) -> tuple[bytes, int, str]:
+    """Serialise a fresh owner record: ``(bytes, offset of the state value, token)``."""
+    pid = os.getpid()
+    token = secrets.token_hex(16)
+    fields = {
+        "pid": pid,
+        "host": hostname(),
+        "starttime": own_starttime(),
+        "created_at": _iso_utc(wall),
+        "max_hold_ms": int(min(max_hold, MAX_TIMER_SECONDS) * 1000),
+        "generation": generation,
+        "token": token,
+        "boot_id": boot_id(),
+        "monotonic": monotonic,
+    }
+    prefix = json.dumps(fields, separators=(",", ":"))[:-1].encode("ascii") + b',"state":"'
+    return prefix + STATE_HELD + b'"}\n', len(prefix), token
+
+
+def parse_record(raw: bytes) -> OwnerRecord | None:
+    """The record as a dict, or None for empty, truncated, non-UTF-8 or non-object data."""
+    if not raw or len(raw) > (1 << 20):
+        return None
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _int_field(record: OwnerRecord, key: str) -> int | None:
+    value = record.get(key)
+    # bool is an int subclass; a record saying pid=true is garbage, not pid 1.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return None
+
+
+def record_generation(record: OwnerRecord | None) -> int:
+    gen = _int_field(record, "generation") if record is not None else None
+    return max(0, gen) if gen is not None else 0
+
+
+def _parse_created_at(value: object) -> float | None:
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def _same_boot(record: OwnerRecord) -> bool:
+    host = record.get("host")
+    if host is not None and host != hostname():
+        return False
+    ours = boot_id()
+    theirs = record.get("boot_id")
+    return ours is not None and theirs == ours
+
+
+def record_age(record: OwnerRecord) -> float | None:
+    """Seconds since the record was written, never negative; None when it cannot tell."""
+    mono = record.get("monotonic")
+    if (
+        isinstance(mono, (int, float))
+        and not isinstance(mono, bool)
+        and math.isfinite(mono)
+        and _same_boot(record)
+    ):
+        return max(0.0, time.monotonic() - float(mono))
+    # A foreign or hand-written record: only its wall-clock stamp is available. A stamp in
+    # the future (skewed writer) reads as age 0, never negative.
+    created = _parse_created_at(record.get("created_at"))
+    if created is None:
+        return None
+    return max(0.0, time.time() - created)
+
+
+def _owner_facts(record: OwnerRecord | None) -> tuple[int | None, bool | None, bool]:
+    """``(pid, alive, local)``; alive is None when liveness cannot be known (other host)."""
+    if record is None:
+        return None, None, True
+    pid = _int_field(record, "pid")
+    host = record.get("host")
+    local = host is None or host == hostname()
+    if pid is None or pid <= 0:
+        return None, None, local
+    if not local:
+        return pid, None, False
+    if pid == os.getpid():
+        return pid, True, True
+    alive = pid_alive(pid)
+    if alive:
+        recorded = _int_field(record, "starttime")
+        if recorded is not None and _same_boot_or_unknown(record):
+            current = process_starttime(pid)
+            # Same pid, different start time: the pid was recycled; the writer is gone.
+            if current is not None and current != recorded:
+                alive = False
+    return pid, alive, local
+
+
+def _same_boot_or_unknown(record: OwnerRecord) -> bool:
+    theirs = record.get("boot_id")
+    ours = boot_id()
+    return theirs is None or ours is None or theirs == ours
+
+
+def describe_owner(record: OwnerRecord | None) -> str:
+    """``pid=123 host=h alive=true ageMs=5000``, as SPEC §3 words it."""
+    if record is None:
+        return "owner=unknown"
+    pid, alive, _ = _owner_facts(record)
+    if pid is None:
+        raw = record.get("pid")
+        parts = [f"pid={raw!r}" if raw is not None else "owner=unknown"]
+    else:
+        parts = [f"pid={pid}"]
+    host = record.get("host")
+    if isinstance(host, str) and host:
+        parts.append(f"host={host}")
+    if pid is not None:
+        parts.append("alive=" + ("unknown" if alive is None else "true" if alive else "false"))
+    age = record_age(record)
+    if age is not None:
+        parts.append(f"ageMs={math.floor(age * 1000)}")
+    return " ".join(parts)
+
+
+def stale_reasons(record: OwnerRecord | None, stale: float) -> list[str]:
+    """Why a *held* lock's live holder should be reported (never broken); [] if it should not.
+
+    Only a live holder on this host, in another process, that has not marked its record
+    released can be stale. A dead or recycled pid means the record is left over from a
+    holder that is gone, so whoever holds the OS lock now has not written its record yet:
+    that is contention, not staleness. Our own process is never reported.
+    """
+    if record is None or record.get("state") == STATE_FREE.decode():
+        return []
+    pid, alive, local = _owner_facts(record)
+    if pid is None or not local or pid == os.getpid() or not alive:
+        return []
+    age = record_age(record)
+    if age is None:
+        return []
+    reasons = []
+    if age > stale:
+        reasons.append("too-old")
+    max_hold_ms = _int_field(record, "max_hold_ms")
+    if max_hold_ms is not None and max_hold_ms > 0 and age * 1000 > max_hold_ms:
+        reasons.append("hold-exceeded")
+    return reasons
