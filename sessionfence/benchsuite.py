@@ -64,6 +64,7 @@ __all__ = [
     "load_measures",
     "measure",
     "run",
+    "size_id",
     "sweep",
 ]
 
@@ -300,6 +301,11 @@ def format_bytes(n: float) -> str:
             value = n / scale
             return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
     return f"{n:.0f} B"
+
+
+def size_id(n: int) -> str:
+    """``1KiB``, ``100MiB``: a size as a test id or benchmark group suffix."""
+    return format_bytes(n).replace(" ", "")
 
 
 def format_ns(ns: float) -> str:
@@ -577,26 +583,26 @@ class AppendValidation:
         self.base = path.stat().st_size
         self.line = filler_line(APPEND_BYTES)
 
-    def _append(self) -> None:
+    def append(self) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         try:
             os.write(fd, self.line)
         finally:
             os.close(fd)
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
         os.truncate(self.path, self.base)
 
     def naive(self) -> tuple[int, int]:
         """(ns before the append, ns after it)."""
         clock = time.perf_counter_ns
-        self._reset()
+        self.reset()
         with _no_gc():
             t0 = clock()
             with open(self.path, "rb") as f:
                 before = f.read().decode("utf-8")
             t1 = clock()
-            self._append()
+            self.append()
             t2 = clock()
             with open(self.path, "rb") as f:
                 after = f.read().decode("utf-8")
@@ -612,12 +618,12 @@ class AppendValidation:
         clock = time.perf_counter_ns
         fingerprint = impl.fingerprint
         check = impl.check_append
-        self._reset()
+        self.reset()
         with _no_gc():
             t0 = clock()
             before: Fingerprint = fingerprint(self.path)
             t1 = clock()
-            self._append()
+            self.append()
             t2 = clock()
             change = check(self.path, before)
             ok = change.kind is ChangeKind.APPENDED and change.appended == self.line

@@ -188,10 +188,11 @@ def _footer(report: Report) -> list[str]:
         "(every file read or checked once before timing); garbage collector off while timing",
         f"{report.profile.name} profile: {report.profile.describe()}; took {report.seconds:.1f} s",
     ]
-    if report.profile.name != "full":
+    scaled = sorted({r.id for r in report.results} & {"P2", "P6"})
+    if report.profile.name != "full" and scaled:
         lines.append(
-            "not the full profile: P2 and P6 ran on smaller files, so their "
-            "ratios are indicative only"
+            f"not the full profile: {' and '.join(scaled)} ran on smaller files, so "
+            "the ratio is indicative only"
         )
     return lines
 
