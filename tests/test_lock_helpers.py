@@ -1,0 +1,171 @@
+"""Helpers for the lock tests: spawned holder processes, stress workers and an independent probe.
+
+Kept importable by spawned children (no pytest import at module level, no tests here).
+The probe uses raw ``fcntl.flock`` in a forked child, not sessionfence, so "is it held?"
+is answered by the kernel rather than by the code under test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+from typing import Any
+
+CTX = multiprocessing.get_context("spawn")
+WAIT = 30.0  # generous bound for any hand-shake with a child process
+
+
+def probe_held(lock_path: str) -> bool:
+    """True if another process cannot take an exclusive flock on ``lock_path`` right now."""
+    import fcntl
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 2
+        try:
+            fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                code = 0
+            except OSError as exc:
+                code = 1 if exc.errno in (errno.EAGAIN, errno.EACCES) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code not in (0, 1):
+        raise AssertionError(f"probe failed on {lock_path} (exit {code})")
+    return code == 1
+
+
+def wait_for(predicate: Any, what: str, timeout: float = WAIT) -> None:
+    """Poll an external condition (process state) with a deadline; fail loudly on expiry."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.001)
+
+
+def process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        raw = fh.read()
+    return raw[raw.rfind(b")") + 2 :].split()[0].decode()
+
+
+def holder_main(conn: Connection, path: str, kwargs: dict[str, Any], stop_self: bool) -> None:
+    """Hold the lock until told otherwise; report handle state on request."""
+    import logging
+
+    from sessionfence import acquire_session_write_lock
+
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+    lock = acquire_session_write_lock(path, **kwargs)
+    conn.send(("held", lock.generation, os.getpid(), lock.lock_path))
+    if stop_self:
+        # Stop ourselves right away: all threads, the watchdog included, freeze together,
+        # so the hold outlives its max hold without any race against the test.
+        os.kill(os.getpid(), signal.SIGSTOP)
+    while True:
+        cmd = conn.recv()
+        if cmd == "release":
+            lock.release()
+            conn.send("released")
+        elif cmd == "state":
+            conn.send((lock.held, lock.force_released))
+        elif cmd == "exit":
+            return
+
+
+class Holder:
+    """A spawned process holding a session write lock."""
+
+    def __init__(self, path: str, *, stop_self: bool = False, **kwargs: Any) -> None:
+        self.conn, child = CTX.Pipe()
+        self.proc = CTX.Process(
+            target=holder_main, args=(child, path, kwargs, stop_self), daemon=True
+        )
+        self.proc.start()
+        child.close()
+        if not self.conn.poll(WAIT):
+            self.kill()
+            raise AssertionError("holder did not acquire the lock")
+        tag, self.generation, self.pid, self.lock_path = self.conn.recv()
+        assert tag == "held"
+
+    def ask(self, cmd: str) -> Any:
+        self.conn.send(cmd)
+        if not self.conn.poll(WAIT):
+            raise AssertionError(f"holder did not answer {cmd!r}")
+        return self.conn.recv()
+
+    def release(self) -> None:
+        assert self.ask("release") == "released"
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid or 0, signal.SIGKILL)
+        self.proc.join(WAIT)
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid or 0, signal.SIGCONT)
+            self.kill()
+        self.conn.close()
+
+
+@contextlib.contextmanager
+def holding(path: str, **kwargs: Any) -> Iterator[Holder]:
+    holder = Holder(path, **kwargs)
+    try:
+        yield holder
+    finally:
+        holder.close()
+
+
+def line_size(writer: int, seq: int) -> int:
+    # Mostly small lines, every 25th past 64 KiB so one line needs several write() calls
+    # and exceeds PIPE_BUF and a page; deterministic so the checker can recompute it.
+    if (writer + seq) % 25 == 0:
+        return 70_000 + seq
+    return (seq * 7919 + writer * 104_729) % 3000
+
+
+def stress_main(path: str, out_path: str, writer: int, cycles: int, start: Any) -> None:
+    """Lock, append one line in three writes, unlock; log monotonic hold intervals."""
+    from sessionfence import acquire_session_write_lock
+
+    if not start.wait(WAIT):
+        raise SystemExit(3)
+    intervals = []
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        for seq in range(cycles):
+            data = (
+                json.dumps({"w": writer, "s": seq, "pad": "x" * line_size(writer, seq)}) + "\n"
+            ).encode()
+            cut1, cut2 = len(data) // 3, 2 * len(data) // 3
+            lock = acquire_session_write_lock(path, timeout=WAIT)
+            enter = time.monotonic_ns()
+            # Three separate appends: without exclusion another writer's bytes would land
+            # between them and tear this line.
+            for part in (data[:cut1], data[cut1:cut2], data[cut2:]):
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(fd, view) :]
+            leave = time.monotonic_ns()
+            lock.release()
+            intervals.append((enter, leave))
+    finally:
+        os.close(fd)
+    with open(out_path, "w", encoding="ascii") as fh:
+        fh.writelines(f"{enter} {leave}\n" for enter, leave in intervals)
