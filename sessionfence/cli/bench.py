@@ -188,6 +188,12 @@ def _footer(report: Report) -> list[str]:
         "(every file read or checked once before timing); garbage collector off while timing",
         f"{report.profile.name} profile: {report.profile.describe()}; took {report.seconds:.1f} s",
     ]
+    cpus = os.cpu_count() or 1
+    if report.load_before is not None and report.load_before > 0.5:
+        lines.append(
+            f"load average {report.load_before:.2f} on {cpus} CPUs when the run started: "
+            "other processes share the machine, so P5 (threads) and absolute times suffer"
+        )
     scaled = sorted({r.id for r in report.results} & {"P2", "P6"})
     if report.profile.name != "full" and scaled:
         lines.append(
