@@ -175,7 +175,7 @@ def _rows(report: Report) -> list[tuple[str, ...]]:
                 *cells,
                 f"{r.ratio:,.2f}" if r.ratio < 100 else f"{r.ratio:,.0f}",
                 str(r.target),
-                "pass" if r.passed else "MISS",
+                r.status,
             )
         )
     return rows
@@ -216,8 +216,8 @@ def print_table(report: Report) -> None:
         justify: Any = "right" if h in ("ratio", "target") else "left"
         table.add_column(h, justify=justify, overflow="fold")
     for row in rows:
-        style = "red" if row[-1] == "MISS" else None
-        table.add_row(*row[:-1], f"[{'red' if style else 'green'}]{row[-1]}[/]")
+        color = {"MISS": "red", "pass": "green"}.get(row[-1], "dim")
+        table.add_row(*row[:-1], f"[{color}]{row[-1]}[/]")
     probe = Console()
     # Piped output would wrap at 80 columns: give it room for the nine columns instead.
     console = probe if probe.is_terminal else Console(width=170)
