@@ -1,0 +1,123 @@
+"""The in-process session file owner: one attempt per transcript per process (reference §4).
+
+Separate from the cross-process lock and held for a whole attempt, so two attempts in one
+process cannot interleave their fences. Symlinked paths share an owner (same key as the
+registry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import secrets
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from ._controller_registry import session_file_key
+from .errors import SessionFileOwnerTimeoutError
+
+__all__ = ["SessionFileOwner", "acquire_session_file_owner", "reset_owners"]
+
+MAX_TIMER_MS = 2_147_000_000
+
+
+@dataclass
+class _Entry:
+    owner_id: str
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+
+_OWNERS: dict[str, _Entry] = {}
+
+
+def clamp_timeout_ms(timeout_ms: float) -> float | None:
+    """Per-wait timer in ms: floor, clamped to [1, 2 147 000 000]; None for no timer."""
+    if not math.isfinite(timeout_ms):
+        return None
+    return float(min(MAX_TIMER_MS, max(1, math.floor(timeout_ms))))
+
+
+class SessionFileOwner:
+    """Handle of an acquired owner; ``release()`` is idempotent and survives a reset."""
+
+    def __init__(self, session_file_key: str, owner_id: str) -> None:
+        self.session_file_key = session_file_key
+        self._owner_id = owner_id
+
+    def release(self) -> None:
+        entry = _OWNERS.get(self.session_file_key)
+        if entry is None or entry.owner_id != self._owner_id:
+            return
+        del _OWNERS[self.session_file_key]
+        for waiter in entry.waiters:  # all wake; the first to run takes the owner
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def __enter__(self) -> SessionFileOwner:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+    async def __aenter__(self) -> SessionFileOwner:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+async def acquire_session_file_owner(
+    path: str | os.PathLike[str], timeout: float | None = None
+) -> SessionFileOwner:
+    """Wait until no other attempt in this process owns ``path``; ``timeout`` in seconds
+    applies to each wait (None or inf: wait forever)."""
+    key = session_file_key(path)
+    timeout_ms = math.inf if timeout is None else timeout * 1000.0
+    delay_ms = clamp_timeout_ms(timeout_ms)
+    loop = asyncio.get_running_loop()
+    while True:
+        entry = _OWNERS.get(key)
+        if entry is None:
+            owner_id = secrets.token_hex(8)
+            _OWNERS[key] = _Entry(owner_id)
+            return SessionFileOwner(key, owner_id)
+        waiter: asyncio.Future[None] = loop.create_future()
+        entry.waiters.append(waiter)
+        timer = None
+        if delay_ms is not None:
+            timer = loop.call_later(
+                delay_ms / 1000.0,
+                _expire,
+                waiter,
+                SessionFileOwnerTimeoutError(timeout_ms, os.fspath(path)),
+            )
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if waiter in entry.waiters:
+                entry.waiters.remove(waiter)
+
+
+def _expire(waiter: asyncio.Future[None], error: BaseException) -> None:
+    if not waiter.done():
+        waiter.set_exception(error)
+
+
+def reset_owners() -> None:
+    """Forget every owner; waiters fail with RuntimeError (test reset hook)."""
+    entries = list(_OWNERS.values())
+    _OWNERS.clear()
+    for entry in entries:
+        for waiter in entry.waiters:
+            # A waiter of a test whose event loop is already closed cannot be woken.
+            with contextlib.suppress(RuntimeError):
+                if not waiter.done():
+                    waiter.set_exception(RuntimeError("session file owners reset"))

@@ -1,0 +1,179 @@
+"""Process-wide fence state shared by every controller (reference §5.2).
+
+One registry per process, keyed by the session file key (§1 of the reference): the trusted
+state of each transcript, the history of owned writes that fences have not seen yet, one
+global generation counter, and the content digest cache that lets a digest be computed at
+most once per file per process (SPEC §5.2 item 1).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._merge import PublishedEntry
+from ._types import Fingerprint, same_stat
+
+__all__ = ["REGISTRY", "OwnedWrite", "Registry", "session_file_key"]
+
+# A fleet supervisor may touch thousands of transcripts; one digest each is plenty and the
+# bound keeps a long-lived process from growing without limit.
+_DIGEST_CACHE_KEYS = 4096
+
+
+def session_file_key(path: str | os.PathLike[str]) -> str:
+    """realpath of the file, else realpath of its folder + name, so aliases share a key."""
+    raw = os.fspath(path)
+    absolute = os.path.abspath(raw)
+    if os.path.exists(absolute):
+        return os.path.realpath(absolute)
+    head, tail = os.path.split(absolute)
+    try:
+        return os.path.join(os.path.realpath(head), tail)
+    except OSError:  # pragma: no cover - realpath only fails on exotic platforms
+        return absolute
+
+
+@dataclass(frozen=True)
+class OwnedWrite:
+    generation: int
+    fingerprint: Fingerprint
+    published_entries: tuple[PublishedEntry, ...] | None = None
+    requires_reload: bool = False
+
+
+@dataclass
+class _History:
+    active_fence_generations: dict[str, int] = field(default_factory=dict)
+    writes: list[OwnedWrite] = field(default_factory=list)
+
+
+@dataclass
+class _Trusted:
+    generation: int
+    fingerprint: Fingerprint
+
+
+class Registry:
+    """Trust registry, owned-write history, generation counter and digest cache."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._owned: dict[str, _History] = {}
+        self._trusted: dict[str, _Trusted] = {}
+        self._counter = 0
+        # key -> (fingerprint, digest of [0, fingerprint.size)); the digest object is never
+        # handed out, only copies, so rolling one fence forward cannot corrupt another.
+        self._digests: OrderedDict[str, tuple[Fingerprint, Any]] = OrderedDict()
+
+    # generations -------------------------------------------------------------------------
+
+    def _next_generation(self) -> int:
+        self._counter += 1
+        return self._counter
+
+    @property
+    def generation_counter(self) -> int:
+        return self._counter
+
+    def record_owned_write(
+        self,
+        key: str,
+        fp: Fingerprint,
+        published_entries: list[PublishedEntry] | None = None,
+        requires_reload: bool = False,
+    ) -> int:
+        generation = self._next_generation()
+        history = self._owned.setdefault(key, _History())
+        entries = None if published_entries is None else tuple(dict(e) for e in published_entries)
+        history.writes.append(OwnedWrite(generation, fp, entries, requires_reload))
+        self._prune(key)
+        self._trusted[key] = _Trusted(generation, fp)
+        return generation
+
+    def record_trusted(self, key: str, fp: Fingerprint) -> int:
+        generation = self._next_generation()
+        self._trusted[key] = _Trusted(generation, fp)
+        return generation
+
+    def trust_state(self, key: str, fp: Fingerprint) -> int | None:
+        """Generation of ``fp`` when it is the trusted state; trusts it when nothing is."""
+        trusted = self._trusted.get(key)
+        if trusted is None:
+            return self.record_trusted(key, fp)
+        return trusted.generation if same_stat(trusted.fingerprint, fp) else None
+
+    def is_trusted(self, key: str, fp: Fingerprint) -> bool:
+        trusted = self._trusted.get(key)
+        return trusted is not None and same_stat(trusted.fingerprint, fp)
+
+    def trusted_fingerprint(self, key: str) -> Fingerprint | None:
+        trusted = self._trusted.get(key)
+        return None if trusted is None else trusted.fingerprint
+
+    # owned-write history -----------------------------------------------------------------
+
+    def latest_owned_write(self, key: str) -> OwnedWrite | None:
+        history = self._owned.get(key)
+        if history is None or not history.writes:
+            return None
+        return history.writes[-1]
+
+    def owned_writes_after(self, key: str, generation: int) -> list[OwnedWrite]:
+        history = self._owned.get(key)
+        if history is None:
+            return []
+        return [w for w in history.writes if w.generation > generation]
+
+    def set_active_fence(self, key: str, controller_id: str, generation: int) -> None:
+        history = self._owned.setdefault(key, _History())
+        history.active_fence_generations[controller_id] = generation
+        self._prune(key)
+
+    def drop_active_fence(self, key: str, controller_id: str) -> None:
+        history = self._owned.get(key)
+        if history is None:
+            return
+        history.active_fence_generations.pop(controller_id, None)
+        self._prune(key)
+
+    def _prune(self, key: str) -> None:
+        history = self._owned.get(key)
+        if history is None:
+            return
+        if not history.active_fence_generations:
+            # Nobody can still need these writes; a later controller only sees trust.
+            del self._owned[key]
+            return
+        floor = min(history.active_fence_generations.values())
+        history.writes = [w for w in history.writes if w.generation > floor]
+
+    def history_size(self, key: str) -> int | None:
+        """Number of retained owned writes, or None when the key has no history (tests)."""
+        history = self._owned.get(key)
+        return None if history is None else len(history.writes)
+
+    # content digests ---------------------------------------------------------------------
+
+    def lookup_digest(self, key: str, fp: Fingerprint) -> Any | None:
+        """A private copy of the cached digest of ``fp``'s content, if it is known."""
+        cached = self._digests.get(key)
+        if cached is None or not fp.exists or not same_stat(cached[0], fp):
+            return None
+        self._digests.move_to_end(key)
+        return cached[1].copy()
+
+    def remember_digest(self, key: str, fp: Fingerprint, digest: Any) -> None:
+        if not fp.exists:
+            return
+        self._digests[key] = (fp, digest.copy())
+        self._digests.move_to_end(key)
+        while len(self._digests) > _DIGEST_CACHE_KEYS:
+            self._digests.popitem(last=False)
+
+
+REGISTRY = Registry()

@@ -1,0 +1,168 @@
+"""Fence snapshots: a Fingerprint plus a rolling content digest, never the file's bytes.
+
+The original kept the whole transcript (<= 8 MiB) or its SHA-256 (<= 32 MiB) per fence and
+reread it after every write. Here a snapshot is the file's fingerprint and, when known, an
+XXH3-128 ``RollingDigest`` of bytes ``[0, size)``. Appends roll the digest forward with the
+appended bytes only (read positionally), so keeping it costs O(appended bytes); the digest is
+computed from the file at most once per file per process (the registry caches it) and that
+is the only whole-file read on the hot path (SPEC §5.2 item 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from . import _backend
+from ._controller_registry import REGISTRY
+from ._types import MISSING, Change, ChangeKind, Fingerprint, same_stat
+
+__all__ = ["FenceSnapshot", "SnapshotIO", "hot_path"]
+
+# The hot-path backend the controller uses. Module-level so tests can run every controller
+# scenario against both backends by swapping it (the package default is the active backend).
+hot_path: ModuleType = _backend.load()
+
+_SUFFIX_CHUNK = 1 << 20
+_STABLE_DIGEST_TRIES = 4
+
+
+@dataclass(frozen=True)
+class FenceSnapshot:
+    """What the fence last saw: a fingerprint and, when known, the digest of its content."""
+
+    fingerprint: Fingerprint
+    digest: Any | None = None  # RollingDigest of [0, fingerprint.size); never mutated
+
+    @property
+    def has_digest(self) -> bool:
+        return self.digest is not None or not self.fingerprint.exists
+
+
+class SnapshotIO:
+    """The file operations of one controller, all O(1) or O(appended bytes) but one:
+    ``fresh_digest`` (whole file), which runs once per file per process or on rewrites."""
+
+    def __init__(self, path: str, key: str, window: int) -> None:
+        self.path = path
+        self.key = key
+        self.window = window
+        self._probe: Any | None = None
+        self._probe_module: ModuleType | None = None
+
+    @property
+    def probe(self) -> Any:
+        # Re-created after close() and when tests swap the backend module.
+        if self._probe is None or self._probe_module is not hot_path or self._probe.closed:
+            self._probe = hot_path.FileProbe(self.path, window=self.window)
+            self._probe_module = hot_path
+        return self._probe
+
+    def close(self) -> None:
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
+
+    def fingerprint(self) -> Fingerprint:
+        return self.probe.fingerprint()  # type: ignore[no-any-return]
+
+    def observe(self, before: Fingerprint) -> Change:
+        """check_append against ``before``: stat, old tail window, suffix up to 1 MiB."""
+        return self.probe.check_append(before)  # type: ignore[no-any-return]
+
+    def suffix(self, change: Change) -> bytes | None:
+        """All bytes ``[before.size, after.size)`` of an APPENDED/CREATED change, or None
+        when the file moved on in a way that makes a late read meaningless."""
+        if change.appended is not None:
+            return change.appended
+        start = change.before.size if change.kind is ChangeKind.APPENDED else 0
+        end = change.after.size
+        parts: list[bytes] = []
+        offset = start
+        try:
+            while offset < end:
+                n = min(_SUFFIX_CHUNK, end - offset)
+                parts.append(self.probe.read_range(offset, n))
+                offset += n
+        except (OSError, ValueError):
+            return None
+        # The chunks were read after check_append; they describe ``after`` only if the file
+        # is still that file with that content up to after.size.
+        again = self.observe(change.after)
+        if again.kind not in (ChangeKind.UNCHANGED, ChangeKind.APPENDED):
+            return None
+        return b"".join(parts)
+
+    def prefix_unchanged(self, snap: FenceSnapshot) -> bool:
+        """verify="full": bytes [0, snap.size) of the file still hash to snap's digest."""
+        fp = snap.fingerprint
+        if not fp.exists:
+            return True
+        if snap.digest is None:
+            return False
+        try:
+            actual = hot_path.content_digest(self.path, fp.size)
+        except (OSError, ValueError):
+            return False
+        return bool(actual == snap.digest.intdigest())
+
+    def fresh_digest(self, fp: Fingerprint) -> FenceSnapshot:
+        """Snapshot of ``fp`` with a digest from the cache or, failing that, from the file.
+
+        The whole-file read: callers use it only when no digest can be rolled forward
+        (first activation in this process, or after a rewrite)."""
+        if not fp.exists:
+            return FenceSnapshot(MISSING)
+        cached = REGISTRY.lookup_digest(self.key, fp)
+        if cached is not None:
+            return FenceSnapshot(fp, cached)
+        current = fp
+        for _ in range(_STABLE_DIGEST_TRIES):
+            try:
+                digest = hot_path.RollingDigest.from_file(self.path, current.size)
+            except (OSError, ValueError):
+                digest = None
+            post = self.fingerprint()
+            if digest is not None and same_stat(post, current):
+                REGISTRY.remember_digest(self.key, current, digest)
+                return FenceSnapshot(current, digest)
+            if not same_stat(post, fp):
+                # The file is no longer the state we were asked about: no digest for it.
+                return FenceSnapshot(fp)
+            current = post
+        return FenceSnapshot(fp)
+
+    def advance(self, prev: FenceSnapshot, change: Change, *, need_digest: bool) -> FenceSnapshot:
+        """Snapshot of ``change.after`` built from ``prev`` with O(appended bytes) work.
+
+        ``need_digest``: compute a digest from the file when it cannot be rolled forward
+        (an active fence must always be able to judge a later same-size change)."""
+        after = change.after
+        if same_stat(prev.fingerprint, after):
+            return FenceSnapshot(after, prev.digest)
+        if not after.exists:
+            return FenceSnapshot(MISSING)
+        cached = REGISTRY.lookup_digest(self.key, after)
+        if cached is not None:
+            return FenceSnapshot(after, cached)
+        rollable = (change.kind is ChangeKind.APPENDED and prev.digest is not None) or (
+            change.kind is ChangeKind.CREATED
+        )
+        if rollable:
+            data = self.suffix(change)
+            if data is not None:
+                if change.kind is ChangeKind.APPENDED:
+                    digest = prev.digest.copy()  # type: ignore[union-attr]
+                else:
+                    digest = hot_path.RollingDigest()
+                digest.update(data)
+                REGISTRY.remember_digest(self.key, after, digest)
+                return FenceSnapshot(after, digest)
+        if need_digest:
+            return self.fresh_digest(after)
+        return FenceSnapshot(after)
+
+    def snapshot_now(self, prev: FenceSnapshot, *, need_digest: bool) -> FenceSnapshot:
+        """Snapshot of the file as it is now, rolled forward from ``prev`` when possible."""
+        return self.advance(prev, self.observe(prev.fingerprint), need_digest=need_digest)
