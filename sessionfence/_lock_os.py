@@ -162,7 +162,7 @@ def still_names(fd: int, lock_path: str) -> os.stat_result | None:
     newcomer locks the fresh one; both would think they hold the lock. Re-checking after
     locking closes that door for everyone who follows the protocol.
     """
-    st = os.fstat(fd)
+    st = fstat_regular(fd, lock_path)
     if st.st_nlink == 0:
         return None
     try:

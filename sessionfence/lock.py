@@ -301,7 +301,7 @@ def lock_path_for(path: PathLike) -> tuple[str, str]:
         raise TypeError(f"path must be str or os.PathLike[str], not {type(text).__name__}")
     absolute = os.path.abspath(text)
     name = os.path.basename(absolute)
-    if not name:
+    if not name or text.endswith((os.sep, os.altsep or os.sep)):
         raise ValueError(f"not a transcript path: {text!r}")
     if os.path.exists(absolute):
         key = os.path.realpath(absolute)
