@@ -1,0 +1,246 @@
+"""File work of the transcript model: the streaming parse, appends, torn-tail quarantine.
+
+Kept apart from ``transcript.py`` so the tree logic there reads without the byte juggling.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _jsonl
+from ._impl_py import RollingDigest as _PyRollingDigest
+
+__all__ = [
+    "DEFAULT_CHUNK",
+    "Loaded",
+    "append_flags",
+    "clean_end",
+    "iso_now",
+    "new_entry_id",
+    "parse_fd",
+    "pread",
+    "quarantine_bytes",
+    "uuid7",
+    "write_all",
+]
+
+DigestT = _PyRollingDigest  # the static type; at run time it is the active backend's class
+
+DEFAULT_CHUNK = 8 << 20
+_SCAN_BACK = 64 << 10
+_UTF8_BOM = b"\xef\xbb\xbf"
+_O_BINARY: int = getattr(os, "O_BINARY", 0)
+
+
+def append_flags(create: bool) -> int:
+    # O_RDWR, not O_WRONLY: the one-byte torn-tail check reads through the same descriptor.
+    flags = os.O_RDWR | os.O_APPEND | _O_BINARY
+    if create:
+        flags |= os.O_CREAT | os.O_EXCL
+    return flags
+
+
+if hasattr(os, "pread"):
+
+    def pread(fd: int, length: int, offset: int) -> bytes:
+        return os.pread(fd, length, offset)
+
+else:  # pragma: no cover - Windows has no pread; the descriptor is ours alone
+
+    def pread(fd: int, length: int, offset: int) -> bytes:
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.read(fd, length)
+
+
+def clean_end(fd: int, size: int) -> int:
+    """Offset just past the last ``\\n`` in ``[0, size)`` (0 when there is none)."""
+    end = size
+    while end > 0:
+        start = max(0, end - _SCAN_BACK)
+        block = pread(fd, end - start, start)
+        if len(block) != end - start:
+            raise OSError(errno.EIO, "short read while looking for the last newline")
+        nl = block.rfind(b"\n")
+        if nl >= 0:
+            return start + nl + 1
+        end = start
+    return 0
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Appends ``data`` with one ``os.write`` on an ``O_APPEND`` descriptor.
+
+    For a regular file the kernel writes the whole buffer in one call (and, with
+    ``O_APPEND``, at the end as one unit) unless the disk fills up, a file size limit is
+    hit, or a signal lands mid-way. Only then is there a short write, and the rest is
+    written by further calls: those bytes still land at the end of the file, but another
+    writer's line may get between the two parts. If a later call fails the file is left
+    ending in a partial line, a torn tail that every following append refuses until
+    ``repair_torn_tail()`` moves it aside: a short write never glues two records silently.
+    """
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:  # pragma: no cover - a regular file never returns 0 for a non-empty write
+            raise OSError(errno.EIO, "write made no progress")
+        view = view[n:]
+
+
+def iso_now() -> str:
+    """``new Date().toISOString()``: UTC, milliseconds, ``Z``."""
+    ns = time.time_ns()
+    seconds, rest = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{rest // 1_000_000:03d}Z"
+
+
+def new_entry_id(taken: Callable[[str], bool]) -> str:
+    """8 hex chars not yet used in the file; after 100 collisions a full UUID (hex)."""
+    for _ in range(100):
+        candidate = os.urandom(4).hex()
+        if not taken(candidate):
+            return candidate
+    return uuid.uuid4().hex
+
+
+def uuid7() -> str:
+    """A time-ordered UUID (version 7) for new session headers, as the original writes."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76
+    value |= ((rand >> 62) & 0xFFF) << 64
+    value |= 0b10 << 62
+    value |= rand & ((1 << 62) - 1)
+    return str(uuid.UUID(int=value))
+
+
+def quarantine_bytes(path: str, data: bytes) -> str:
+    """Writes ``data`` to a new ``<path>.torn-<UTC time>`` file, durably; returns its path.
+
+    Never replaces an existing file (``O_EXCL``, then ``-1``, ``-2``, ... suffixes). The
+    file and its directory entry are fsynced before returning, because the caller truncates
+    the transcript next and a crash in between must not lose the bytes.
+    """
+    ns = time.time_ns()
+    seconds, rest = divmod(ns, 1_000_000_000)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(seconds)) + f".{rest // 1_000_000:03d}Z"
+    base = f"{path}.torn-{stamp}"
+    for attempt in range(10_000):
+        target = base if attempt == 0 else f"{base}-{attempt}"
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o600)
+        except FileExistsError:
+            continue
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(os.path.dirname(os.path.abspath(target)))
+        return target
+    raise FileExistsError(errno.EEXIST, "no free quarantine name", base)  # pragma: no cover
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - Windows cannot open a directory; nothing to sync
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Loaded:
+    """What one streaming pass over a transcript found."""
+
+    values: list[dict[str, Any]] = field(default_factory=list)
+    malformed: int = 0
+    invalid_utf8: int = 0
+    size: int = 0
+    torn: tuple[int, int] | None = None
+    clean_digest: DigestT | None = None  # digest of [0, torn offset) when there is a torn tail
+
+
+def parse_fd(fd: int, digest: DigestT, chunk: int = DEFAULT_CHUNK) -> Loaded:
+    """Reads ``fd`` to its end, parsing every complete line and hashing every byte read.
+
+    Each byte is hashed exactly once, in file order, straight from the read buffer; a last
+    line without its newline (a torn tail) is hashed after a copy of the digest is taken, so
+    ``clean_digest`` covers exactly the bytes a repair keeps. Blank lines are skipped without
+    counting; lines that are not JSON objects count as malformed.
+    """
+    out = Loaded()
+    values = out.values
+    append = values.append
+    loads = _jsonl.loads_line
+    malformed = 0
+    invalid = 0
+    pending: list[bytes] = []  # bytes after the last newline seen, not yet hashed
+    total = 0
+    first = True
+    while True:
+        data = os.read(fd, chunk)
+        if not data:
+            break
+        total += len(data)
+        nl = data.rfind(b"\n")
+        if nl < 0:
+            pending.append(data)
+            continue
+        for part in pending:
+            digest.update(part)
+        digest.update(memoryview(data)[: nl + 1])
+        lines = data[:nl].split(b"\n")
+        if pending:
+            pending.append(lines[0])
+            lines[0] = b"".join(pending)
+            pending = []
+        rest = data[nl + 1 :]
+        if rest:
+            pending.append(rest)
+        if first:
+            first = False
+            if lines[0].startswith(_UTF8_BOM):
+                # JS trim() drops a BOM at the start of the file's text (reference §10.7)
+                lines[0] = lines[0][len(_UTF8_BOM) :]
+        for line in lines:
+            if not line or line.isspace():
+                continue
+            try:
+                value, replaced = loads(line)
+            except (ValueError, RecursionError):
+                if _blank_after_js_trim(line):
+                    continue
+                malformed += 1
+                continue
+            if replaced:
+                invalid += 1
+            if type(value) is dict:
+                append(value)
+            else:
+                malformed += 1
+    out.size = total
+    if pending:
+        tail = b"".join(pending)
+        out.clean_digest = digest.copy()
+        digest.update(tail)
+        out.torn = (total - len(tail), len(tail))
+    out.malformed = malformed
+    out.invalid_utf8 = invalid
+    return out
+
+
+def _blank_after_js_trim(line: bytes) -> bool:
+    # Only reached for lines JSON refused, so the decode cost never hits the fast path.
+    return not _jsonl.js_trim(line.decode("utf-8", "replace"))
