@@ -23,6 +23,11 @@
 #  ifndef WIN32_LEAN_AND_MEAN
 #    define WIN32_LEAN_AND_MEAN
 #  endif
+/* Windows 8.1 (what CPython 3.10+ needs): FILE_ID_INFO, GetSystemTimePreciseAsFileTime. */
+#  if !defined(_WIN32_WINNT) || _WIN32_WINNT < 0x0603
+#    undef _WIN32_WINNT
+#    define _WIN32_WINNT 0x0603
+#  endif
 #  include <windows.h>
 #else
 #  include <fcntl.h>
@@ -62,26 +67,55 @@ typedef struct sf_stat {
 typedef int64_t sf_handle;
 #define SF_NO_HANDLE ((sf_handle)-1)
 
-static int fail_value(sf_err *err, int64_t detail)
+/*
+ * Every failure sets every field of *err (callers reuse one sf_err across calls, so a
+ * field left over from an earlier error must never leak into the next report).
+ */
+static int fail_with(sf_err *err, int32_t code, int32_t sys_errno, int32_t winerror,
+                     int64_t detail)
 {
-    err->code = SF_EVALUE;
+    err->code = code;
+    err->sys_errno = sys_errno;
+    err->winerror = winerror;
+    err->where = 0;
     err->detail = detail;
     return -1;
 }
 
+static int fail_value(sf_err *err, int64_t detail)
+{
+    return fail_with(err, SF_EVALUE, 0, 0, detail);
+}
+
 static int fail_nomem(sf_err *err)
 {
-    err->code = SF_ENOMEM;
-    err->sys_errno = ENOMEM;
-    return -1;
+    return fail_with(err, SF_ENOMEM, ENOMEM, 0, 0);
 }
 
 static int fail_errno(sf_err *err, int e)
 {
-    err->code = SF_EOS;
-    err->sys_errno = e;
-    err->winerror = 0;
-    return -1;
+    return fail_with(err, SF_EOS, e, 0, 0);
+}
+
+static int fail_short(sf_err *err, int64_t detail)
+{
+    return fail_with(err, SF_ESHORT, 0, 0, detail);
+}
+
+static int fail_unstable(sf_err *err)
+{
+    return fail_with(err, SF_EUNSTABLE, 0, 0, 0);
+}
+
+/*
+ * malloc for a byte count that arrives as int64_t: refuses what size_t cannot hold (32-bit
+ * builds) instead of truncating it, and never asks for 0 bytes (malloc(0) may be NULL).
+ */
+static uint8_t *alloc_bytes(int64_t n)
+{
+    if (n < 0 || (uint64_t)n > (uint64_t)(PTRDIFF_MAX - 1))
+        return NULL;
+    return (uint8_t *)malloc(n > 0 ? (size_t)n : 1);
 }
 
 static int64_t min64(int64_t a, int64_t b)
@@ -114,6 +148,92 @@ static void backoff(int tries)
 #endif
 }
 
+#if defined(_WIN32) || defined(SF_TESTING)
+#  ifdef SF_TESTING
+#    define SF_INTERNAL /* visible to csrc/tests/test_sessionfence.c */
+#  else
+#    define SF_INTERNAL static
+#  endif
+
+/*
+ * Windows FILETIME (100 ns ticks since 1601) to ns since 1970, without signed overflow:
+ * 0 means "not recorded" (FAT has no ChangeTime) and stays 0; values whose ns count does
+ * not fit in int64_t (before 1677 or after 2262) saturate. CPython computes the same
+ * numbers for every time that fits (and sessionfence/_winstat.py mirrors this function).
+ */
+SF_INTERNAL int64_t sf_filetime_to_ns(int64_t ticks)
+{
+    const int64_t epoch = 116444736000000000LL; /* 1970-01-01 in FILETIME ticks */
+    int64_t rel;
+    if (ticks == 0)
+        return 0;
+    if (ticks < INT64_MIN + epoch)
+        return INT64_MIN;
+    rel = ticks - epoch;
+    if (rel > INT64_MAX / 100)
+        return INT64_MAX;
+    if (rel < INT64_MIN / 100)
+        return INT64_MIN;
+    return rel * 100;
+}
+
+/*
+ * Paths arrive as os.fsencode() makes them on Windows: UTF-8 with "surrogatepass", so a
+ * lone surrogate (legal in an NTFS name) comes as a 3-byte sequence ED A0..BF xx and must
+ * pass through as that UTF-16 unit. MultiByteToWideChar would replace it with U+FFFD (or
+ * any invalid byte) and open a different file, so we decode ourselves. Writes the UTF-16
+ * units and a terminating 0 to out (when out is not NULL) and returns how many units that
+ * is, terminator included; returns 0 for bytes Python would never produce.
+ */
+SF_INTERNAL size_t sf_utf8_to_utf16(const char *path, uint16_t *out)
+{
+    const unsigned char *s = (const unsigned char *)path;
+    size_t n = 0;
+    while (*s != 0) {
+        uint32_t cp;
+        int extra, i;
+        unsigned char c = *s++;
+        if (c < 0x80) {
+            cp = c;
+            extra = 0;
+        } else if (c >= 0xC2 && c <= 0xDF) {
+            cp = c & 0x1Fu;
+            extra = 1;
+        } else if (c >= 0xE0 && c <= 0xEF) {
+            cp = c & 0x0Fu;
+            extra = 2;
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            cp = c & 0x07u;
+            extra = 3;
+        } else {
+            return 0; /* continuation byte without a lead, or an invalid lead */
+        }
+        for (i = 0; i < extra; i++) {
+            if ((s[i] & 0xC0u) != 0x80u)
+                return 0; /* truncated sequence (this also stops at the terminating 0) */
+            cp = (cp << 6) | (s[i] & 0x3Fu);
+        }
+        s += extra;
+        if ((extra == 2 && cp < 0x800) || (extra == 3 && (cp < 0x10000 || cp > 0x10FFFF)))
+            return 0; /* overlong or out of range */
+        if (cp >= 0x10000) {
+            if (out != NULL) {
+                out[n] = (uint16_t)(0xD800u + ((cp - 0x10000u) >> 10));
+                out[n + 1] = (uint16_t)(0xDC00u + ((cp - 0x10000u) & 0x3FFu));
+            }
+            n += 2;
+        } else {
+            if (out != NULL)
+                out[n] = (uint16_t)cp; /* surrogates included: "surrogatepass" */
+            n += 1;
+        }
+    }
+    if (out != NULL)
+        out[n] = 0;
+    return n + 1;
+}
+#endif
+
 /* Wall-clock time in ns since 1970: file timestamps come from the same clock. */
 static int64_t realtime_ns(void)
 {
@@ -123,7 +243,7 @@ static int64_t realtime_ns(void)
     GetSystemTimePreciseAsFileTime(&ft);
     t.LowPart = ft.dwLowDateTime;
     t.HighPart = ft.dwHighDateTime;
-    return (int64_t)(t.QuadPart - 116444736000000000ULL) * 100;
+    return sf_filetime_to_ns((int64_t)t.QuadPart);
 #else
     struct timespec ts;
     if (clock_gettime(CLOCK_REALTIME, &ts) != 0)
@@ -160,6 +280,7 @@ static int win_to_errno(DWORD w)
         return ENAMETOOLONG;
     case ERROR_INVALID_NAME:
     case ERROR_INVALID_PARAMETER:
+    case ERROR_NO_UNICODE_TRANSLATION:
         return EINVAL;
     case ERROR_CANT_RESOLVE_FILENAME:
         return ELOOP;
@@ -170,30 +291,26 @@ static int win_to_errno(DWORD w)
 
 static int fail_win(sf_err *err, DWORD w)
 {
-    err->code = SF_EOS;
-    err->winerror = (int32_t)w;
-    err->sys_errno = win_to_errno(w);
-    return -1;
+    return fail_with(err, SF_EOS, win_to_errno(w), (int32_t)w, 0);
 }
+
+/* wchar_t is UTF-16 on Windows: sf_utf8_to_utf16 writes straight into a wchar_t buffer. */
+typedef char sf_wchar_is_16_bits[sizeof(wchar_t) == sizeof(uint16_t) ? 1 : -1];
 
 static wchar_t *utf8_to_wide(const char *path, sf_err *err)
 {
-    int n = MultiByteToWideChar(CP_UTF8, 0, path, -1, NULL, 0);
+    size_t n = sf_utf8_to_utf16(path, NULL);
     wchar_t *w;
-    if (n <= 0) {
-        fail_win(err, GetLastError());
+    if (n == 0) {
+        fail_win(err, ERROR_NO_UNICODE_TRANSLATION);
         return NULL;
     }
-    w = (wchar_t *)malloc((size_t)n * sizeof(wchar_t));
+    w = (wchar_t *)malloc(n * sizeof(wchar_t));
     if (w == NULL) {
         fail_nomem(err);
         return NULL;
     }
-    if (MultiByteToWideChar(CP_UTF8, 0, path, -1, w, n) <= 0) {
-        fail_win(err, GetLastError());
-        free(w);
-        return NULL;
-    }
+    (void)sf_utf8_to_utf16(path, (uint16_t *)w);
     return w;
 }
 
@@ -203,10 +320,25 @@ static int is_missing_win(DWORD w)
            w == ERROR_BAD_NETPATH || w == ERROR_BAD_NET_NAME || w == ERROR_DIRECTORY;
 }
 
-/* 100 ns ticks since 1601 to ns since 1970. */
-static int64_t filetime_ns(LONGLONG t)
+/*
+ * dev and ino the way CPython >= 3.12 fills os.stat() on Windows: the 64-bit volume serial
+ * and the low 64 bits of the 128-bit file id from FILE_ID_INFO (ReFS ids can be wider;
+ * NTFS ids fit and carry a sequence number, so a reused MFT record gets a new ino), else
+ * (FAT, old servers) the 32-bit serial and 64-bit file index of the older call.
+ */
+static void win_ids(HANDLE fh, const BY_HANDLE_FILE_INFORMATION *info, sf_stat *st)
 {
-    return (int64_t)(t - 116444736000000000LL) * 100;
+    FILE_ID_INFO id;
+    if (GetFileInformationByHandleEx(fh, FileIdInfo, &id, sizeof(id))) {
+        uint64_t low;
+        memcpy(&low, id.FileId.Identifier, sizeof(low)); /* little-endian: the low half */
+        st->dev = (uint64_t)id.VolumeSerialNumber;
+        st->ino = low;
+        if (low != 0)
+            return;
+    }
+    st->dev = (uint64_t)info->dwVolumeSerialNumber;
+    st->ino = ((uint64_t)info->nFileIndexHigh << 32) | (uint64_t)info->nFileIndexLow;
 }
 
 static int h_stat(sf_handle h, sf_stat *st, sf_err *err)
@@ -218,12 +350,11 @@ static int h_stat(sf_handle h, sf_stat *st, sf_err *err)
         return fail_win(err, GetLastError());
     if (!GetFileInformationByHandleEx(fh, FileBasicInfo, &basic, sizeof(basic)))
         return fail_win(err, GetLastError());
-    st->dev = (uint64_t)info.dwVolumeSerialNumber;
-    st->ino = ((uint64_t)info.nFileIndexHigh << 32) | (uint64_t)info.nFileIndexLow;
+    win_ids(fh, &info, st);
     st->size = (int64_t)(((uint64_t)info.nFileSizeHigh << 32) | (uint64_t)info.nFileSizeLow);
-    st->mtime_ns = filetime_ns(basic.LastWriteTime.QuadPart);
+    st->mtime_ns = sf_filetime_to_ns((int64_t)basic.LastWriteTime.QuadPart);
     /* ChangeTime is NTFS's status-change time: the analogue of st_ctime, not creation time. */
-    st->ctime_ns = filetime_ns(basic.ChangeTime.QuadPart);
+    st->ctime_ns = sf_filetime_to_ns((int64_t)basic.ChangeTime.QuadPart);
     st->nlink = (int64_t)info.nNumberOfLinks;
     st->is_dir = (info.dwFileAttributes & FILE_ATTRIBUTE_DIRECTORY) != 0;
     st->is_reg = !st->is_dir && GetFileType(fh) == FILE_TYPE_DISK;
@@ -253,12 +384,8 @@ static int h_open(const char *path, sf_handle *out, int *missing, sf_err *err)
         attrs = GetFileAttributesW(w);
         free(w);
         if (e == ERROR_ACCESS_DENIED && attrs != INVALID_FILE_ATTRIBUTES &&
-            (attrs & FILE_ATTRIBUTE_DIRECTORY)) {
-            err->code = SF_EOS;
-            err->winerror = (int32_t)e;
-            err->sys_errno = EISDIR;
-            return -1;
-        }
+            (attrs & FILE_ATTRIBUTE_DIRECTORY))
+            return fail_with(err, SF_EOS, EISDIR, (int32_t)e, 0);
         return fail_win(err, e);
     }
     free(w);
@@ -274,8 +401,10 @@ static int path_stat(const char *path, sf_stat *st, int *missing, sf_err *err)
     *missing = 0;
     if (w == NULL)
         return -1;
-    /* No access rights needed to read attributes; BACKUP_SEMANTICS lets directories open. */
-    fh = CreateFileW(w, 0, SF_SHARE, NULL, OPEN_EXISTING, FILE_FLAG_BACKUP_SEMANTICS, NULL);
+    /* Attribute access only (what os.stat asks for: FileBasicInfo needs it, and it is granted
+       where reading is not); BACKUP_SEMANTICS lets directories open, so they report EISDIR. */
+    fh = CreateFileW(w, FILE_READ_ATTRIBUTES, SF_SHARE, NULL, OPEN_EXISTING,
+                     FILE_FLAG_BACKUP_SEMANTICS, NULL);
     free(w);
     if (fh == INVALID_HANDLE_VALUE) {
         DWORD e = GetLastError();
@@ -483,7 +612,7 @@ static int buf_reserve(sf_buf *b, uint8_t *stack, int64_t stack_cap, int64_t nee
         b->cap = stack_cap;
         return 0;
     }
-    b->ptr = (uint8_t *)malloc((size_t)need);
+    b->ptr = alloc_bytes(need);
     if (b->ptr == NULL)
         return fail_nomem(err);
     b->heap = 1;
@@ -501,20 +630,32 @@ static void buf_release(sf_buf *b)
 }
 
 /*
+ * A probe's held handle can outlive its file's last name: after an unlink, a new file at
+ * the path may get the same inode number (ext4 and XFS reuse freed inodes at once), so
+ * equal dev/ino no longer proves the handle reads the path's file. Such a handle's file
+ * has no links left, which the fstat that ends every read shows: the reader returns
+ * SF_STALE and the caller re-opens the path. (NTFS file ids carry a sequence number, so
+ * Windows never reuses one this way; a delete-pending file keeps its name there.)
+ */
+#define SF_STALE 1
+
+/*
  * Stable tail fingerprint of an open file. `pre` is the state the caller already has
  * (fstat of h, or a path stat naming the same file); it is refreshed on every retry.
+ * With `linked`, a file that lost its last link gives SF_STALE (see above).
  */
-static int stable_tail(sf_handle h, sf_stat *pre, int64_t window, sf_fp *out, sf_err *err)
+static int stable_tail(sf_handle h, sf_stat *pre, int64_t window, int linked, sf_fp *out,
+                       sf_err *err)
 {
     uint8_t stack[SF_STACK_WINDOW];
     sf_buf b = {NULL, 0, 0};
     int tries;
     for (tries = 0; tries < SF_STABLE_TRIES; tries++) {
         sf_stat post;
-        int64_t tl = pre->size < window ? pre->size : window;
-        backoff(tries);
+        int64_t tl = min64(pre->size, window);
         int64_t got = 0;
-        if (buf_reserve(&b, stack, sizeof(stack), tl, err) != 0)
+        backoff(tries);
+        if (buf_reserve(&b, stack, (int64_t)sizeof(stack), tl, err) != 0)
             return -1;
         if (tl > 0 && h_pread(h, b.ptr, tl, pre->size - tl, &got, err) != 0) {
             buf_release(&b);
@@ -524,6 +665,10 @@ static int stable_tail(sf_handle h, sf_stat *pre, int64_t window, sf_fp *out, sf
             buf_release(&b);
             return -1;
         }
+        if (linked && post.nlink == 0) {
+            buf_release(&b);
+            return SF_STALE;
+        }
         if (got == tl && same_state(pre, &post)) {
             fp_from(out, pre, tl, XXH3_64bits(b.ptr, (size_t)tl));
             buf_release(&b);
@@ -532,8 +677,7 @@ static int stable_tail(sf_handle h, sf_stat *pre, int64_t window, sf_fp *out, sf
         *pre = post;
     }
     buf_release(&b);
-    err->code = SF_EUNSTABLE;
-    return -1;
+    return fail_unstable(err);
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -583,7 +727,7 @@ int sf_fingerprint(const char *path, int64_t window, sf_fp *out, sf_err *err)
         fp_missing(out);
         return 0;
     }
-    rc = stable_tail(h, &st, window, out, err);
+    rc = stable_tail(h, &st, window, 0, out, err);
     h_close(h);
     return rc;
 }
@@ -609,33 +753,46 @@ void sf_probe_init(sf_probe *probe)
     probe->racy_ns = SF_RACY_NS;
 }
 
-void sf_probe_close(sf_probe *probe)
+/* Lets go of the held file but keeps `last` (a missing file polls as same_as_last). */
+static void probe_drop(sf_probe *probe)
 {
     h_close(probe->handle);
     probe->handle = SF_NO_HANDLE;
+    probe->dev = 0;
+    probe->ino = 0;
+}
+
+void sf_probe_close(sf_probe *probe)
+{
+    probe_drop(probe);
     probe->has_last = 0;
 }
 
 /*
  * Points the probe at the file the path names now: keeps the held handle when the path
- * still names it, re-opens otherwise. *missing when the path names nothing.
+ * still names it, re-opens otherwise (always, with `reopen`). *missing when the path
+ * names nothing. *fresh tells whether the handle was opened by this call.
  */
-static int probe_attach(sf_probe *probe, const char *path, sf_stat *st, int *missing, sf_err *err)
+static int probe_attach(sf_probe *probe, const char *path, int reopen, sf_stat *st,
+                        int *missing, int *fresh, sf_err *err)
 {
     sf_handle h;
+    *fresh = 0;
     if (path_stat(path, st, missing, err) != 0)
         return -1;
     if (*missing) {
-        sf_probe_close(probe);
+        probe_drop(probe);
         return 0;
     }
     if (check_regular(st, err) != 0)
         return -1;
-    if (probe->handle != SF_NO_HANDLE && probe->dev == st->dev && probe->ino == st->ino)
+    if (!reopen && probe->handle != SF_NO_HANDLE && probe->dev == st->dev &&
+        probe->ino == st->ino)
         return 0;
-    sf_probe_close(probe);
+    probe_drop(probe);
     if (open_regular(path, &h, st, missing, err) != 0 || *missing)
         return *missing ? 0 : -1;
+    *fresh = 1;
     probe->handle = h;
     probe->dev = st->dev;
     probe->ino = st->ino;
@@ -666,24 +823,33 @@ int sf_probe_fingerprint(sf_probe *probe, const char *path, int64_t window, sf_f
                          int32_t *same_as_last, sf_err *err)
 {
     sf_stat st;
-    int missing;
+    int missing, fresh, reopen;
     int64_t started = realtime_ns();
     *same_as_last = 0;
     if (window_ok(window, err) != 0)
         return -1;
-    if (probe_attach(probe, path, &st, &missing, err) != 0)
-        return -1;
-    if (!missing && racy_clean(probe, &st, window)) {
-        /* Same stat as a read that happened well after the file last changed: any write
-           since would have moved mtime or ctime, so the bytes are the ones we hashed. */
-        *out = probe->last;
-        *same_as_last = 1;
-        return 0;
-    }
-    if (missing) {
-        fp_missing(out);
-    } else if (stable_tail(probe->handle, &st, window, out, err) != 0) {
-        return -1;
+    for (reopen = 0;; reopen = 1) {
+        int rc;
+        if (probe_attach(probe, path, reopen, &st, &missing, &fresh, err) != 0)
+            return -1;
+        if (missing) {
+            fp_missing(out);
+            break;
+        }
+        if (!fresh && racy_clean(probe, &st, window)) {
+            /* Same stat as a read that happened well after the file last changed: any
+               write since would have moved mtime or ctime, so the bytes are the ones we
+               hashed. (A re-created file that reuses the inode has a new ctime.) */
+            *out = probe->last;
+            *same_as_last = 1;
+            return 0;
+        }
+        rc = stable_tail(probe->handle, &st, window, !fresh, out, err);
+        if (rc < 0)
+            return -1;
+        if (rc == 0)
+            break;
+        /* SF_STALE: the held handle's file is gone; the next pass opens the path anew. */
     }
     probe->read_at_ns = started;
     if (probe->has_last && memcmp(&probe->last, out, sizeof(*out)) == 0)
@@ -693,21 +859,29 @@ int sf_probe_fingerprint(sf_probe *probe, const char *path, int64_t window, sf_f
     return 0;
 }
 
-/* The handle check_append and read_range work on: the probe's, or a one-shot open. */
+/*
+ * The handle check_append and read_range work on: the probe's, or a one-shot open.
+ * `linked` is set when it is a probe's handle kept from an earlier call, which must be
+ * checked for SF_STALE after reading.
+ */
 typedef struct sf_target {
     sf_handle h;
     int owned;
+    int linked;
 } sf_target;
 
-static int target_open(sf_probe *probe, const char *path, sf_target *t, sf_stat *st,
-                       int *missing, sf_err *err)
+static int target_open(sf_probe *probe, const char *path, int reopen, sf_target *t,
+                       sf_stat *st, int *missing, sf_err *err)
 {
     t->h = SF_NO_HANDLE;
     t->owned = 0;
+    t->linked = 0;
     if (probe != NULL) {
-        if (probe_attach(probe, path, st, missing, err) != 0 || *missing)
+        int fresh;
+        if (probe_attach(probe, path, reopen, st, missing, &fresh, err) != 0 || *missing)
             return *missing ? 0 : -1;
         t->h = probe->handle;
+        t->linked = !fresh;
         return 0;
     }
     if (open_regular(path, &t->h, st, missing, err) != 0)
@@ -764,7 +938,7 @@ static int classify_once(sf_handle h, const sf_stat *st, const sf_fp *before, in
         } else {
             /* Suffix too large to return: read the old window and the new tail apart. */
             int64_t old_got = 0;
-            uint8_t *old = (uint8_t *)malloc((size_t)(before->tail_len > 0 ? before->tail_len : 1));
+            uint8_t *old = alloc_bytes(before->tail_len);
             if (old == NULL)
                 return fail_nomem(err);
             if (h_pread(h, old, before->tail_len, old_lo, &old_got, err) != 0) {
@@ -783,7 +957,7 @@ static int classify_once(sf_handle h, const sf_stat *st, const sf_fp *before, in
     }
 
     span = size - lo;
-    buf = (uint8_t *)malloc((size_t)(span > 0 ? span : 1));
+    buf = alloc_bytes(span);
     if (buf == NULL)
         return fail_nomem(err);
     if (h_pread(h, buf, span, lo, &got, err) != 0) {
@@ -826,12 +1000,47 @@ static int classify_once(sf_handle h, const sf_stat *st, const sf_fp *before, in
     return 0;
 }
 
+/*
+ * The classify / re-stat loop of sf_check_append on an open target: 0 with *out filled,
+ * -1 on error, SF_STALE when a kept probe handle turned out to read an unlinked file.
+ */
+static int check_target(const sf_target *t, sf_stat *st, const sf_fp *before, int64_t window,
+                        int64_t max_suffix, sf_change *out, sf_err *err)
+{
+    int tries;
+    for (tries = 0; tries < SF_STABLE_TRIES; tries++) {
+        uint8_t *scratch = NULL;
+        sf_stat post;
+        int rc;
+        backoff(tries);
+        rc = classify_once(t->h, st, before, window, max_suffix, out, &scratch, err);
+        if (rc < 0)
+            return -1;
+        if (h_stat(t->h, &post, err) != 0) {
+            free(scratch);
+            return -1;
+        }
+        if (t->linked && post.nlink == 0) {
+            free(scratch);
+            return SF_STALE;
+        }
+        if (rc == 0 && same_state(st, &post)) {
+            out->suffix = scratch;
+            return 0;
+        }
+        /* The file moved under us (or a read stopped short): classify the new state. */
+        *st = post;
+        free(scratch);
+        out->has_suffix = 0;
+        out->suffix_len = 0;
+    }
+    return fail_unstable(err);
+}
+
 int sf_check_append(sf_probe *probe, const char *path, const sf_fp *before, int64_t window,
                     int64_t max_suffix, sf_change *out, sf_err *err)
 {
-    sf_target t;
-    sf_stat st;
-    int missing, tries;
+    int reopen;
 
     memset(out, 0, sizeof(*out));
     if (window_ok(window, err) != 0)
@@ -843,78 +1052,64 @@ int sf_check_append(sf_probe *probe, const char *path, const sf_fp *before, int6
          before->tail_len > SF_WINDOW_MAX))
         return fail_value(err, before->tail_len);
 
-    if (target_open(probe, path, &t, &st, &missing, err) != 0)
-        return -1;
-    if (missing) {
-        out->kind = before->exists ? SF_DELETED : SF_UNCHANGED;
-        fp_missing(&out->after);
-        return 0;
-    }
-    for (tries = 0; tries < SF_STABLE_TRIES; tries++) {
-        uint8_t *scratch = NULL;
-        sf_stat post;
-        int rc;
-        backoff(tries);
-        rc = classify_once(t.h, &st, before, window, max_suffix, out, &scratch, err);
-        if (rc < 0) {
-            target_close(&t);
+    for (reopen = 0;; reopen = 1) {
+        sf_target t;
+        sf_stat st;
+        int missing, rc;
+        if (target_open(probe, path, reopen, &t, &st, &missing, err) != 0)
             return -1;
+        if (missing) {
+            out->kind = before->exists ? SF_DELETED : SF_UNCHANGED;
+            fp_missing(&out->after);
+            return 0;
         }
-        if (rc == 0) {
-            if (h_stat(t.h, &post, err) != 0) {
-                free(scratch);
-                target_close(&t);
-                return -1;
-            }
-            if (same_state(&st, &post)) {
-                out->suffix = scratch;
-                target_close(&t);
-                return 0;
-            }
-            st = post;
-        } else if (h_stat(t.h, &st, err) != 0) {
-            target_close(&t);
-            return -1;
-        }
-        free(scratch);
-        out->has_suffix = 0;
-        out->suffix_len = 0;
+        rc = check_target(&t, &st, before, window, max_suffix, out, err);
+        target_close(&t);
+        if (rc != SF_STALE)
+            return rc;
+        memset(out, 0, sizeof(*out));
     }
-    target_close(&t);
-    err->code = SF_EUNSTABLE;
-    return -1;
 }
 
 int sf_read_range(sf_probe *probe, const char *path, int64_t offset, int64_t length,
                   uint8_t *buf, sf_err *err)
 {
-    sf_target t;
-    sf_stat st;
-    int missing;
-    int64_t got = 0;
+    int reopen;
     if (offset < 0 || length < 0)
         return fail_value(err, offset < 0 ? offset : length);
-    if (target_open(probe, path, &t, &st, &missing, err) != 0)
-        return -1;
-    if (missing)
-        return fail_errno(err, ENOENT);
-    if (offset > st.size || length > st.size - offset) {
+    for (reopen = 0;; reopen = 1) {
+        sf_target t;
+        sf_stat st;
+        int missing;
+        int64_t got = 0;
+        if (target_open(probe, path, reopen, &t, &st, &missing, err) != 0)
+            return -1;
+        if (missing)
+            return fail_errno(err, ENOENT);
+        if (offset > st.size || length > st.size - offset) {
+            target_close(&t);
+            return fail_short(err, st.size);
+        }
+        if (h_pread(t.h, buf, length, offset, &got, err) != 0) {
+            target_close(&t);
+            return -1;
+        }
+        if (t.linked) {
+            sf_stat post;
+            if (h_stat(t.h, &post, err) != 0) {
+                target_close(&t);
+                return -1;
+            }
+            if (post.nlink == 0) {
+                target_close(&t);
+                continue; /* SF_STALE: read the file the path names now */
+            }
+        }
         target_close(&t);
-        err->code = SF_ESHORT;
-        err->detail = st.size;
-        return -1;
+        if (got != length)
+            return fail_short(err, offset + got);
+        return 0;
     }
-    if (h_pread(t.h, buf, length, offset, &got, err) != 0) {
-        target_close(&t);
-        return -1;
-    }
-    target_close(&t);
-    if (got != length) {
-        err->code = SF_ESHORT;
-        err->detail = offset + got;
-        return -1;
-    }
-    return 0;
 }
 
 void *sf_digest_new(void)
@@ -970,11 +1165,9 @@ int sf_digest_update_file(void *state, const char *path, int64_t size, sf_err *e
         size = st.size;
     if (size > st.size) {
         h_close(h);
-        err->code = SF_ESHORT;
-        err->detail = st.size;
-        return -1;
+        return fail_short(err, st.size);
     }
-    chunk = (uint8_t *)malloc(SF_DIGEST_CHUNK);
+    chunk = alloc_bytes(SF_DIGEST_CHUNK);
     if (chunk == NULL) {
         h_close(h);
         return fail_nomem(err);
@@ -985,12 +1178,11 @@ int sf_digest_update_file(void *state, const char *path, int64_t size, sf_err *e
         if (h_pread(h, chunk, want, off, &got, err) != 0)
             break;
         if (got != want) {
-            err->code = SF_ESHORT;
-            err->detail = off + got;
+            fail_short(err, off + got);
             break;
         }
         if (XXH3_128bits_update((XXH3_state_t *)state, chunk, (size_t)got) != XXH_OK) {
-            err->code = SF_ENOMEM;
+            fail_nomem(err);
             break;
         }
         off += got;
