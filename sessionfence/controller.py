@@ -177,6 +177,8 @@ class WriteScope:
         self._mode = "physical"
         self._inherited: ScopeState | None = None
         self._marker: asyncio.Future[None] | None = None
+        self._marker_groups: tuple[set[asyncio.Future[None]], ...] = ()
+        self._nested_publication = False
         self._borrowed: Any | None = None
         self._stack: contextlib.AsyncExitStack | None = None
 
@@ -194,16 +196,19 @@ class WriteScope:
         elif inherited is not None:
             if self._publish:
                 self._mode = "publication"
+                if inherited.publishing and inherited.accepting_nested:
+                    self._nested_publication = True
+                    self._marker_groups = (inherited.pending_nested,)
             else:
                 self._mode = "nested"
-                self._marker = track(inherited.scope)
+            self._marker = track(inherited.scope, *self._marker_groups)
         else:
             self._borrowed = ctl._try_borrow()
 
     def _abandon(self) -> None:
         """Undo the eager part when the block never ran (task cancelled before start)."""
         if self._marker is not None and self._inherited is not None:
-            settle(self._marker, self._inherited.scope)
+            settle(self._marker, self._inherited.scope, *self._marker_groups)
         if self._borrowed is not None:
             self._borrowed = None
             self._ctl._end_retained()
@@ -821,11 +826,17 @@ class SessionFenceController:
 
     @contextlib.asynccontextmanager
     async def _publication(self, parent: ScopeState, handle: WriteScope) -> AsyncIterator[None]:
-        """A write whose result is published as owned (reference §5.7 runPublication)."""
+        """A write whose result is published as owned (reference §5.7 runPublication).
+
+        A publication started inside another one that still accepts nested publications
+        only adds its entries to the parent's; otherwise it is a top-level publication,
+        serialized per controller. The marker was registered eagerly by ``_prepare`` when
+        the call came from inside a scope, so the parent cannot finish without it."""
         if not (parent.active and parent.scope.active):
             raise RuntimeError("owned session publication requires an active session write lock")
-        if parent.publishing and parent.accepting_nested:
-            marker = track(parent.scope, parent.pending_nested)
+        marker = handle._marker
+        if handle._nested_publication:
+            assert marker is not None
             ok = False
             try:
                 yield
@@ -840,7 +851,8 @@ class SessionFenceController:
                 finally:
                     settle(marker, parent.scope, parent.pending_nested)
             return
-        marker = track(parent.scope)
+        if marker is None:
+            marker = track(parent.scope)
         try:
             async with self._publication_queue:
                 if self._takeover is not None:
@@ -850,24 +862,27 @@ class SessionFenceController:
                 token = self._scope_var.set(pub)
                 error: BaseException | None = None
                 try:
-                    yield
-                except BaseException as exc:
-                    error = exc
+                    try:
+                        yield
+                    except BaseException as exc:
+                        error = exc
+                    await drain(pub.pending_nested)
+                    pub.accepting_nested = False
+                    pub.active = False
+                    # The merge runs in the (now inactive) publication context, so a write
+                    # it starts is a late descendant: it waits for the scope, then locks.
+                    try:
+                        own = _resolve(handle, error is None)
+                        if pub.nested_entries is None and own is None:
+                            expected = None
+                        else:
+                            expected = list(pub.nested_entries or []) + list(own or [])
+                        await self._publish_owned_fence(before, expected)
+                    except BaseException as exc:
+                        if error is None:
+                            error = exc
                 finally:
                     self._scope_var.reset(token)
-                await drain(pub.pending_nested)
-                pub.accepting_nested = False
-                pub.active = False
-                try:
-                    own = _resolve(handle, error is None)
-                    if pub.nested_entries is None and own is None:
-                        expected = None
-                    else:
-                        expected = list(pub.nested_entries or []) + list(own or [])
-                    await self._publish_owned_fence(before, expected)
-                except BaseException as exc:
-                    if error is None:
-                        error = exc
                 if error is not None:
                     raise error
         finally:
