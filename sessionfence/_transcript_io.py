@@ -26,6 +26,7 @@ __all__ = [
     "parse_fd",
     "pread",
     "quarantine_bytes",
+    "settled_end",
     "uuid7",
     "write_all",
 ]
@@ -71,6 +72,43 @@ def clean_end(fd: int, size: int) -> int:
             return start + nl + 1
         end = start
     return 0
+
+
+# A last byte that is not a newline is either a torn tail (a writer died mid-line: the size
+# holds still) or another process's append caught mid-copy: Linux grows a file page by page
+# during one write(), and readers do not wait for the writer's inode lock. These bound how
+# long a suspicious tail is watched before it is called torn.
+TORN_SETTLE = 0.05  # seconds the size must hold still without a newline at the end
+TORN_SETTLE_MAX = 5.0  # overall cap, even while the file keeps growing
+
+
+def settled_end(
+    fd: int,
+    settle: float = TORN_SETTLE,
+    limit: float = TORN_SETTLE_MAX,
+) -> tuple[int, bool]:
+    """``(size, ends_cleanly)``: whether the file is empty or ends in ``\n``.
+
+    The common case costs one ``fstat`` and one one-byte ``pread``. Only a tail without a
+    newline is watched (short sleeps, re-reading that one byte) until it either gains its
+    newline (an append in flight) or holds still for ``settle`` seconds (torn).
+    """
+    size = os.fstat(fd).st_size
+    if size == 0 or pread(fd, 1, size - 1) == b"\n":
+        return size, True
+    start = stable_since = time.monotonic()
+    pause = 1e-5
+    while True:
+        time.sleep(pause)
+        pause = min(pause * 2, 1e-3)
+        now_size = os.fstat(fd).st_size
+        if now_size == 0 or pread(fd, 1, now_size - 1) == b"\n":
+            return now_size, True
+        now = time.monotonic()
+        if now_size != size:
+            size, stable_since = now_size, now
+        elif now - stable_since >= settle or now - start >= limit:
+            return size, False
 
 
 def write_all(fd: int, data: bytes) -> None:

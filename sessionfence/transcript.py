@@ -493,7 +493,13 @@ class SessionManager:
             ) from exc
         try:
             self._file_known = True
-            size = os.fstat(fd).st_size
+            # The one-byte check: a file that does not end in a newline has a torn last
+            # line, and appending would glue this record onto it.
+            size, clean = _io.settled_end(fd)
+            if not clean:
+                offset = _io.clean_end(fd, size)
+                self._torn = (offset, size - offset)
+                raise TornTranscriptError(self._path, offset, size - offset)
             header: Entry | None = None
             if size == 0:
                 if self._header is not None or self._digest_size:
@@ -504,12 +510,6 @@ class SessionManager:
                 header = self._new_header(stamp if isinstance(stamp, str) else _io.iso_now())
                 data = _jsonl.dumps_line(header) + line
             else:
-                # The one-byte check: a file that does not end in a newline has a torn
-                # last line, and appending would glue this record onto it.
-                if _io.pread(fd, 1, size - 1) != b"\n":
-                    offset = _io.clean_end(fd, size)
-                    self._torn = (offset, size - offset)
-                    raise TornTranscriptError(self._path, offset, size - offset)
                 data = line
             _io.write_all(fd, data)
             after = os.fstat(fd).st_size
@@ -582,8 +582,8 @@ class SessionManager:
             self._torn = None
             return None
         try:
-            size = os.fstat(fd).st_size
-            if size == 0 or _io.pread(fd, 1, size - 1) == b"\n":
+            size, clean = _io.settled_end(fd)
+            if clean:
                 self._torn = None
                 return None
             offset = _io.clean_end(fd, size)

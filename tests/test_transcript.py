@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -650,5 +652,41 @@ def test_clean_end_scans_back_over_long_lines(tmp_path: Path) -> None:
     try:
         assert tio.clean_end(fd, 200_002) == 2
         assert tio.clean_end(fd, 1) == 0
+    finally:
+        os.close(fd)
+
+
+def test_a_tail_still_being_written_is_not_torn(tmp_path: Path) -> None:
+    # Another process's append caught mid-copy looks like a torn tail for a moment; the
+    # check watches the last byte until the line is complete (settle is generous here so
+    # a slow machine cannot turn this into a torn verdict).
+    path = tmp_path / "f"
+    path.write_bytes(b'{"a":1}\n{"b":')
+    fd = os.open(path, os.O_RDONLY)
+
+    def finish() -> None:
+        with open(path, "ab") as f:
+            for piece in (b"2", b"2", b"}\n"):
+                time.sleep(0.005)
+                f.write(piece)
+                f.flush()
+
+    writer = threading.Thread(target=finish)
+    try:
+        writer.start()
+        size, clean = tio.settled_end(fd, settle=30.0, limit=60.0)
+    finally:
+        writer.join()
+        os.close(fd)
+    assert clean and size == path.stat().st_size
+
+
+def test_a_tail_that_holds_still_is_torn(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b'{"a":1}\n{"b":')
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert tio.settled_end(fd, settle=0.01) == (13, False)
+        assert tio.settled_end(fd, settle=0.0, limit=0.0) == (13, False)
     finally:
         os.close(fd)
