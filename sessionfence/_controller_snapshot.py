@@ -139,7 +139,7 @@ class SnapshotIO:
         ``need_digest``: compute a digest from the file when it cannot be rolled forward
         (an active fence must always be able to judge a later same-size change)."""
         after = change.after
-        if same_stat(prev.fingerprint, after):
+        if same_stat(prev.fingerprint, after) and (prev.has_digest or not need_digest):
             return FenceSnapshot(after, prev.digest)
         if not after.exists:
             return FenceSnapshot(MISSING)
