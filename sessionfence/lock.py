@@ -321,14 +321,20 @@ def _check_seconds(name: str, value: object, *, zero_ok: bool, inf_ok: bool) -> 
     return seconds
 
 
-def _settings(timeout: float, stale: float, max_hold: float) -> tuple[float, float, float]:
-    """Resolve arguments, environment overrides (read now, at call time) and defaults."""
-    if timeout is _DEFAULT_TIMEOUT:
-        timeout = _rec.env_seconds(_ENV_TIMEOUT) or timeout
-    if stale is _DEFAULT_STALE:
-        stale = _rec.env_seconds(_ENV_STALE) or stale
-    if max_hold is _DEFAULT_MAX_HOLD:
-        max_hold = _rec.env_seconds(_ENV_MAX_HOLD) or max_hold
+def _settings(
+    timeout: float | None, stale: float | None, max_hold: float | None
+) -> tuple[float, float, float]:
+    """Resolve arguments, environment overrides (read now, at call time) and defaults.
+
+    ``None`` means "not given" too, so wrappers can forward an unset option and still let
+    the operator's environment override the default.
+    """
+    if timeout is None or timeout is _DEFAULT_TIMEOUT:
+        timeout = _rec.env_seconds(_ENV_TIMEOUT) or float(_DEFAULT_TIMEOUT)
+    if stale is None or stale is _DEFAULT_STALE:
+        stale = _rec.env_seconds(_ENV_STALE) or float(_DEFAULT_STALE)
+    if max_hold is None or max_hold is _DEFAULT_MAX_HOLD:
+        max_hold = _rec.env_seconds(_ENV_MAX_HOLD) or float(_DEFAULT_MAX_HOLD)
     return (
         _check_seconds("timeout", timeout, zero_ok=True, inf_ok=True),
         _check_seconds("stale", stale, zero_ok=False, inf_ok=False),
@@ -419,9 +425,9 @@ def _attempt(
 
 def _acquisition(
     path: PathLike,
-    timeout: float,
-    stale: float,
-    max_hold: float,
+    timeout: float | None,
+    stale: float | None,
+    max_hold: float | None,
     reentrant_owner: str | None,
 ) -> Generator[float, None, SessionWriteLock]:
     """The acquisition loop shared by the sync and async entry points.
@@ -432,9 +438,8 @@ def _acquisition(
     """
     if reentrant_owner is not None and not isinstance(reentrant_owner, str):
         raise TypeError("reentrant_owner must be a str or None")
-    timeout, stale, max_hold = _settings(timeout, stale, max_hold)
-    start = time.monotonic()
-    deadline = start + timeout
+    budget, stale_after, hold_limit = _settings(timeout, stale, max_hold)
+    deadline = time.monotonic() + budget
     key, lock_path = lock_path_for(path)
     last: _rec.OwnerRecord | None = None
     while True:
@@ -442,19 +447,19 @@ def _acquisition(
         if joined is not None:
             return SessionWriteLock(joined, key)
         for _ in range(_IMMEDIATE_RETRIES):
-            outcome = _attempt(lock_path, max_hold, reentrant_owner)
+            outcome = _attempt(lock_path, hold_limit, reentrant_owner)
             if outcome is not _RETRY_NOW:
                 break
         if isinstance(outcome, _Entry):
             return SessionWriteLock(outcome, key)
         if isinstance(outcome, _Busy):
             last = outcome.record
-            reasons = _rec.stale_reasons(last, stale)
+            reasons = _rec.stale_reasons(last, stale_after)
             if reasons:
                 raise SessionWriteLockStaleError(_rec.describe_owner(last), lock_path, reasons)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            shown = math.inf if math.isinf(timeout) else round(timeout * 1000)
+            shown = math.inf if math.isinf(budget) else round(budget * 1000)
             raise SessionWriteLockTimeoutError(shown, _rec.describe_owner(last), lock_path)
         yield min(POLL_INTERVAL, remaining)
 
@@ -462,9 +467,9 @@ def _acquisition(
 def acquire_session_write_lock(
     path: PathLike,
     *,
-    timeout: float = _DEFAULT_TIMEOUT,
-    stale: float = _DEFAULT_STALE,
-    max_hold: float = _DEFAULT_MAX_HOLD,
+    timeout: float | None = _DEFAULT_TIMEOUT,
+    stale: float | None = _DEFAULT_STALE,
+    max_hold: float | None = _DEFAULT_MAX_HOLD,
     reentrant_owner: str | None = None,
 ) -> SessionWriteLock:
     """Take the write lock of the transcript at ``path``, polling every 50 ms.
@@ -474,8 +479,9 @@ def acquire_session_write_lock(
     ``stale`` or past its own max hold is reported at once with
     ``SessionWriteLockStaleError`` (and left alone); otherwise contention ends in
     ``SessionWriteLockTimeoutError``. ``max_hold`` bounds this hold: the watchdog logs a
-    warning and releases the lock after it. Defaults may be overridden by the environment
-    variables ``SESSIONFENCE_LOCK_TIMEOUT_MS``, ``_STALE_MS`` and ``_MAX_HOLD_MS``.
+    warning and releases the lock after it. Defaults (also used for an argument passed as
+    ``None``) may be overridden by the environment variables
+    ``SESSIONFENCE_LOCK_TIMEOUT_MS``, ``_STALE_MS`` and ``_MAX_HOLD_MS``, read at each call.
     """
     steps = _acquisition(path, timeout, stale, max_hold, reentrant_owner)
     try:
@@ -489,9 +495,9 @@ def acquire_session_write_lock(
 async def acquire_session_write_lock_async(
     path: PathLike,
     *,
-    timeout: float = _DEFAULT_TIMEOUT,
-    stale: float = _DEFAULT_STALE,
-    max_hold: float = _DEFAULT_MAX_HOLD,
+    timeout: float | None = _DEFAULT_TIMEOUT,
+    stale: float | None = _DEFAULT_STALE,
+    max_hold: float | None = _DEFAULT_MAX_HOLD,
     reentrant_owner: str | None = None,
 ) -> SessionWriteLock:
     """``acquire_session_write_lock`` for asyncio; waiting never blocks the event loop.

@@ -393,6 +393,9 @@ def test_env_overrides_replace_defaults_only_and_are_read_at_call_time(
     with pytest.raises(SessionWriteLockTimeoutError) as info:
         acquire_session_write_lock(path, timeout=0.05)
     assert info.value.timeout_ms == 50
+    with pytest.raises(SessionWriteLockTimeoutError) as info:
+        acquire_session_write_lock(path, timeout=None)  # "not given": env applies
+    assert info.value.timeout_ms == 30
     monkeypatch.setenv("SESSIONFENCE_LOCK_TIMEOUT_MS", "1e3")
     assert lock._settings(lock._DEFAULT_TIMEOUT, lock._DEFAULT_STALE, lock._DEFAULT_MAX_HOLD)[
         0
