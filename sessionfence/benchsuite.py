@@ -898,7 +898,9 @@ def p5(bench: Bench) -> list[Result]:
     contenders: dict[str, Contender] = {}
     for name, impl in bench.impls.items():
         fn = functools.partial(impl.fingerprint_many, paths)
-        iters = max(2, calibrate(fn, bench.profile.batch_ns))
+        # Enough calls per thread for the two threads to fall into step: the first call of
+        # each starts together, so both then queue for the GIL to build their results.
+        iters = max(10, calibrate(fn, bench.profile.batch_ns))
         for threads in (1, 2):
             # Each thread does the same number of calls: 2 threads do twice the work.
             contenders[f"{name}x{threads}"] = functools.partial(
