@@ -232,12 +232,18 @@ def _parse_created_at(value: object) -> float | None:
 
 
 def _same_boot(record: OwnerRecord) -> bool:
+    """Whether the record's monotonic reading is comparable with ours.
+
+    The monotonic clock is host-wide (CLOCK_MONOTONIC, mach_absolute_time, the Windows
+    tick count) but restarts at boot. Linux names each boot; elsewhere neither side has a
+    boot id and the same host is taken as the same boot: a record from before a reboot
+    is overwritten by the first holder after it, so at worst it is read once, in the
+    moment between a new holder's lock and its record write.
+    """
     host = record.get("host")
     if host is not None and host != hostname():
         return False
-    ours = boot_id()
-    theirs = record.get("boot_id")
-    return ours is not None and theirs == ours
+    return record.get("boot_id") == boot_id()
 
 
 def record_age(record: OwnerRecord) -> float | None:

@@ -138,14 +138,16 @@ def _watchdog_expire(entry: _Entry) -> None:
         if entry.closed or entry.pid != os.getpid():
             return
         held_for = time.monotonic() - entry.acquired_at
-        _log.warning(
-            "releasing session write lock held for %dms (max=%dms): %s",
-            int(held_for * 1000),
-            int(min(entry.max_hold, _rec.MAX_TIMER_SECONDS) * 1000),
-            entry.lock_path,
-        )
         entry.force_released = True
         _close_entry(entry)
+    # Logged after the release (and outside the registry lock, so a handler that touches
+    # locks cannot deadlock): whoever reacts to the warning finds the lock already free.
+    _log.warning(
+        "releasing session write lock held for %dms (max=%dms): %s",
+        int(held_for * 1000),
+        int(min(entry.max_hold, _rec.MAX_TIMER_SECONDS) * 1000),
+        entry.lock_path,
+    )
 
 
 _watchdog: Watchdog[_Entry] = Watchdog(lambda e: e.closed, _watchdog_expire)
