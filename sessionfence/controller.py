@@ -432,7 +432,7 @@ class SessionFenceController:
             phase,
             before=change.before,
             after=change.after,
-            detail=detail,
+            detail=detail if detail is not None else _describe_change(change),
         )
 
     def _sticky_takeover(self) -> SessionTakeoverError:
@@ -457,7 +457,13 @@ class SessionFenceController:
             )
         except SessionWriteLockAcquireError as exc:
             reason = "lock-stale" if isinstance(exc, SessionWriteLockStaleError) else "lock-timeout"
-            self._record_takeover(reason, phase, detail=str(exc))
+            try:
+                now: Fingerprint | None = self._io.fingerprint()
+            except OSError:
+                now = None
+            self._record_takeover(
+                reason, phase, before=self._fence.fingerprint, after=now, detail=str(exc)
+            )
             raise
 
     def _try_borrow(self) -> Any | None:
@@ -1196,6 +1202,23 @@ class SessionFenceController:
 
 
 _CREATE = object()
+
+
+def _describe_change(change: Change) -> str:
+    before, after = change.before, change.after
+    if change.kind is ChangeKind.REPLACED:
+        return f"another file now sits at the path (inode {before.ino} -> {after.ino})"
+    if change.kind is ChangeKind.TRUNCATED:
+        return f"shrank from {before.size} to {after.size} bytes"
+    if change.kind is ChangeKind.REWRITTEN:
+        return (
+            f"the last {before.tail_len} bytes seen before no longer match ({after.size} bytes now)"
+        )
+    if change.kind is ChangeKind.DELETED:
+        return "the transcript was deleted"
+    if change.kind is ChangeKind.CREATED:
+        return f"an unowned writer created the transcript ({after.size} bytes)"
+    return f"{change.kind.value}: {before.size} -> {after.size} bytes"
 
 
 def _detail(rejected: Rejected) -> str:
