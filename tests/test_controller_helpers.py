@@ -26,6 +26,9 @@ import pytest
 from sessionfence import SessionWriteLockStaleError, SessionWriteLockTimeoutError
 from sessionfence import _controller_snapshot as snapshot_module
 from sessionfence.controller import SessionFenceController, reset_for_tests
+from sessionfence.transcript import (  # noqa: F401 (re-exported for the tests)
+    is_expected_compaction_append as is_expected_compaction,
+)
 
 BACKENDS = {"cffi": "sessionfence._impl_cffi", "python": "sessionfence._impl_py"}
 LOCK_OPTIONS = {"timeout": 60.0, "stale": 1800.0, "max_hold": 300.0}
@@ -116,18 +119,6 @@ def rewrite_in_place(path: Path, data: bytes, *, keep_mtime: bool = False) -> No
 
 def read_entries(path: Path) -> list[Any]:
     return [json.loads(x) for x in path.read_text("utf-8").splitlines() if x.strip()]
-
-
-def is_expected_compaction(entry_id: str, appended_text: str) -> bool:
-    """The original's compaction validator, used until sessionfence.transcript lands."""
-    lines = [x for x in appended_text.rstrip().split("\n") if x.strip()]
-    if len(lines) != 1:
-        return False
-    try:
-        obj = json.loads(lines[0])
-    except ValueError:
-        return False
-    return isinstance(obj, dict) and obj.get("type") == "compaction" and obj.get("id") == entry_id
 
 
 def compaction_append(

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from sessionfence import SessionTakeoverError, fingerprint
+from sessionfence.transcript import SessionManager, guard_session_manager
 
 from .test_controller_helpers import (
     Locks,
@@ -154,24 +155,55 @@ async def test_59_publishes_only_an_unchanged_repair_validated_snapshot(session_
     assert not ctl.publish_validated_snapshot(validated)
 
 
+# -- the synchronous owned (compaction) write: the six scenarios of the original change ------
+#
+# These use the real SessionManager with guard_session_manager wired as the original wires
+# it: compaction persistence -> ctl.owned_file_write, message persisted ->
+# ctl.refresh_after_owned_write.
+
+
+def guarded(path: Path, ctl: Any, *, interleave: Any = None) -> SessionManager:
+    manager = SessionManager.open(path)
+
+    def persist(append: Any, validate: Any) -> Any:
+        if interleave is None:
+            return ctl.owned_file_write(append, validate)
+
+        def racing() -> Any:  # an external writer gets in between stat and append
+            interleave()
+            return append()
+
+        return ctl.owned_file_write(racing, validate)
+
+    return guard_session_manager(
+        manager,
+        with_compaction_persistence=persist,
+        on_message_persisted=ctl.refresh_after_owned_write,
+    )
+
+
+def compact(manager: SessionManager) -> str:
+    first_kept = manager.leaf_id or "00000000"
+    return manager.append_compaction("older turns, summarised", first_kept, 4321)
+
+
 async def test_60_refreshes_prompt_fence_after_an_owned_session_manager_append(
     session_file: Path,
 ) -> None:
     ctl = await make(session_file)
+    manager = guarded(session_file, ctl)
     await ctl.release_for_prompt()
-    append_entries(session_file, user_message("persisted by the manager"))
-    ctl.refresh_after_owned_write()
+    manager.append_message({"role": "user", "content": "persisted by the manager"})
     await ctl.with_write_lock(lambda: None)
     assert not ctl.has_takeover
 
 
-# -- the synchronous owned (compaction) write: the six scenarios of the original change ------
-
-
 async def test_61_refreshes_prompt_fence_after_owned_compaction_append(session_file: Path) -> None:
     ctl = await make(session_file)
+    manager = guarded(session_file, ctl)
+    await ctl.with_write_lock(lambda: manager.append_message({"role": "user", "content": "q"}))
     await ctl.release_for_prompt()
-    entry_id = ctl.owned_file_write(compaction_append(session_file), is_expected_compaction)
+    entry_id = compact(manager)
     assert read_entries(session_file)[-1]["id"] == entry_id
     await ctl.with_write_lock(lambda: None)
     await ctl.reacquire_after_prompt()
@@ -195,9 +227,10 @@ async def test_64_rejects_external_edit_before_an_owned_compaction_append(
     session_file: Path,
 ) -> None:
     ctl = await make(session_file)
+    manager = guarded(session_file, ctl)
     await ctl.release_for_prompt()
     append_entries(session_file, user_message("external"))
-    ctl.owned_file_write(compaction_append(session_file), is_expected_compaction)
+    compact(manager)
     with pytest.raises(SessionTakeoverError) as caught:
         await ctl.reacquire_after_prompt()
     assert caught.value.reason == "foreign-append"
@@ -207,11 +240,10 @@ async def test_65_rejects_external_edit_interleaved_inside_an_owned_compaction_a
     session_file: Path,
 ) -> None:
     ctl = await make(session_file)
+    external = lambda: append_entries(session_file, user_message("racing"))  # noqa: E731
+    manager = guarded(session_file, ctl, interleave=external)
     await ctl.release_for_prompt()
-    run = compaction_append(
-        session_file, interleave=lambda: append_entries(session_file, user_message("racing"))
-    )
-    ctl.owned_file_write(run, is_expected_compaction)
+    compact(manager)
     with pytest.raises(SessionTakeoverError) as caught:
         await ctl.reacquire_after_prompt()
     assert caught.value.reason == "foreign-append"
@@ -224,9 +256,13 @@ async def test_66_allows_owned_compaction_after_a_later_controller_advanced_the_
     await first.release_for_prompt()
     await first.dispose()
     second = await make(session_file)
-    await second.with_write_lock(lambda: append_entries(session_file, user_message("b's turn")))
+    manager = guarded(session_file, second)
+    for text in ("b's question", "b's follow-up"):
+        await second.with_write_lock(
+            lambda t=text: manager.append_message({"role": "user", "content": t})
+        )
     await second.release_for_prompt()
-    second.owned_file_write(compaction_append(session_file), is_expected_compaction)
+    compact(manager)
     await second.with_write_lock(lambda: None)
     assert not second.has_takeover
 
@@ -235,6 +271,7 @@ async def test_67_allows_owned_compaction_after_another_controller_published_an_
     session_file: Path,
 ) -> None:
     first = await make(session_file)
+    manager = guarded(session_file, first)
     await first.release_for_prompt()
     second = await make(session_file)
     await second.release_for_prompt()
@@ -243,7 +280,7 @@ async def test_67_allows_owned_compaction_after_another_controller_published_an_
         publish_owned_write=True,
     )
     # first's fence still shows the old state; its before-state is second's trusted write.
-    first.owned_file_write(compaction_append(session_file), is_expected_compaction)
+    compact(manager)
     await first.with_write_lock(lambda: None)
     assert not first.has_takeover
     await second.with_write_lock(lambda: None)
