@@ -5,11 +5,13 @@ Kept apart from ``transcript.py`` so the tree logic there reads without the byte
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import gc
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +23,7 @@ __all__ = [
     "Loaded",
     "append_flags",
     "clean_end",
+    "gc_paused",
     "iso_now",
     "new_entry_id",
     "parse_fd",
@@ -208,6 +211,26 @@ class Loaded:
     size: int = 0
     torn: tuple[int, int] | None = None
     clean_digest: DigestT | None = None  # digest of [0, torn offset) when there is a torn tail
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pauses the cyclic garbage collector while a transcript is parsed.
+
+    Parsing allocates only acyclic containers (JSON cannot express a cycle), so the
+    collector finds nothing, yet with every parsed value kept alive its generational passes
+    over the growing heap cost more than the parse itself (about 2.5x the time on a 100 MB
+    transcript). Reference counting still frees everything as usual. Re-enabled only if it
+    was enabled, so a caller that turned it off keeps it off.
+    """
+    was_enabled = gc.isenabled()
+    if was_enabled:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def parse_fd(fd: int, digest: DigestT, chunk: int = DEFAULT_CHUNK) -> Loaded:

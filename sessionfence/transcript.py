@@ -175,7 +175,8 @@ class SessionManager:
                 st = os.fstat(fd)
                 if (st.st_dev, st.st_ino) != (before.dev, before.ino):
                     continue
-                loaded = _io.parse_fd(fd, self._digest, self._chunk)
+                with _io.gc_paused():
+                    loaded = _io.parse_fd(fd, self._digest, self._chunk)
             finally:
                 os.close(fd)
             after: Fingerprint = sf.fingerprint(self._path, window=self._window)
@@ -184,7 +185,8 @@ class SessionManager:
             # state of the file, and parsed_fingerprint names it.
             if after != before or after.size != loaded.size:
                 continue
-            self._adopt(loaded, after)
+            with _io.gc_paused():  # building the index allocates a lot too
+                self._adopt(loaded, after)
             return
         raise UnstableFileError(self._path, OPEN_ATTEMPTS)
 

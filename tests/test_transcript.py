@@ -29,14 +29,15 @@ ISO_MS_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 HEX8 = re.compile(r"^[0-9a-f]{8}$")
 
 
-@pytest.fixture(params=["json", "orjson"])
+@pytest.fixture(params=["json", "msgspec", "orjson"])
 def parser(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Runs a test with the stdlib parser and, when installed, with orjson."""
-    if request.param == "orjson" and not _jsonl.has_orjson():
-        pytest.skip("orjson is not installed (optional extra)")
-    old = _jsonl.set_fast_parser(request.param == "orjson")
+    """Runs a test with the stdlib parser and with each optional fast parser installed."""
+    name: str = request.param
+    if name != "json" and name not in _jsonl.available_fast_parsers():
+        pytest.skip(f"{name} is not installed (optional extra)")
+    old = _jsonl.set_fast_parser(None if name == "json" else name)
     try:
-        yield request.param
+        yield name
     finally:
         _jsonl.set_fast_parser(old)
 

@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -45,18 +44,17 @@ def strict_equal(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def both_parsers(line: bytes) -> tuple[Any, Any]:
-    results = []
-    for fast in (False, True):
-        old = _jsonl.set_fast_parser(fast)
-        try:
-            try:
-                results.append(("ok", _jsonl.loads_line(line)))
-            except (ValueError, RecursionError):
-                results.append(("error", None))
-        finally:
-            _jsonl.set_fast_parser(old)
-    return results[0], results[1]
+FAST = _jsonl.available_fast_parsers()
+
+
+def parse_with(name: str | None, line: bytes) -> tuple[str, Any]:
+    old = _jsonl.set_fast_parser(name)
+    try:
+        return ("ok", _jsonl.loads_line(line))
+    except (ValueError, RecursionError):
+        return ("error", None)
+    finally:
+        _jsonl.set_fast_parser(old)
 
 
 @SETTINGS
@@ -64,10 +62,13 @@ def both_parsers(line: bytes) -> tuple[Any, Any]:
 def test_parsers_agree_on_written_lines(value: Any) -> None:
     line = _jsonl.dumps_line(value)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
-    ref, fast = both_parsers(line)
-    assert ref[0] == "ok" and fast[0] == "ok"
-    assert strict_equal(ref[1], fast[1])
+    ref = parse_with(None, line)
+    assert ref[0] == "ok"
     assert strict_equal(ref[1][0], value)
+    for name in FAST:
+        fast = parse_with(name, line)
+        assert fast[0] == "ok", name
+        assert strict_equal(ref[1], fast[1]), name
 
 
 @SETTINGS
@@ -101,19 +102,21 @@ def test_parsers_agree_on_written_lines(value: Any) -> None:
     ).map(b"".join)
 )
 def test_parsers_agree_on_arbitrary_bytes(data: bytes) -> None:
-    if not _jsonl.has_orjson():
-        pytest.skip("orjson is not installed (optional extra)")
-    ref, fast = both_parsers(data.replace(b"\n", b" "))
-    assert ref[0] == fast[0]
-    if ref[0] == "ok":
-        assert strict_equal(ref[1], fast[1])
+    line = data.replace(b"\n", b" ")
+    ref = parse_with(None, line)
+    for name in FAST:
+        fast = parse_with(name, line)
+        assert ref[0] == fast[0], name
+        if ref[0] == "ok":
+            assert strict_equal(ref[1], fast[1]), name
 
 
 @SETTINGS
-@given(values=st.lists(json_values, min_size=1, max_size=8), fast=st.booleans())
-def test_random_entries_round_trip_through_the_file(values: list[Any], fast: bool) -> None:
-    if fast and not _jsonl.has_orjson():
-        fast = False
+@given(
+    values=st.lists(json_values, min_size=1, max_size=8),
+    fast=st.sampled_from([None, *FAST]),
+)
+def test_random_entries_round_trip_through_the_file(values: list[Any], fast: str | None) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "s.jsonl"
         writer = SessionManager.open(path)
