@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 
 class CliError(Exception):
     """Bad input: printed as one line, exit status 2, never a traceback."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (exit 2), like every other bad-input error here."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sessionfence",
         description="Fence shared JSONL agent transcripts: fleet simulation, benchmarks, "
         "inspection and lock maintenance.",
@@ -45,3 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"sessionfence {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, and keep the interpreter's own
+        # flush at exit from raising again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
