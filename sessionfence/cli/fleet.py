@@ -1,0 +1,157 @@
+"""``sessionfence fleet``: the fleet simulation with chaos and its verified report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any
+
+from . import CliError
+
+_VERIFY_HELP = (
+    "how the fence proves old content on every accepted append: 'full' (rolling digest of "
+    "the whole content; catches edits anywhere) or 'tail' (tail window + suffix only). "
+    "Default: full up to 64 MB transcripts, tail above. With tail, chaos never combines an "
+    "edit outside the tail window with an append in the same window, because tail mode by "
+    "design cannot see that combination"
+)
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "fleet",
+        help="simulate an agent fleet on shared transcripts, with chaos; verify every line",
+        description="Worker processes run agent attempts on shared JSONL transcripts: each "
+        "turn reacquires the session write lock (fence check), appends owned entries "
+        "(sometimes a compaction), and releases the lock for a simulated model call. A "
+        "delivery mirror appends benign lines meanwhile. With --chaos, a chaos process makes "
+        "foreign edits of every kind (appends, disguised appends, truncations, replacement, "
+        "same-size rewrites with mtime restored, touch, chmod) in released windows and "
+        "workers are SIGKILLed, some half-way through a line. Every event is logged as "
+        "ground truth; the report checks the fence's verdicts and every acknowledged line "
+        "against it. Exit status 0 only when no line was lost or duplicated, no injected "
+        "takeover was missed and no false takeover was raised; 1 otherwise; 2 on bad input.",
+    )
+    p.add_argument("--workers", metavar="N", default="4", help="worker processes (default 4)")
+    p.add_argument("--sessions", metavar="S", default="8", help="transcripts (default 8)")
+    p.add_argument("--turns", metavar="T", default="10", help="turns per attempt (default 10)")
+    p.add_argument(
+        "--attempts", metavar="A", default="3", help="completed attempts per session (default 3)"
+    )
+    p.add_argument(
+        "--transcript-mb",
+        metavar="M",
+        default="1",
+        help="padding of each transcript at the start, in MB (default 1)",
+    )
+    p.add_argument(
+        "--chaos",
+        metavar="RATE",
+        default="0",
+        help="probability per released window of a foreign event; also drives SIGKILLs "
+        "(default 0: owned writes and benign mirror appends only)",
+    )
+    p.add_argument(
+        "--mirror",
+        metavar="RATE",
+        default="0.25",
+        help="probability per released window of a benign delivery-mirror append (default 0.25)",
+    )
+    p.add_argument("--seed", metavar="X", default="0", help="random seed (default 0)")
+    p.add_argument("--verify", metavar="MODE", default=None, help=_VERIFY_HELP)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--dir",
+        metavar="DIR",
+        help="run in DIR (created; must be empty) and keep transcripts and logs there",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the temporary run directory")
+    p.add_argument("--quiet", action="store_true", help="no live progress on stderr")
+    p.set_defaults(func=run)
+
+
+def _int(name: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise CliError(f"{name} must be a whole number, got {text!r}") from None
+
+
+def _float(name: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise CliError(f"{name} must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise CliError(f"{name} must be a finite number, got {text!r}")
+    return value
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from ..fleet import FleetConfig, FleetConfigError
+
+    try:
+        return FleetConfig(
+            workers=_int("--workers", args.workers),
+            sessions=_int("--sessions", args.sessions),
+            turns=_int("--turns", args.turns),
+            attempts=_int("--attempts", args.attempts),
+            transcript_mb=_float("--transcript-mb", args.transcript_mb),
+            chaos=_float("--chaos", args.chaos),
+            mirror=_float("--mirror", args.mirror),
+            seed=_int("--seed", args.seed),
+            verify=args.verify,
+        )
+    except FleetConfigError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _run_dir(args: argparse.Namespace) -> tuple[str, bool]:
+    """(directory, remove afterwards)."""
+    if args.dir is None:
+        return tempfile.mkdtemp(prefix="sessionfence-fleet-"), not args.keep
+    path = os.path.abspath(args.dir)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise CliError(f"--dir {args.dir}: not a directory")
+        if os.listdir(path):
+            raise CliError(f"--dir {args.dir}: not empty")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"--dir {args.dir}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CliError(f"--dir {args.dir}: not writable")
+    return path, False
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from ..fleet import ProgressDisplay, build_report, render_text, run_fleet
+
+    run_dir, remove = _run_dir(args)
+    display = ProgressDisplay(enabled=not args.quiet)
+    try:
+        try:
+            result = run_fleet(cfg, run_dir, display)
+        finally:
+            display.close()
+        report = build_report(cfg, result)
+        if remove:
+            report["run_dir"] = None
+    finally:
+        if remove:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+    else:
+        render_text(report, sys.stdout)
+        if not remove:
+            print(f"run directory kept: {run_dir}")
+    return 0 if report["ok"] else 1

@@ -1,0 +1,24 @@
+"""``sessionfence fleet``: a multi-process agent fleet on real transcripts, with chaos.
+
+Workers run attempts (reacquire + fence check, owned appends, compactions, release for a
+simulated model call) on shared transcripts; a delivery mirror appends benign lines in the
+released windows; a chaos process makes foreign edits of every kind in SPEC §9 and the
+supervisor SIGKILLs workers. Every event is logged as ground truth and the oracle checks the
+fence's verdicts and every acknowledged line against it.
+"""
+
+from __future__ import annotations
+
+from .config import FleetConfig, FleetConfigError
+from .report import ProgressDisplay, build_report, render_text
+from .supervisor import RunResult, run_fleet
+
+__all__ = [
+    "FleetConfig",
+    "FleetConfigError",
+    "ProgressDisplay",
+    "RunResult",
+    "build_report",
+    "render_text",
+    "run_fleet",
+]

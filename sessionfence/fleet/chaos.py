@@ -1,0 +1,423 @@
+"""Foreign writers: the chaos process (takeovers and metadata noise) and the delivery mirror.
+
+Both act only inside a worker's released window, and only while holding the session's real
+write lock, after re-reading the session's row on the board: the phase must still be
+RELEASED or REACQUIRING for the same attempt and window they saw before locking. That makes
+every logged event exact ground truth: it happened after the attempt's fence snapshot for
+that window and before its fence check. Each event also records the lock generation it was
+made under, so the oracle can order it against the worker's own acquisition.
+
+Chaos makes at most one event per released window. In ``verify="tail"`` mode it never
+combines an edit outside the tail window with an append in the same window (the mirror skips
+such a window too): tail mode by design cannot see that combination (SPEC §2.2, §5).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import SessionWriteLockAcquireError
+from ..lock import acquire_session_write_lock
+from .board import APPENDED, EDITED_OUT_OF_WINDOW, REACQUIRING, RELEASED, Board
+from .logs import LogWriter
+from .transcripts import (
+    SIM_MODEL,
+    SIM_PROVIDER,
+    checked_text,
+    foreign_id,
+    last_lines,
+    line_ids,
+    message_line,
+    now_iso,
+)
+
+__all__ = [
+    "KINDS",
+    "Kind",
+    "apply_event",
+    "chaos_kinds",
+    "chaos_main",
+    "mirror_line",
+    "mirror_main",
+]
+
+
+@dataclass(frozen=True)
+class Kind:
+    takeover: bool  # the fence must stop the attempt
+    content_changing: bool  # the bytes of the transcript differ afterwards
+    out_of_window: bool = False  # may change bytes outside the tail window
+    full_only: bool = False  # only detectable with verify="full"
+    weight: int = 2
+
+
+KINDS: dict[str, Kind] = {
+    "foreign-append": Kind(True, True),
+    "disguised-append": Kind(True, True),
+    "truncate": Kind(True, True),
+    "truncate-regrow": Kind(True, True),
+    "replace-same-bytes": Kind(True, False),
+    "rewrite-head": Kind(True, True, out_of_window=True),
+    "rewrite-middle": Kind(True, True, out_of_window=True),
+    "rewrite-tail": Kind(True, True),
+    "rewrite-head+append": Kind(True, True, out_of_window=True, full_only=True),
+    "touch": Kind(False, False),
+    "chmod": Kind(False, False),
+}
+
+# Kinds whose net effect stays what it says even after a benign append in the same window.
+_AFTER_APPEND = ("foreign-append", "disguised-append", "replace-same-bytes", "touch", "chmod")
+
+# How long a foreign writer keeps trying the lock for one window before giving the window up.
+_LOCK_TRY_SECONDS = 0.05
+_LOCK_TRY_PAUSE = 0.0005
+_SCAN_PAUSE = 0.001
+
+
+def _last_id(path: str) -> str | None:
+    lines = last_lines(path, 1)
+    ids = line_ids(lines[0][1]) if lines else []
+    return ids[0] if ids else None
+
+
+def _append(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def mirror_line(rng: random.Random, parent: str | None) -> tuple[str, bytes]:
+    """A transcript-only OpenClaw assistant message: benign by the default policy."""
+    entry_id = foreign_id(rng)
+    text, _ = checked_text(rng, "delivered")
+    message = {
+        "role": "assistant",
+        "content": [{"type": "text", "text": text}],
+        "provider": "openclaw",
+        "model": "delivery-mirror",
+        "api": "openai-responses",
+        "stopReason": "stop",
+        "timestamp": int(time.time() * 1000),
+    }
+    return entry_id, message_line(entry_id, parent, message)
+
+
+def _foreign_user_line(rng: random.Random, parent: str | None) -> tuple[str, bytes]:
+    entry_id = foreign_id(rng)
+    text, _ = checked_text(rng, "injected")
+    message = {"role": "user", "content": [{"type": "text", "text": text}]}
+    return entry_id, message_line(entry_id, parent, message)
+
+
+def _disguised_line(rng: random.Random, parent: str | None) -> tuple[str, bytes]:
+    """A line shaped exactly like a worker's own entry (same provider, model, check)."""
+    entry_id = foreign_id(rng)
+    if rng.random() < 0.3:
+        text, check = checked_text(rng, "summary")
+        entry = {
+            "type": "compaction",
+            "id": entry_id,
+            "parentId": parent,
+            "timestamp": now_iso(),
+            "summary": text,
+            "firstKeptEntryId": parent or entry_id,
+            "tokensBefore": rng.randint(1000, 90000),
+            "details": {"fleetCheck": check},
+        }
+        return entry_id, (json.dumps(entry, separators=(",", ":")) + "\n").encode()
+    text, check = checked_text(rng, "reply")
+    message = {
+        "role": "assistant",
+        "content": [{"type": "text", "text": text}],
+        "provider": SIM_PROVIDER,
+        "model": SIM_MODEL,
+        "fleetCheck": check,
+    }
+    return entry_id, message_line(entry_id, parent, message)
+
+
+def _mutation_offset(line: bytes, rng: random.Random) -> int | None:
+    """Offset of a lowercase letter inside a text value of ``line`` (keeps the JSON valid)."""
+    for key in (b'"text":"', b'"summary":"', b'"cwd":"', b'"type":"'):
+        start = line.find(key)
+        if start < 0:
+            continue
+        start += len(key)
+        end = line.find(b'"', start)
+        letters = [i for i in range(start, end) if 0x61 <= line[i] <= 0x7A]
+        if letters:
+            return rng.choice(letters)
+    return None
+
+
+def _line_at(path: str, where: str) -> tuple[int, bytes] | None:
+    """The head (first entry, else the header), middle or tail line of the file."""
+    if where == "tail":
+        found = last_lines(path, 1)
+        if found:
+            return found[0]
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if where == "middle":
+            start = max(0, size // 2 - (1 << 15))
+            f.seek(start)
+            data = f.read(1 << 16)
+            center = size // 2 - start
+            line_start = data.rfind(b"\n", 0, center) + 1
+            line_end = data.find(b"\n", center)
+            if (line_start > 0 or start == 0) and line_end >= 0:
+                return start + line_start, data[line_start : line_end + 1]
+        f.seek(0)
+        data = f.read(1 << 16)
+    header_end = data.find(b"\n") + 1
+    second_end = data.find(b"\n", header_end)
+    if header_end > 0 and second_end >= 0:
+        return header_end, data[header_end : second_end + 1]
+    return (0, data[:header_end]) if header_end > 0 else None
+
+
+def _rewrite(path: str, where: str, rng: random.Random) -> dict[str, Any]:
+    target = _line_at(path, where)
+    if target is None:
+        return {"skipped": "empty file"}
+    offset, line = target
+    pos = _mutation_offset(line, rng)
+    if pos is None:
+        return {"skipped": "no letter to change"}
+    old = line[pos]
+    new = rng.choice([c for c in b"abcdefghijklmnopqrstuvwxyz" if c != old])
+    before = os.stat(path)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, bytes([new]), offset + pos)
+    finally:
+        os.close(fd)
+    # Same size, old mtime: only ctime (and the bytes) betray the edit.
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    return {"destroyed": line_ids(line), "offset": offset + pos}
+
+
+def _truncate(path: str, rng: random.Random, regrow: bool) -> dict[str, Any] | None:
+    victims = last_lines(path, rng.randint(1, 3))
+    if not victims:
+        return None
+    old_size = os.path.getsize(path)
+    cut = victims[0][0]
+    with open(path, "rb") as f:
+        f.seek(cut)
+        removed = f.read(old_size - cut)
+    os.truncate(path, cut)
+    result: dict[str, Any] = {"destroyed": line_ids(removed), "cut": cut}
+    if regrow:
+        parent = _last_id(path)
+        added = []
+        data = b""
+        while cut + len(data) <= old_size:
+            entry_id, line = _foreign_user_line(rng, parent)
+            added.append(entry_id)
+            data += line
+            parent = entry_id
+        _append(path, data)
+        result["added"] = added
+    return result
+
+
+def apply_event(kind: str, path: str, rng: random.Random) -> dict[str, Any]:
+    """Make one foreign event of ``kind``; returns what it did (``destroyed`` ids, ...).
+
+    A kind that cannot apply to the file as it is (truncating a file with no entry lines)
+    falls back to a foreign append and says so in ``applied``.
+    """
+    applied = kind
+    result: dict[str, Any] | None
+    if kind in ("truncate", "truncate-regrow"):
+        result = _truncate(path, rng, regrow=kind == "truncate-regrow")
+        if result is None:
+            applied = "foreign-append"
+    if applied in ("foreign-append", "disguised-append"):
+        make = _foreign_user_line if applied == "foreign-append" else _disguised_line
+        entry_id, line = make(rng, _last_id(path))
+        _append(path, line)
+        result = {"added": [entry_id]}
+    elif kind == "replace-same-bytes":
+        tmp = f"{path}.chaos-replace"
+        shutil.copyfile(path, tmp)
+        shutil.copymode(path, tmp)
+        os.replace(tmp, path)
+        result = {}
+    elif kind.startswith("rewrite-"):
+        where = kind.removeprefix("rewrite-").removesuffix("+append")
+        result = _rewrite(path, where, rng)
+        if kind.endswith("+append"):
+            entry_id, line = mirror_line(rng, _last_id(path))
+            _append(path, line)
+            result["added"] = [entry_id]
+    elif kind == "touch":
+        os.utime(path)
+        result = {}
+    elif kind == "chmod":
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        os.chmod(path, mode ^ stat.S_IRGRP)
+        result = {}
+    assert result is not None
+    result["applied"] = applied
+    return result
+
+
+def _visit_windows(
+    paths: list[str],
+    board: Board,
+    rng: random.Random,
+    rate: float,
+    act: Callable[[int, int, int, Any], dict[str, Any] | None],
+    log: LogWriter,
+    source: str,
+) -> dict[str, int]:
+    """Flip a coin once for every released window seen; on heads, take the session's lock
+    and, if the same window is still open, call ``act`` and log its event."""
+    seen: dict[int, tuple[int, int]] = {}
+    stats = {"windows_seen": 0, "chosen": 0, "events": 0, "lock_busy": 0, "closed": 0}
+    sessions = list(range(len(paths)))
+    while not board.stopping:
+        rng.shuffle(sessions)
+        for s in sessions:
+            attempt, phase, window = board.snapshot(s)
+            if phase not in (RELEASED, REACQUIRING) or attempt == 0:
+                continue
+            if seen.get(s) == (attempt, window):
+                continue
+            seen[s] = (attempt, window)
+            stats["windows_seen"] += 1
+            if rng.random() >= rate:
+                continue
+            stats["chosen"] += 1
+            lock = _try_lock(paths[s], board, s, attempt, window)
+            if lock is None:
+                stats["lock_busy"] += 1
+                continue
+            try:
+                now_attempt, now_phase, now_window = board.snapshot(s)
+                if (now_attempt, now_window) != (attempt, window) or now_phase not in (
+                    RELEASED,
+                    REACQUIRING,
+                ):
+                    stats["closed"] += 1
+                    continue
+                event = act(s, attempt, window, lock)
+                if event is None:
+                    continue
+                event.update(
+                    source=source,
+                    session=s,
+                    attempt=attempt,
+                    window=window,
+                    gen=lock.generation,
+                    t=time.monotonic(),
+                )
+                log.write(event)
+                stats["events"] += 1
+            finally:
+                lock.release()
+        time.sleep(_SCAN_PAUSE)
+    return stats
+
+
+def _try_lock(path: str, board: Board, s: int, attempt: int, window: int) -> Any:
+    """Try the lock without queueing behind the worker: give up once the window closes."""
+    deadline = time.monotonic() + _LOCK_TRY_SECONDS
+    while True:
+        try:
+            return acquire_session_write_lock(path, timeout=0)
+        except SessionWriteLockAcquireError:
+            pass
+        now_attempt, phase, now_window = board.snapshot(s)
+        if (now_attempt, now_window) != (attempt, window) or phase not in (RELEASED, REACQUIRING):
+            return None
+        if time.monotonic() > deadline or board.stopping:
+            return None
+        time.sleep(_LOCK_TRY_PAUSE)
+
+
+def chaos_kinds(verify: str) -> list[str]:
+    """The kinds chaos draws from by default: all, less those tail mode cannot see."""
+    return [k for k, spec in KINDS.items() if verify == "full" or not spec.full_only]
+
+
+def chaos_main(
+    paths: list[str],
+    board: Board,
+    rate: float,
+    verify: str,
+    seed: str,
+    log_path: str,
+    kinds: list[str] | None = None,
+) -> None:
+    """Process entry. ``kinds`` overrides the default draw (experiments and tests: e.g. to
+    show that tail mode indeed misses an outside edit followed by an append)."""
+    rng = random.Random(seed)
+    if kinds is None:
+        kinds = chaos_kinds(verify)
+    weights = [KINDS[k].weight for k in kinds]
+    after_append = [k for k in _AFTER_APPEND if k in kinds]
+    log = LogWriter(log_path)
+
+    def act(s: int, attempt: int, window: int, lock: Any) -> dict[str, Any] | None:
+        if board.marked(s, APPENDED):
+            # The mirror already appended in this window: truncating or rewriting what it
+            # just wrote could leave the net change benign (or nil), which is no takeover.
+            if not after_append:
+                return None
+            kind = rng.choice(after_append)
+        else:
+            kind = rng.choices(kinds, weights)[0]
+        result = apply_event(kind, paths[s], rng)
+        if "skipped" in result:
+            return None
+        spec = KINDS[result["applied"]]
+        board.mark(s, EDITED_OUT_OF_WINDOW if spec.out_of_window else 0)
+        if result.get("added"):
+            board.mark(s, APPENDED)
+        result.update(kind=result.pop("applied"), takeover=spec.takeover)
+        result["content_changing"] = spec.content_changing
+        return result
+
+    stats = _visit_windows(paths, board, rng, rate, act, log, "chaos")
+    log.write({"source": "chaos", "stats": stats})
+    log.close()
+
+
+def mirror_main(
+    paths: list[str], board: Board, rate: float, verify: str, seed: str, log_path: str
+) -> None:
+    rng = random.Random(seed)
+    log = LogWriter(log_path)
+
+    def act(s: int, attempt: int, window: int, lock: Any) -> dict[str, Any] | None:
+        if verify == "tail" and board.marked(s, EDITED_OUT_OF_WINDOW):
+            return None
+        board.mark(s, APPENDED)
+        parent = _last_id(paths[s])
+        added = []
+        data = b""
+        for _ in range(rng.randint(1, 2)):
+            entry_id, line = mirror_line(rng, parent)
+            added.append(entry_id)
+            data += line
+        _append(paths[s], data)
+        return {"kind": "mirror", "takeover": False, "content_changing": True, "added": added}
+
+    stats = _visit_windows(paths, board, rng, rate, act, log, "mirror")
+    log.write({"source": "mirror", "stats": stats})
+    log.close()

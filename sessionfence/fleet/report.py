@@ -1,0 +1,327 @@
+"""The fleet report: figures from the logs, the oracle's verdicts, pass or fail, rendering."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict
+from typing import Any, TextIO
+
+from .config import FleetConfig
+from .oracle import (
+    Facts,
+    LineVerdict,
+    TakeoverVerdict,
+    TornVerdict,
+    collect_facts,
+    judge_takeovers,
+    judge_torn_tails,
+    verify_lines,
+)
+from .supervisor import Progress, RunResult
+
+__all__ = [
+    "ProgressDisplay",
+    "build_report",
+    "failures",
+    "percentile",
+    "render_text",
+    "summarize",
+]
+
+# Transcripts larger than this have their generated padding checked for shape only (a full
+# JSON parse of gigabytes the workers never touched would dominate the run).
+_SHAPE_ONLY_ABOVE = 64 * 1024 * 1024
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (``q`` in 0..100); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def summarize(values: Iterable[float]) -> dict[str, Any]:
+    """p50 / p99 / max in milliseconds, and the count."""
+    data = [v * 1000 for v in values]
+    return {
+        "count": len(data),
+        "p50_ms": _round(percentile(data, 50)),
+        "p99_ms": _round(percentile(data, 99)),
+        "max_ms": _round(max(data) if data else None),
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def failures(report: Mapping[str, Any]) -> list[str]:
+    """Why the run fails (empty when it passes): the exit status rule of SPEC §7."""
+    out = []
+    lines = report["lines"]
+    takeovers = report["takeovers"]
+    torn = report["workers"]["torn_tails"]
+    checks = [
+        (lines["lost"], "acknowledged lines lost"),
+        (lines["duplicated"], "acknowledged lines duplicated"),
+        (lines["damaged"], "acknowledged lines damaged"),
+        (lines["torn"], "torn or unparseable lines in the final transcripts"),
+        (takeovers["missed"], "injected takeovers missed"),
+        (takeovers["false"], "false takeovers"),
+        (takeovers["ordering_anomalies"], "foreign events after a passed fence check"),
+        (torn["undetected"], "torn tails not detected by the next attempt"),
+        (report["workers"]["crashed"], "workers crashed"),
+        (len(report["errors"]), "attempts ended in an error"),
+        (
+            sum(1 for code in report["foreign_exitcodes"].values() if code != 0),
+            "foreign writer processes (chaos, mirror) died",
+        ),
+    ]
+    for count, what in checks:
+        if count:
+            out.append(f"{count} {what}")
+    return out
+
+
+def build_report(cfg: FleetConfig, result: RunResult) -> dict[str, Any]:
+    facts = collect_facts(result.log_dir)
+    takeovers = judge_takeovers(facts.events, facts.detections, facts.dead_attempts, facts.turns)
+    torn = judge_torn_tails(facts.torn_injected, facts.torn_found)
+    shape_only = result.padding_end if result.padding_end > _SHAPE_ONLY_ABOVE else 0
+    lines = verify_lines(
+        dict(enumerate(result.paths)), facts.acks, facts.destroyed, shape_only_below=shape_only
+    )
+    return _assemble(cfg, result, facts, takeovers, torn, lines)
+
+
+def _assemble(
+    cfg: FleetConfig,
+    result: RunResult,
+    facts: Facts,
+    takeovers: TakeoverVerdict,
+    torn: TornVerdict,
+    lines: LineVerdict,
+) -> dict[str, Any]:
+    turns = facts.turns
+    report: dict[str, Any] = {
+        "config": {
+            "workers": cfg.workers,
+            "sessions": cfg.sessions,
+            "turns": cfg.turns,
+            "attempts_per_session": cfg.attempts,
+            "transcript_mb": cfg.transcript_mb,
+            "chaos": cfg.chaos,
+            "mirror": cfg.mirror,
+            "seed": cfg.seed,
+            "verify": cfg.verify_mode,
+            "chaos_kinds": list(cfg.chaos_kinds) if cfg.chaos_kinds else "all",
+        },
+        "run": {
+            "setup_s": round(result.setup_seconds, 3),
+            "elapsed_s": round(result.elapsed, 3),
+            "turns": len(turns),
+            "turns_per_s": round(len(turns) / result.elapsed, 1) if result.elapsed > 0 else None,
+            "attempts": dict(sorted(result.outcomes.items())),
+            "transcript_bytes_at_start": result.padding_end,
+        },
+        "latency": {
+            "lock_wait": summarize(t["wait"] for t in turns),
+            "fence_check": summarize(t["fence"] for t in turns),
+            "turn": summarize(t["turn"] for t in turns),
+            "append": summarize(t["append"] for t in turns),
+            "release": summarize(t["release"] for t in turns),
+            "attempt_open": summarize(s["open"] for s in facts.setups),
+            "attempt_create": summarize(s["create"] for s in facts.setups),
+        },
+        "takeovers": {
+            "injected": takeovers.injected,
+            "detected": takeovers.detected,
+            "missed": takeovers.missed,
+            "false": takeovers.false_takeovers,
+            "void": takeovers.void_events,
+            "late": takeovers.late_events,
+            "ordering_anomalies": takeovers.ordering_anomalies,
+            "by_kind": dict(sorted(takeovers.by_kind.items())),
+            "reasons": dict(sorted(takeovers.reasons.items())),
+            "missed_examples": takeovers.missed_examples,
+            "false_examples": takeovers.false_examples,
+        },
+        "benign": {"events": takeovers.benign_events, "accepted": takeovers.benign_accepted},
+        "workers": {
+            "killed": facts.killed_workers,
+            "crashed": facts.crashed_workers,
+            "respawned": result.respawns,
+            "torn_tails": asdict(torn),
+        },
+        "lines": {
+            "acknowledged": lines.acknowledged,
+            "lost": lines.lost,
+            "duplicated": lines.duplicated,
+            "damaged": lines.damaged,
+            "torn": lines.torn,
+            "removed_by_chaos": lines.exempt,
+            "lines_checked": lines.lines,
+            "examples": lines.examples,
+        },
+        "foreign_writers": facts.foreign_stats,
+        "foreign_exitcodes": result.foreign_exitcodes,
+        "errors": [{k: v for k, v in e.items() if k != "traceback"} for e in facts.errors[:10]],
+        "run_dir": result.run_dir,
+    }
+    report["failures"] = failures(report)
+    report["ok"] = not report["failures"]
+    return report
+
+
+def _ms(summary: Mapping[str, Any]) -> str:
+    p50, p99 = summary["p50_ms"], summary["p99_ms"]
+    if p50 is None:
+        return "-"
+    return f"p50 {p50:.3f} ms   p99 {p99:.3f} ms"
+
+
+def render_text(report: Mapping[str, Any], out: TextIO) -> None:
+    """The human report: a rich table when rich is importable, plain lines otherwise."""
+    rows = _rows(report)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        width = max(len(k) for k, _ in rows)
+        for key, value in rows:
+            print(f"{key.ljust(width)}  {value}" if key else "", file=out)
+        return
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    # A log or a pipe is not a terminal: give it long lines rather than rich's 80 columns.
+    columns = None if out.isatty() else 160
+    Console(file=out, highlight=False, width=columns).print(table)
+
+
+def _rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    cfg = report["config"]
+    run = report["run"]
+    lat = report["latency"]
+    tk = report["takeovers"]
+    lines = report["lines"]
+    workers = report["workers"]
+    torn = workers["torn_tails"]
+    attempts = ", ".join(f"{k} {v}" for k, v in run["attempts"].items()) or "-"
+    rows = [
+        (
+            "fleet",
+            f"{cfg['workers']} workers, {cfg['sessions']} sessions x {cfg['attempts_per_session']}"
+            f" attempts x {cfg['turns']} turns, {cfg['transcript_mb']} MB transcripts, "
+            f"verify={cfg['verify']}, chaos {cfg['chaos']}, seed {cfg['seed']}",
+        ),
+        ("setup", f"{run['setup_s']:.2f} s to write the transcripts"),
+        ("attempts", attempts),
+        ("turns", f"{run['turns']} in {run['elapsed_s']:.2f} s = {run['turns_per_s']} turns/s"),
+        ("lock wait", _ms(lat["lock_wait"])),
+        ("fence check", _ms(lat["fence_check"])),
+        ("turn (no model)", _ms(lat["turn"])),
+        ("attempt open", _ms(lat["attempt_open"]) + "  (parse, once per attempt)"),
+        (
+            "takeovers",
+            f"injected {tk['injected']}, detected {tk['detected']}, missed {tk['missed']}, "
+            f"false {tk['false']}  (void {tk['void']}, late {tk['late']})",
+        ),
+        (
+            "benign events",
+            f"{report['benign']['events']}, accepted {report['benign']['accepted']}",
+        ),
+        (
+            "workers",
+            f"killed {workers['killed']}, crashed {workers['crashed']}, "
+            f"respawned {workers['respawned']}",
+        ),
+        (
+            "torn tails",
+            f"injected {torn['injected']}, detected {torn['detected']}, "
+            f"repaired {torn['repaired']}",
+        ),
+        (
+            "lines",
+            f"acknowledged {lines['acknowledged']}, lost {lines['lost']}, "
+            f"duplicated {lines['duplicated']}, torn {lines['torn']}, damaged "
+            f"{lines['damaged']}, removed by chaos {lines['removed_by_chaos']}",
+        ),
+    ]
+    for kind, row in tk["by_kind"].items():
+        parts = ", ".join(f"{k} {v}" for k, v in sorted(row.items()))
+        reasons = tk["reasons"].get(kind)
+        if reasons:
+            parts += "  [" + ", ".join(f"{r} {n}" for r, n in sorted(reasons.items())) + "]"
+        rows.append((f"  {kind}", parts))
+    verdict = "PASS" if report["ok"] else "FAIL: " + "; ".join(report["failures"])
+    rows.append(("verdict", verdict))
+    return rows
+
+
+class ProgressDisplay:
+    """Live progress on stderr: a rich bar on a terminal, else a status line every 2 s."""
+
+    def __init__(self, enabled: bool = True, stream: TextIO | None = None) -> None:
+        self._stream = stream if stream is not None else sys.stderr
+        self._enabled = enabled
+        self._bar: Any = None
+        self._task: Any = None
+        self._last_line = -math.inf
+        if enabled and self._stream.isatty():
+            try:
+                from rich.console import Console
+                from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+            except ImportError:
+                return
+            # Refreshed by hand from the supervisor loop: no refresh thread in a process
+            # that forks its workers.
+            self._bar = Progress(
+                TextColumn("fleet"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total} attempts"),
+                TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(),
+                console=Console(file=self._stream),
+                auto_refresh=False,
+                transient=True,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("fleet", total=None, status="")
+
+    def __call__(self, progress: Progress) -> None:
+        if not self._enabled:
+            return
+        rate = progress.turns / progress.elapsed if progress.elapsed > 0 else 0.0
+        status = (
+            f"{progress.turns} turns ({rate:.0f}/s), {progress.takeovers} takeovers stopped, "
+            f"{progress.kills} workers killed"
+        )
+        if self._bar is not None:
+            self._bar.update(
+                self._task,
+                total=progress.attempts_planned,
+                completed=progress.attempts_done,
+                status=status,
+            )
+            self._bar.refresh()
+            return
+        if progress.elapsed - self._last_line >= 2.0:
+            self._last_line = progress.elapsed
+            print(
+                f"fleet: {progress.attempts_done}/{progress.attempts_planned} attempts, "
+                f"{status}, {progress.elapsed:.1f} s",
+                file=self._stream,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None

@@ -1,0 +1,334 @@
+"""The supervisor: sets up the run, routes sessions to workers, kills and respawns them.
+
+Routing is done here rather than through a shared queue: a worker SIGKILLed while it holds a
+``multiprocessing.Queue``'s internal lock would wedge every other reader, and the supervisor
+must know exactly which attempt died. Each worker has its own pipe; a session is handed to at
+most one worker at a time and goes back to the pending list when its attempt ends (completed,
+stopped on a takeover, or killed) until it has completed its planned attempts.
+
+The supervisor is also the one that SIGKILLs workers at random points (it knows the pid is
+still its child, so a recycled pid is never hit), and it tells a worker in its task when to
+die half-way through writing a line, which leaves a torn tail for the next attempt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from .board import Board
+from .chaos import chaos_main, mirror_main
+from .config import FleetConfig
+from .logs import LogWriter
+from .transcripts import make_transcripts
+from .worker import Task, worker_main
+
+__all__ = ["Progress", "RunResult", "run_fleet"]
+
+_WAIT_SLICE = 0.1
+_JOIN_TIMEOUT = 20.0
+
+
+@dataclass
+class Progress:
+    """What the live display shows."""
+
+    attempts_done: int = 0
+    attempts_planned: int = 0
+    turns: int = 0
+    elapsed: float = 0.0
+    kills: int = 0
+    takeovers: int = 0
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    session_dir: str
+    log_dir: str
+    paths: list[str]
+    setup_seconds: float
+    elapsed: float
+    padding_end: int
+    respawns: int = 0
+    kills_sent: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+    foreign_exitcodes: dict[str, int | None] = field(default_factory=dict)
+
+
+@dataclass
+class _Slot:
+    index: int
+    incarnation: int = 0
+    proc: Any = None
+    conn: Connection | None = None
+    task: Task | None = None
+    kill_at: float | None = None
+
+
+class _Supervisor:
+    def __init__(
+        self, cfg: FleetConfig, run_dir: str, on_progress: Callable[[Progress], None]
+    ) -> None:
+        self.cfg = cfg
+        self.ctx = multiprocessing.get_context("fork")
+        self.on_progress = on_progress
+        self.session_dir = os.path.join(run_dir, "sessions")
+        self.log_dir = os.path.join(run_dir, "logs")
+        os.makedirs(self.log_dir, exist_ok=True)
+        self.run_dir = run_dir
+        self.board = Board(cfg.sessions, self.ctx)
+        self.rng = random.Random(f"{cfg.seed}:supervisor")
+        self.log = LogWriter(os.path.join(self.log_dir, "supervisor.jsonl"))
+        self.slots = [_Slot(i) for i in range(cfg.workers)]
+        self.pending: deque[int] = deque(range(cfg.sessions))
+        self.completed = [0] * cfg.sessions
+        self.kills = [0] * cfg.sessions
+        self.next_attempt = 1
+        self.progress = Progress(attempts_planned=cfg.sessions * cfg.attempts)
+        self.foreign: dict[str, Any] = {}
+        self.foreign_exitcodes: dict[str, int | None] = {}
+        self.respawns = 0
+        self.kills_sent = 0
+        self.outcomes: dict[str, int] = {}
+        self.paths: list[str] = []
+        # Rough length of one attempt, to place kills uniformly inside attempts.
+        think = (cfg.think_min + cfg.think_max) / 2
+        self.attempt_estimate = cfg.turns * (think + 0.003) + 0.01
+
+    # processes ------------------------------------------------------------------------------
+
+    def spawn(self, slot: _Slot) -> None:
+        parent, child = self.ctx.Pipe()
+        slot.incarnation += 1
+        proc = self.ctx.Process(
+            target=worker_main,
+            args=(slot.index, slot.incarnation, child, self.board, self.cfg, self.log_dir),
+            name=f"fleet-worker-{slot.index}",
+            daemon=True,
+        )
+        proc.start()
+        child.close()
+        slot.proc, slot.conn, slot.task, slot.kill_at = proc, parent, None, None
+
+    def start_foreign(self) -> None:
+        cfg = self.cfg
+        verify = cfg.verify_mode
+        for name, target, rate in (
+            ("chaos", chaos_main, cfg.chaos),
+            ("mirror", mirror_main, cfg.mirror),
+        ):
+            if rate <= 0:
+                continue
+            proc = self.ctx.Process(
+                target=target,
+                args=(
+                    self.paths,
+                    self.board,
+                    rate,
+                    verify,
+                    f"{cfg.seed}:{name}",
+                    os.path.join(self.log_dir, f"{name}.jsonl"),
+                    *([list(cfg.chaos_kinds)] if name == "chaos" and cfg.chaos_kinds else []),
+                ),
+                name=f"fleet-{name}",
+                daemon=True,
+            )
+            proc.start()
+            self.foreign[name] = proc
+
+    # routing ---------------------------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        cfg = self.cfg
+        for slot in self.slots:
+            if not self.pending:
+                return
+            if slot.task is not None or slot.conn is None:
+                continue
+            s = self.pending.popleft()
+            attempt = self.next_attempt
+            self.next_attempt += 1
+            torn_at = None
+            kill_at = None
+            if self.kills[s] < cfg.max_kills_per_session:
+                roll = self.rng.random()
+                if roll < cfg.torn_rate:
+                    torn_at = self.rng.randrange(cfg.turns)
+                elif roll < cfg.torn_rate + cfg.kill_rate:
+                    kill_at = time.monotonic() + self.rng.uniform(0, self.attempt_estimate)
+            task = Task(s, attempt, self.paths[s], torn_at)
+            self.board.start_attempt(s, attempt)
+            self.log.write({"t": "dispatch", "slot": slot.index, "session": s, "attempt": attempt})
+            slot.task, slot.kill_at = task, kill_at
+            # If it died already, its sentinel reports it and the session is requeued.
+            with contextlib.suppress(OSError):
+                slot.conn.send(task)
+
+    def finish(self, slot: _Slot, attempt: int, outcome: str) -> None:
+        task = slot.task
+        if task is None or task.attempt != attempt:
+            return
+        slot.task, slot.kill_at = None, None
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        self.progress.attempts_done += 1
+        if outcome == "takeover":
+            self.progress.takeovers += 1
+        self.completed[task.session] += 1
+        if self.completed[task.session] < self.cfg.attempts:
+            self.pending.append(task.session)
+
+    def drain(self, slot: _Slot) -> None:
+        conn = slot.conn
+        while conn is not None and slot.task is not None:
+            try:
+                if not conn.poll():
+                    return
+                attempt, outcome = conn.recv()
+            except (EOFError, OSError, ValueError, TypeError):
+                return
+            self.finish(slot, attempt, outcome)
+
+    def buried(self, slot: _Slot) -> None:
+        """The worker in ``slot`` exited: requeue its attempt's session, start a new one."""
+        self.drain(slot)
+        proc = slot.proc
+        proc.join()
+        task = slot.task
+        record: dict[str, Any] = {
+            "t": "death",
+            "slot": slot.index,
+            "incarnation": slot.incarnation,
+            "exitcode": proc.exitcode,
+            "attempt": task.attempt if task else None,
+            "session": task.session if task else None,
+        }
+        self.log.write(record)
+        if task is not None:
+            s = task.session
+            self.board.start_attempt(s, 0)  # no attempt runs on it now
+            if proc.exitcode == -9:
+                self.kills[s] += 1
+                self.progress.kills += 1
+                self.pending.append(s)
+            else:
+                # A crash is a bug: count the attempt as done so the run still ends.
+                self.finish(slot, task.attempt, "crash")
+        if slot.conn is not None:
+            slot.conn.close()
+        self.respawns += 1
+        self.spawn(slot)
+
+    def kill_due(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.task is not None and slot.kill_at is not None and slot.kill_at <= now:
+                self.drain(slot)
+                if slot.task is None or slot.kill_at is None:
+                    continue
+                slot.kill_at = None
+                self.log.write({"t": "kill", "slot": slot.index, "attempt": slot.task.attempt})
+                self.kills_sent += 1
+                slot.proc.kill()
+
+    def done(self) -> bool:
+        return not self.pending and all(slot.task is None for slot in self.slots)
+
+    # the run -----------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.paths = make_transcripts(self.session_dir, cfg.sessions, cfg.padding_bytes)
+        padding_end = os.path.getsize(self.paths[0])
+        setup = time.perf_counter() - t0
+        self.log.write({"t": "setup", "seconds": setup, "bytes": padding_end})
+        started = time.perf_counter()
+        try:
+            for slot in self.slots:
+                self.spawn(slot)
+            self.start_foreign()
+            last_shown = 0.0
+            while True:
+                self.dispatch()
+                if self.done():
+                    break
+                now = time.monotonic()
+                deadlines = [s.kill_at - now for s in self.slots if s.kill_at is not None]
+                timeout = max(0.0, min([_WAIT_SLICE, *deadlines]))
+                waitables: list[Any] = []
+                for slot in self.slots:
+                    waitables.append(slot.proc.sentinel)
+                    if slot.conn is not None:
+                        waitables.append(slot.conn)
+                ready = set(wait(waitables, timeout))
+                for slot in self.slots:
+                    if slot.conn is not None and slot.conn in ready:
+                        self.drain(slot)
+                for slot in self.slots:
+                    if slot.proc.sentinel in ready or not slot.proc.is_alive():
+                        self.buried(slot)
+                self.kill_due()
+                if time.perf_counter() - last_shown >= _WAIT_SLICE:
+                    last_shown = time.perf_counter()
+                    self.show(started)
+            self.show(started)
+        finally:
+            elapsed = time.perf_counter() - started
+            self.shutdown()
+        return RunResult(
+            run_dir=self.run_dir,
+            session_dir=self.session_dir,
+            log_dir=self.log_dir,
+            paths=self.paths,
+            setup_seconds=setup,
+            elapsed=elapsed,
+            padding_end=padding_end,
+            respawns=self.respawns,
+            kills_sent=self.kills_sent,
+            outcomes=dict(self.outcomes),
+            foreign_exitcodes=dict(self.foreign_exitcodes),
+        )
+
+    def show(self, started: float) -> None:
+        self.progress.turns = self.board.turns()
+        self.progress.elapsed = time.perf_counter() - started
+        self.on_progress(self.progress)
+
+    def shutdown(self) -> None:
+        self.board.stop()
+        for slot in self.slots:
+            if slot.conn is not None:
+                with contextlib.suppress(OSError):
+                    slot.conn.send(None)
+        deadline = time.monotonic() + _JOIN_TIMEOUT
+        procs = [slot.proc for slot in self.slots if slot.proc is not None]
+        for proc in [*procs, *self.foreign.values()]:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        # A foreign writer that died early made the run quieter than asked: the report
+        # must say so rather than pass on fewer events.
+        self.foreign_exitcodes = {name: p.exitcode for name, p in self.foreign.items()}
+        for name, code in self.foreign_exitcodes.items():
+            self.log.write({"t": "foreign-exit", "name": name, "exitcode": code})
+        for slot in self.slots:
+            if slot.conn is not None:
+                slot.conn.close()
+        self.log.close()
+
+
+def run_fleet(
+    cfg: FleetConfig, run_dir: str, on_progress: Callable[[Progress], None] = lambda p: None
+) -> RunResult:
+    """Run the fleet in ``run_dir`` (created if needed) and return where everything is."""
+    return _Supervisor(cfg, run_dir, on_progress).run()

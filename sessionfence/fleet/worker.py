@@ -1,0 +1,269 @@
+"""A fleet worker process: runs attempts on sessions the supervisor hands it, one at a time.
+
+An attempt is what an embedded agent run does to its transcript (reference §7): take the
+write lock with a ``SessionFenceController`` (eager), open the ``SessionManager`` once and
+guard it, then for each turn append owned entries under the write lock (sometimes a
+compaction through the guarded manager, i.e. ``ctl.owned_file_write``), release the lock
+for the simulated model call and take it back, which is where the fence check runs.
+
+Everything the oracle needs is logged as it happens, one record per ``os.write``: an entry
+id is acknowledged only after its append returned; a detection records the window and the
+lock generation of the check, so the oracle can order it against foreign events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from ..controller import SessionFenceController
+from ..errors import SessionTakeoverError, SessionWriteLockAcquireError
+from ..lock import acquire_session_write_lock_async
+from ..transcript import SessionManager, guard_session_manager
+from .board import HOLDING, IDLE, REACQUIRING, Board
+from .config import FleetConfig
+from .logs import LogWriter
+from .transcripts import checked_text, owned_message
+
+__all__ = ["Task", "worker_main"]
+
+
+@dataclass(frozen=True)
+class Task:
+    session: int
+    attempt: int
+    path: str
+    # Die half-way through writing a line at this turn (a torn tail), or never.
+    torn_at_turn: int | None = None
+
+
+def _seed_digest(ctl: SessionFenceController, manager: SessionManager) -> None:
+    """Hand the digest the manager computed while parsing to the controller's cache.
+
+    Without this the first release of every attempt re-reads the whole transcript to build
+    the fence digest, though ``open`` just hashed the same bytes (SPEC §6: parsing feeds the
+    controller's digest). The controller has no public hook for it yet, so this uses the
+    registry directly; the fingerprint guard makes a stale digest impossible to adopt.
+    """
+    from .._controller_registry import REGISTRY, session_file_key
+
+    fp = manager.parsed_fingerprint
+    if fp.exists and manager.digest_size == fp.size and manager.torn_tail is None:
+        REGISTRY.remember_digest(session_file_key(ctl.session_file), fp, manager.digest)
+
+
+class _Attempt:
+    """One attempt on one session: state shared by the controller's callbacks."""
+
+    def __init__(self, task: Task, cfg: FleetConfig, board: Board, log: LogWriter) -> None:
+        self.task = task
+        self.cfg = cfg
+        self.board = board
+        self.log = log
+        self.rng = random.Random(f"{cfg.seed}:attempt:{task.attempt}")
+        self.manager: SessionManager | None = None
+        self.ctl: SessionFenceController | None = None
+        self.window = 0
+        self.last_wait = 0.0
+        self.last_generation = 0
+        self.acquisitions = 0
+
+    def record(self, record_type: str, **fields: Any) -> None:
+        self.log.write({"t": record_type, "s": self.task.session, "a": self.task.attempt, **fields})
+
+    async def acquire(self, session_file: str, **options: Any) -> Any:
+        """The controller's injectable acquire, timed: lock wait is measured here."""
+        start = time.perf_counter()
+        try:
+            lock = await acquire_session_write_lock_async(session_file, **options)
+        finally:
+            self.last_wait = time.perf_counter() - start
+        self.acquisitions += 1
+        self.last_generation = int(lock.generation)
+        return lock
+
+    def merge(self, entries: list[Any]) -> Any:
+        assert self.manager is not None
+        return self.manager.merge_foreign_entries(entries)
+
+    def reload(self) -> None:
+        self.manager = self.open_manager()
+
+    def open_manager(self) -> SessionManager:
+        assert self.ctl is not None
+        ctl = self.ctl
+        manager = SessionManager.open(self.task.path)
+        return guard_session_manager(
+            manager,
+            with_compaction_persistence=ctl.owned_file_write,
+            on_message_persisted=ctl.refresh_after_owned_write,
+        )
+
+    def ack(self, entry_id: str, kind: str) -> None:
+        self.record("ack", id=entry_id, kind=kind)
+
+    def die_mid_append(self) -> None:
+        """Simulate a crash inside a write: half a line lands, then SIGKILL."""
+        text, check = checked_text(self.rng, "torn")
+        data = (
+            '{"type":"message","id":"ffffffff","parentId":null,"timestamp":"2026-01-01T00:00:00'
+            f'.000Z","message":{{"role":"assistant","content":[{{"type":"text","text":"{text}'
+            f'"}}],"fleetCheck":"{check}"}}}}\n'
+        ).encode()
+        cut = self.rng.randint(1, len(data) - 1)
+        fd = os.open(self.task.path, os.O_WRONLY | os.O_APPEND)
+        self.record("torn-inject", offset=os.fstat(fd).st_size, bytes=cut)
+        os.write(fd, data[:cut])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def append_turn(self, turn: int) -> int:
+        """Owned appends of one turn (called under the write lock); returns the count."""
+        assert self.manager is not None
+        if self.task.torn_at_turn == turn:
+            self.die_mid_append()
+        count = self.rng.randint(1, 3)
+        tag = f"s{self.task.session}a{self.task.attempt}t{turn}"
+        for _ in range(count):
+            self.ack(self.manager.append_message(owned_message(self.rng, tag)), "message")
+        if self.rng.random() < self.cfg.compaction and self.manager.leaf_id is not None:
+            text, check = checked_text(self.rng, "compacted")
+            entry_id = self.manager.append_compaction(
+                text, self.manager.leaf_id, self.rng.randint(1000, 90000), {"fleetCheck": check}
+            )
+            self.ack(entry_id, "compaction")
+            count += 1
+        return count
+
+
+async def run_attempt(task: Task, cfg: FleetConfig, board: Board, log: LogWriter) -> str:
+    """Run one attempt; returns ``completed``, ``takeover`` or ``error``."""
+    att = _Attempt(task, cfg, board, log)
+    s = task.session
+    started = time.perf_counter()
+    ctl = await SessionFenceController.create(
+        task.path,
+        timeout=cfg.lock_timeout,
+        acquire=att.acquire,
+        merge_foreign_entries=att.merge,
+        reload_session_file=att.reload,
+        verify="full" if cfg.verify_mode == "full" else "tail",
+    )
+    att.ctl = ctl
+    board.set_phase(s, HOLDING)
+    created = time.perf_counter()
+    outcome = "completed"
+    try:
+        manager = att.open_manager()
+        att.manager = manager
+        opened = time.perf_counter()
+        torn = manager.torn_tail
+        if torn is not None:
+            # Never append after a torn line: move it to quarantine first (SPEC §6).
+            quarantine = manager.repair_torn_tail()
+            att.record("torn", offset=torn[0], length=torn[1], repaired=quarantine is not None)
+        _seed_digest(ctl, manager)
+        att.record(
+            "setup",
+            create=created - started,
+            open=opened - created,
+            wait=att.last_wait,
+            gen=att.last_generation,
+            entries=len(manager.entries),
+        )
+        for turn in range(cfg.turns):
+            t0 = time.perf_counter()
+            async with ctl.write_lock():
+                appended = att.append_turn(turn)
+            t1 = time.perf_counter()
+            att.window += 1
+            board.open_window(s, att.window)  # before the lock is given up: see board.py
+            await ctl.release_for_prompt()
+            t2 = time.perf_counter()
+            await asyncio.sleep(att.rng.uniform(cfg.think_min, cfg.think_max))
+            board.set_phase(s, REACQUIRING)
+            att.last_wait = 0.0
+            t3 = time.perf_counter()
+            await ctl.reacquire_after_prompt()
+            t4 = time.perf_counter()
+            board.set_phase(s, HOLDING)
+            board.count_turn(s)
+            att.record(
+                "turn",
+                w=att.window,
+                gen=att.last_generation,
+                n=appended,
+                append=t1 - t0,
+                release=t2 - t1,
+                wait=att.last_wait,
+                reacquire=t4 - t3,
+                fence=max(0.0, (t4 - t3) - att.last_wait),
+                turn=(t2 - t0) + (t4 - t3),
+            )
+    except SessionTakeoverError as exc:
+        outcome = "takeover"
+        board.set_phase(s, HOLDING)  # the window is judged: nothing after this counts for it
+        att.record(
+            "detect",
+            w=att.window,
+            gen=att.last_generation,
+            reason=exc.reason,
+            phase=exc.phase,
+            detail=exc.detail,
+        )
+    except SessionWriteLockAcquireError as exc:
+        outcome = "error"
+        att.record("error", w=att.window, error=f"lock: {exc}")
+    finally:
+        await ctl.dispose()
+        board.set_phase(s, IDLE)
+    att.record("end", outcome=outcome, elapsed=time.perf_counter() - started)
+    return outcome
+
+
+def worker_main(
+    slot: int,
+    incarnation: int,
+    conn: Connection,
+    board: Board,
+    cfg: FleetConfig,
+    log_dir: str,
+) -> None:
+    """Process entry: serve tasks from ``conn`` until it sends None (or closes)."""
+    # The supervisor interrupts with its own signals; a worker never handles ^C itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    log = LogWriter(os.path.join(log_dir, f"worker-{slot:03d}-{incarnation:04d}.jsonl"))
+    log.write({"t": "start", "slot": slot, "incarnation": incarnation, "pid": os.getpid()})
+
+    async def serve() -> None:
+        while True:
+            try:
+                task = conn.recv()
+            except EOFError:
+                return
+            if task is None:
+                return
+            try:
+                outcome = await run_attempt(task, cfg, board, log)
+            except Exception as exc:  # a bug or an unexpected OS error: report, go on
+                log.write(
+                    {
+                        "t": "error",
+                        "s": task.session,
+                        "a": task.attempt,
+                        "error": repr(exc),
+                        "traceback": traceback.format_exc(),
+                    }
+                )
+                board.set_phase(task.session, IDLE)
+                outcome = "error"
+            conn.send((task.attempt, outcome))
+
+    asyncio.run(serve())
+    log.close()
