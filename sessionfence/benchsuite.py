@@ -696,7 +696,7 @@ def p1(bench: Bench) -> list[Result]:
         Result(
             "P1",
             "check_append",
-            f"check_append after a 1 KiB append, {format_bytes(large)} ÷ {format_bytes(small)}",
+            f"check_append after 1 KiB append, {format_bytes(large)} ÷ {format_bytes(small)}",
             ratio,
             f"cffi {format_bytes(large)} ÷ cffi {format_bytes(small)}",
             Target("<=", 1.5),
@@ -737,7 +737,7 @@ def p2(bench: Bench) -> list[Result]:
             Result(
                 "P2",
                 "validation" + suffix.replace("-", "_"),
-                f"owned 1 KiB append validation, {format_bytes(size)}: {title}",
+                f"owned append validation, {format_bytes(size)}: {title}",
                 ratio,
                 "naive ÷ cffi",
                 Target(">=", 10_000),
@@ -802,8 +802,8 @@ def p3(bench: Bench) -> list[Result]:
             probe.close()
     results = []
     for kind, title, info in (
-        ("quiet", f"FileProbe.fingerprint(), unchanged for ≥ {QUIET_AFTER_S:g} s", False),
-        ("fresh", "FileProbe.fingerprint(), unchanged but written < 2 s ago", True),
+        ("quiet", f"FileProbe.fingerprint(), file quiet ≥ {QUIET_AFTER_S:g} s", False),
+        ("fresh", "FileProbe.fingerprint(), file written < 2 s ago", True),
     ):
         ratio, ratio_min = _ratio(stats[f"cffi-{kind}"], stats["os.stat"])
         results.append(

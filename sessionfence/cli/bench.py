@@ -220,7 +220,7 @@ def print_table(report: Report) -> None:
         table.add_row(*row[:-1], f"[{color}]{row[-1]}[/]")
     probe = Console()
     # Piped output would wrap at 80 columns: give it room for the nine columns instead.
-    console = probe if probe.is_terminal else Console(width=170)
+    console = probe if probe.is_terminal else Console(width=200)
     console.print(table)
     for line in _footer(report):
         console.print(line, style="dim", highlight=False)
