@@ -321,42 +321,64 @@ static int is_missing_win(DWORD w)
 }
 
 /*
- * dev and ino the way CPython >= 3.12 fills os.stat() on Windows: the 64-bit volume serial
- * and the low 64 bits of the 128-bit file id from FILE_ID_INFO (ReFS ids can be wider;
- * NTFS ids fit and carry a sequence number, so a reused MFT record gets a new ino), else
- * (FAT, old servers) the 32-bit serial and 64-bit file index of the older call.
+ * A file deleted while someone holds it open stays "delete pending" under its name until
+ * the last handle closes (Windows before POSIX delete semantics, other file systems, wine).
+ * Such a file is gone for our purposes: h_stat reports nlink 0 for it, and opening it fails
+ * with ERROR_ACCESS_DENIED, which only the NTSTATUS (STATUS_DELETE_PENDING) tells apart
+ * from a real permission problem.
  */
-static void win_ids(HANDLE fh, const BY_HANDLE_FILE_INFORMATION *info, sf_stat *st)
+#define SF_STATUS_DELETE_PENDING 0xC0000056UL
+
+static int delete_pending_error(DWORD e)
 {
-    FILE_ID_INFO id;
-    if (GetFileInformationByHandleEx(fh, FileIdInfo, &id, sizeof(id))) {
-        uint64_t low;
-        memcpy(&low, id.FileId.Identifier, sizeof(low)); /* little-endian: the low half */
-        st->dev = (uint64_t)id.VolumeSerialNumber;
-        st->ino = low;
-        if (low != 0)
-            return;
-    }
-    st->dev = (uint64_t)info->dwVolumeSerialNumber;
-    st->ino = ((uint64_t)info->nFileIndexHigh << 32) | (uint64_t)info->nFileIndexLow;
+    typedef LONG(WINAPI * rtl_status_fn)(void);
+    HMODULE ntdll;
+    rtl_status_fn get_status;
+    if (e != ERROR_ACCESS_DENIED)
+        return 0;
+    ntdll = GetModuleHandleW(L"ntdll.dll");
+    if (ntdll == NULL)
+        return 0;
+    /* Through void (*)(void): the generic function pointer type (-Wcast-function-type). */
+    get_status = (rtl_status_fn)(void (*)(void))GetProcAddress(ntdll, "RtlGetLastNtStatus");
+    return get_status != NULL && (ULONG)get_status() == SF_STATUS_DELETE_PENDING;
 }
 
 static int h_stat(sf_handle h, sf_stat *st, sf_err *err)
 {
-    BY_HANDLE_FILE_INFORMATION info;
+    FILE_STANDARD_INFO std_info;
     FILE_BASIC_INFO basic;
+    FILE_ID_INFO id;
     HANDLE fh = (HANDLE)(intptr_t)h;
-    if (!GetFileInformationByHandle(fh, &info))
-        return fail_win(err, GetLastError());
+    uint64_t low = 0;
     if (!GetFileInformationByHandleEx(fh, FileBasicInfo, &basic, sizeof(basic)))
         return fail_win(err, GetLastError());
-    win_ids(fh, &info, st);
-    st->size = (int64_t)(((uint64_t)info.nFileSizeHigh << 32) | (uint64_t)info.nFileSizeLow);
+    if (!GetFileInformationByHandleEx(fh, FileStandardInfo, &std_info, sizeof(std_info)))
+        return fail_win(err, GetLastError());
+    /*
+     * dev and ino the way CPython >= 3.12 fills os.stat() on Windows: the 64-bit volume
+     * serial and the low 64 bits of the 128-bit file id of FILE_ID_INFO (ReFS ids can be
+     * wider; NTFS ids fit and carry a sequence number, so a reused MFT record gets a new
+     * ino), else (FAT, old servers) the 32-bit serial and 64-bit index of the older call.
+     */
+    if (GetFileInformationByHandleEx(fh, FileIdInfo, &id, sizeof(id)))
+        memcpy(&low, id.FileId.Identifier, sizeof(low)); /* little-endian: the low half */
+    if (low != 0) {
+        st->dev = (uint64_t)id.VolumeSerialNumber;
+        st->ino = low;
+    } else {
+        BY_HANDLE_FILE_INFORMATION info;
+        if (!GetFileInformationByHandle(fh, &info))
+            return fail_win(err, GetLastError());
+        st->dev = (uint64_t)info.dwVolumeSerialNumber;
+        st->ino = ((uint64_t)info.nFileIndexHigh << 32) | (uint64_t)info.nFileIndexLow;
+    }
+    st->size = (int64_t)std_info.EndOfFile.QuadPart;
     st->mtime_ns = sf_filetime_to_ns((int64_t)basic.LastWriteTime.QuadPart);
     /* ChangeTime is NTFS's status-change time: the analogue of st_ctime, not creation time. */
     st->ctime_ns = sf_filetime_to_ns((int64_t)basic.ChangeTime.QuadPart);
-    st->nlink = (int64_t)info.nNumberOfLinks;
-    st->is_dir = (info.dwFileAttributes & FILE_ATTRIBUTE_DIRECTORY) != 0;
+    st->nlink = std_info.DeletePending ? 0 : (int64_t)std_info.NumberOfLinks;
+    st->is_dir = std_info.Directory || (basic.FileAttributes & FILE_ATTRIBUTE_DIRECTORY) != 0;
     st->is_reg = !st->is_dir && GetFileType(fh) == FILE_TYPE_DISK;
     return 0;
 }
@@ -376,7 +398,7 @@ static int h_open(const char *path, sf_handle *out, int *missing, sf_err *err)
     if (fh == INVALID_HANDLE_VALUE) {
         DWORD attrs;
         e = GetLastError();
-        if (is_missing_win(e)) {
+        if (is_missing_win(e) || delete_pending_error(e)) {
             free(w);
             *missing = 1;
             return 0;
@@ -408,7 +430,7 @@ static int path_stat(const char *path, sf_stat *st, int *missing, sf_err *err)
     free(w);
     if (fh == INVALID_HANDLE_VALUE) {
         DWORD e = GetLastError();
-        if (is_missing_win(e)) {
+        if (is_missing_win(e) || delete_pending_error(e)) {
             *missing = 1;
             return 0;
         }
@@ -416,6 +438,8 @@ static int path_stat(const char *path, sf_stat *st, int *missing, sf_err *err)
     }
     rc = h_stat((sf_handle)(intptr_t)fh, st, err);
     CloseHandle(fh);
+    if (rc == 0 && st->nlink == 0)
+        *missing = 1; /* delete pending: gone once its holders close it */
     return rc;
 }
 
@@ -572,6 +596,14 @@ static int open_regular(const char *path, sf_handle *h, sf_stat *st, int *missin
         *h = SF_NO_HANDLE;
         return -1;
     }
+#ifdef _WIN32
+    if (st->nlink == 0) {
+        /* Delete pending (see delete_pending_error): gone, and holding it delays that. */
+        h_close(*h);
+        *h = SF_NO_HANDLE;
+        *missing = 1;
+    }
+#endif
     return 0;
 }
 
