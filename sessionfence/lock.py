@@ -105,10 +105,14 @@ class _Entry:
     force_released: bool = False
 
 
-# Guards _held, every _Entry's refcount/closed and every handle's _released flag. Held only
-# for short non-blocking work (a 4-byte pwrite, unlock, close).
+# Guards _held, _claimed, every _Entry's refcount/closed and every handle's _released
+# flag. Held only for short non-blocking work (a 4-byte pwrite, unlock, close).
 _registry_lock = threading.Lock()
 _held: dict[str, list[_Entry]] = {}
+# Lock paths this process is trying to lock or holds. Same-process exclusion then does not
+# depend on flock conflicting between two descriptors of one process (it does on local
+# filesystems, but flock emulated with POSIX record locks, as on NFS, does not).
+_claimed: set[str] = set()
 # The highest generation this process has seen per lock path: a lock file deleted or
 # overwritten with garbage must not make the next generation go backwards here.
 _last_generation: dict[str, int] = {}
@@ -125,6 +129,7 @@ def _close_entry(entry: _Entry) -> None:
     with contextlib.suppress(OSError):
         _os.unlock(entry.fd)
     _os.close_quietly(entry.fd)
+    _claimed.discard(entry.lock_path)
     entries = _held.get(entry.lock_path)
     if entries is not None:
         if entry in entries:
@@ -174,6 +179,7 @@ def _after_fork_child() -> None:
                 entry.closed = True
                 _os.close_quietly(entry.fd)
     _held.clear()
+    _claimed.clear()
     _registry_lock = threading.Lock()
     _watchdog.reset()
 
@@ -358,6 +364,7 @@ def _join_reentrant(lock_path: str, owner: str | None) -> _Entry | None:
 @dataclass
 class _Busy:
     record: _rec.OwnerRecord | None
+    here: bool = False  # held (or being locked) by this process; record not read
 
 
 _RETRY_NOW = object()
@@ -373,6 +380,40 @@ def _attempt(
     lock_path: str, max_hold: float, reentrant_owner: str | None
 ) -> _Entry | _Busy | object:
     """One non-blocking try: an ``_Entry`` on success, ``_Busy`` when held, else retry now."""
+    with _registry_lock:
+        if lock_path in _claimed:
+            return _Busy(None, here=True)
+        _claimed.add(lock_path)
+    try:
+        outcome = _attempt_os_lock(lock_path, max_hold, reentrant_owner)
+    except BaseException:
+        with _registry_lock:
+            _claimed.discard(lock_path)
+        raise
+    if not isinstance(outcome, _Entry):
+        with _registry_lock:
+            _claimed.discard(lock_path)
+    return outcome
+
+
+def _peek_record(lock_path: str) -> _rec.OwnerRecord | None:
+    """The current record, for diagnostics only; None if it cannot be read."""
+    try:
+        fd = _os.open_lock_file(lock_path, create=False, write=False)
+    except OSError:
+        return None
+    try:
+        size = _os.fstat_regular(fd, lock_path).st_size
+        return _rec.parse_record(_os.read_at(fd, size) if size <= _os.MAX_RECORD_BYTES else b"")
+    except OSError:
+        return None
+    finally:
+        _os.close_quietly(fd)
+
+
+def _attempt_os_lock(
+    lock_path: str, max_hold: float, reentrant_owner: str | None
+) -> _Entry | _Busy | object:
     try:
         fd = _os.open_lock_file(lock_path)
     except FileNotFoundError:
@@ -444,6 +485,7 @@ def _acquisition(
     deadline = time.monotonic() + budget
     key, lock_path = lock_path_for(path)
     last: _rec.OwnerRecord | None = None
+    last_here = False
     while True:
         joined = _join_reentrant(lock_path, reentrant_owner)
         if joined is not None:
@@ -455,12 +497,15 @@ def _acquisition(
         if isinstance(outcome, _Entry):
             return SessionWriteLock(outcome, key)
         if isinstance(outcome, _Busy):
-            last = outcome.record
-            reasons = _rec.stale_reasons(last, stale_after)
+            # Held in this process: never stale, and the record is only read for a report.
+            last, last_here = outcome.record, outcome.here
+            reasons = [] if last_here else _rec.stale_reasons(last, stale_after)
             if reasons:
                 raise SessionWriteLockStaleError(_rec.describe_owner(last), lock_path, reasons)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
+            if last_here:
+                last = _peek_record(lock_path)
             shown = math.inf if math.isinf(budget) else round(budget * 1000)
             raise SessionWriteLockTimeoutError(shown, _rec.describe_owner(last), lock_path)
         yield min(POLL_INTERVAL, remaining)

@@ -219,6 +219,20 @@ def test_same_process_second_acquire_times_out(path: Path) -> None:  # §9.2 #3,
     acquire_session_write_lock(path, timeout=0).release()
 
 
+def test_same_process_exclusion_does_not_rely_on_flock_between_descriptors(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # flock emulated with POSIX record locks (NFS) lets a process lock twice; the
+    # in-process claim must still make a second acquisition wait.
+    monkeypatch.setattr(lock._os, "try_lock", lambda fd, shared=False: True)
+    held = acquire_session_write_lock(path)
+    with pytest.raises(SessionWriteLockTimeoutError) as info:
+        acquire_session_write_lock(path, timeout=0.06)
+    assert info.value.owner.startswith(f"pid={os.getpid()} ")
+    held.release()
+    acquire_session_write_lock(path, timeout=0).release()
+
+
 def test_same_process_symlinked_alias_is_not_reentrant(path: Path, tmp_path: Path) -> None:
     alias = tmp_path / "alias.jsonl"
     alias.symlink_to(path)  # §9.2 #4
