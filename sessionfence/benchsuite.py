@@ -34,6 +34,7 @@ import importlib
 import os
 import pkgutil
 import platform
+import re
 import shutil
 import statistics
 import sys
@@ -50,22 +51,39 @@ from . import _impl_py
 from ._types import ChangeKind, Fingerprint
 
 __all__ = [
+    "COLUMNS",
     "MEASURES",
     "PROFILES",
+    "AppendValidation",
     "Bench",
+    "Column",
+    "Contender",
+    "Figure",
+    "GiB",
+    "KiB",
     "Measure",
     "Profile",
+    "Report",
     "Result",
     "Stats",
     "SweepPoint",
     "Target",
+    "batched",
+    "calibrate",
+    "column",
     "format_bytes",
     "format_ns",
+    "format_rate",
     "load_measures",
     "measure",
+    "race",
     "run",
     "size_id",
     "sweep",
+    "threaded_ns",
+    "time_figure",
+    "warm",
+    "write_transcript",
 ]
 
 KiB = 1 << 10
@@ -297,8 +315,11 @@ def load_measures() -> dict[str, Measure]:
 
 
 def _id_key(mid: str) -> tuple[str, int, str]:
-    digits = "".join(ch for ch in mid if ch.isdigit())
-    return (mid.rstrip("0123456789"), int(digits) if digits else 0, mid)
+    """P2 < P2c < P3 < P10: letters, then the number, then any suffix."""
+    match = re.fullmatch(r"([^\d]*)(\d*)(.*)", mid)
+    assert match is not None  # the pattern matches every string
+    head, digits, tail = match.groups()
+    return (head, int(digits) if digits else 0, tail)
 
 
 # ------------------------------------------------------------------------------------------
@@ -675,6 +696,12 @@ def _ratio(a: Stats, b: Stats) -> tuple[float, float]:
 
 def _time_fig(s: Stats, prefix: str = "") -> Figure:
     return Figure(f"{prefix}{format_ns(s.median)}", s)
+
+
+# Public names for measure modules (sessionfence._bench_*): a table column from a str, and a
+# time cell.
+column = _col
+time_figure = _time_fig
 
 
 @measure("P1", "check_append after a 1 KiB append: large ÷ 1 MiB transcript (cffi)")

@@ -163,18 +163,19 @@ def test_plain_table_without_rich(
 def test_a_new_measure_registers_itself(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # How P7 (the controller) will plug in: a decorated function, nothing else to edit.
+    # How P7 (the controller) plugs in: a decorated function, nothing else to edit.
     monkeypatch.setattr(benchsuite, "MEASURES", dict(benchsuite.MEASURES))
 
-    @benchsuite.measure("P7", "controller release + reacquire")
-    def p7(bench: benchsuite.Bench) -> list[benchsuite.Result]:
-        return [
-            benchsuite.Result(
-                "P7", "controller", "stub", 1.0, "a ÷ b", benchsuite.Target("<=", 1.5)
-            )
-        ]
+    def stub(mid: str) -> None:
+        @benchsuite.measure(mid, f"stub {mid}")
+        def run(bench: benchsuite.Bench) -> list[benchsuite.Result]:
+            target = benchsuite.Target("<=", 1.5)
+            return [benchsuite.Result(mid, "stub", "stub", 1.0, "a ÷ b", target)]
 
-    code, out, _ = run_cli(capsys, "--tiny", "--json", "--dir", str(tmp_path), "--only", "P7")
+    stub("P7")
+    stub("P2c")
+    code, out, _ = run_cli(capsys, "--tiny", "--json", "--dir", str(tmp_path), "--only", "p7,P2C")
     assert code == 0
-    (only,) = json.loads(out)["measures"]
-    assert only["id"] == "P7" and only["passed"] is True
+    measures = json.loads(out)["measures"]
+    assert [m["id"] for m in measures] == ["P2c", "P7"]  # registry order, not --only order
+    assert all(m["passed"] is True for m in measures)

@@ -101,11 +101,12 @@ def _check_chart(text: str | None) -> Path | None:
 def _check_only(text: str | None, known: Sequence[str]) -> list[str] | None:
     if text is None:
         return None
+    by_upper = {m.upper(): m for m in known}
     wanted = [part.strip().upper() for part in text.split(",") if part.strip()]
-    unknown = [m for m in wanted if m not in known]
+    unknown = [m for m in wanted if m not in by_upper]
     if unknown or not wanted:
         raise CliError(f"--only {text}: unknown measure; choose from {', '.join(known)}")
-    return list(dict.fromkeys(wanted))
+    return list(dict.fromkeys(by_upper[m] for m in wanted))
 
 
 def run(args: argparse.Namespace) -> int:
