@@ -829,7 +829,13 @@ def p3(bench: Bench) -> list[Result]:
             probe.close()
     results = []
     for kind, title, info in (
-        ("quiet", f"FileProbe.fingerprint(), file quiet ≥ {QUIET_AFTER_S:g} s", False),
+        (
+            "quiet",
+            f"FileProbe.fingerprint(), file quiet ≥ {QUIET_AFTER_S:g} s"
+            if bench.profile.quiet_wait
+            else "FileProbe.fingerprint(), file quiet (no wait in this profile)",
+            False,
+        ),
         ("fresh", "FileProbe.fingerprint(), file written < 2 s ago", True),
     ):
         ratio, ratio_min = _ratio(stats[f"cffi-{kind}"], stats["os.stat"])
