@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._merge import PublishedEntry
 from ._types import Fingerprint, same_stat
@@ -36,8 +36,7 @@ def session_file_key(path: str | os.PathLike[str]) -> str:
         return absolute
 
 
-@dataclass(frozen=True)
-class OwnedWrite:
+class OwnedWrite(NamedTuple):  # NamedTuple: built on every owned write, cheaply
     generation: int
     fingerprint: Fingerprint
     published_entries: tuple[PublishedEntry, ...] | None = None
@@ -50,8 +49,7 @@ class _History:
     writes: list[OwnedWrite] = field(default_factory=list)
 
 
-@dataclass
-class _Trusted:
+class _Trusted(NamedTuple):
     generation: int
     fingerprint: Fingerprint
 
@@ -66,8 +64,8 @@ class Registry:
         self._owned: dict[str, _History] = {}
         self._trusted: dict[str, _Trusted] = {}
         self._counter = 0
-        # key -> (fingerprint, digest of [0, fingerprint.size)); the digest object is never
-        # handed out, only copies, so rolling one fence forward cannot corrupt another.
+        # key -> (fingerprint, digest of [0, fingerprint.size)). Digest objects are shared
+        # between the cache and fences and never mutated: rolling forward copies first.
         self._digests: OrderedDict[str, tuple[Fingerprint, Any]] = OrderedDict()
 
     # generations -------------------------------------------------------------------------
@@ -150,7 +148,9 @@ class Registry:
             del self._owned[key]
             return
         floor = min(history.active_fence_generations.values())
-        history.writes = [w for w in history.writes if w.generation > floor]
+        writes = history.writes
+        if writes and writes[0].generation <= floor:  # generations grow along the list
+            history.writes = [w for w in writes if w.generation > floor]
 
     def history_size(self, key: str) -> int | None:
         """Number of retained owned writes, or None when the key has no history (tests)."""
@@ -160,17 +160,18 @@ class Registry:
     # content digests ---------------------------------------------------------------------
 
     def lookup_digest(self, key: str, fp: Fingerprint) -> Any | None:
-        """A private copy of the cached digest of ``fp``'s content, if it is known."""
+        """The cached digest of ``fp``'s content, if known (shared: do not mutate it)."""
         cached = self._digests.get(key)
         if cached is None or not fp.exists or not same_stat(cached[0], fp):
             return None
         self._digests.move_to_end(key)
-        return cached[1].copy()
+        return cached[1]
 
     def remember_digest(self, key: str, fp: Fingerprint, digest: Any) -> None:
+        """Cache ``digest`` (of [0, fp.size)); the caller must not mutate it afterwards."""
         if not fp.exists:
             return
-        self._digests[key] = (fp, digest.copy())
+        self._digests[key] = (fp, digest)
         self._digests.move_to_end(key)
         while len(self._digests) > _DIGEST_CACHE_KEYS:
             self._digests.popitem(last=False)

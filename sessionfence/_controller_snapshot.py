@@ -10,9 +10,8 @@ is the only whole-file read on the hot path (SPEC §5.2 item 1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _backend
 from ._controller_registry import REGISTRY
@@ -28,12 +27,11 @@ _SUFFIX_CHUNK = 1 << 20
 _STABLE_DIGEST_TRIES = 4
 
 
-@dataclass(frozen=True)
-class FenceSnapshot:
+class FenceSnapshot(NamedTuple):
     """What the fence last saw: a fingerprint and, when known, the digest of its content."""
 
     fingerprint: Fingerprint
-    digest: Any | None = None  # RollingDigest of [0, fingerprint.size); never mutated
+    digest: Any | None = None  # RollingDigest of [0, fingerprint.size); shared, never mutated
 
     @property
     def has_digest(self) -> bool:
@@ -50,13 +48,21 @@ class SnapshotIO:
         self.window = window
         self._probe: Any | None = None
         self._probe_module: ModuleType | None = None
+        # Pinned backend of this controller (benchmarks compare backends side by side);
+        # None follows the module-level ``hot_path``.
+        self.pinned: ModuleType | None = None
+
+    @property
+    def hot(self) -> ModuleType:
+        return self.pinned if self.pinned is not None else hot_path
 
     @property
     def probe(self) -> Any:
         # Re-created after close() and when tests swap the backend module.
-        if self._probe is None or self._probe_module is not hot_path or self._probe.closed:
-            self._probe = hot_path.FileProbe(self.path, window=self.window)
-            self._probe_module = hot_path
+        hot = self.hot
+        if self._probe is None or self._probe_module is not hot or self._probe.closed:
+            self._probe = hot.FileProbe(self.path, window=self.window)
+            self._probe_module = hot
         return self._probe
 
     def close(self) -> None:
@@ -70,6 +76,14 @@ class SnapshotIO:
     def observe(self, before: Fingerprint) -> Change:
         """check_append against ``before``: stat, old tail window, suffix up to 1 MiB."""
         return self.probe.check_append(before)  # type: ignore[no-any-return]
+
+    def observe_quiet(self, before: Fingerprint) -> Change:
+        """``observe`` for where no change is the common case: a fingerprint (one stat on
+        a quiet file) first, the full check only when the stat moved."""
+        fp = self.fingerprint()
+        if same_stat(fp, before):
+            return Change(ChangeKind.UNCHANGED, before, fp)
+        return self.observe(before)
 
     def suffix(self, change: Change) -> bytes | None:
         """All bytes ``[before.size, after.size)`` of an APPENDED/CREATED change, or None
@@ -102,7 +116,7 @@ class SnapshotIO:
         if snap.digest is None:
             return False
         try:
-            actual = hot_path.content_digest(self.path, fp.size)
+            actual = self.hot.content_digest(self.path, fp.size)
         except (OSError, ValueError):
             return False
         return bool(actual == snap.digest.intdigest())
@@ -120,7 +134,7 @@ class SnapshotIO:
         current = fp
         for _ in range(_STABLE_DIGEST_TRIES):
             try:
-                digest = hot_path.RollingDigest.from_file(self.path, current.size)
+                digest = self.hot.RollingDigest.from_file(self.path, current.size)
             except (OSError, ValueError):
                 digest = None
             post = self.fingerprint()
@@ -143,9 +157,6 @@ class SnapshotIO:
             return FenceSnapshot(after, prev.digest)
         if not after.exists:
             return FenceSnapshot(MISSING)
-        cached = REGISTRY.lookup_digest(self.key, after)
-        if cached is not None:
-            return FenceSnapshot(after, cached)
         rollable = (change.kind is ChangeKind.APPENDED and prev.digest is not None) or (
             change.kind is ChangeKind.CREATED
         )
@@ -155,10 +166,13 @@ class SnapshotIO:
                 if change.kind is ChangeKind.APPENDED:
                     digest = prev.digest.copy()  # type: ignore[union-attr]
                 else:
-                    digest = hot_path.RollingDigest()
+                    digest = self.hot.RollingDigest()
                 digest.update(data)
                 REGISTRY.remember_digest(self.key, after, digest)
                 return FenceSnapshot(after, digest)
+        cached = REGISTRY.lookup_digest(self.key, after)
+        if cached is not None:
+            return FenceSnapshot(after, cached)
         if need_digest:
             return self.fresh_digest(after)
         return FenceSnapshot(after)

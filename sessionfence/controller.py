@@ -648,7 +648,7 @@ class SessionFenceController:
         if not self._fence_active:
             return
         fence = self._fence
-        change = self._io.observe(fence.fingerprint)
+        change = self._io.observe_quiet(fence.fingerprint)
         if change.kind is ChangeKind.UNCHANGED:
             return
         current = change.after
@@ -826,7 +826,7 @@ class SessionFenceController:
             yield
         finally:
             if self._takeover is None and self._fence_active:
-                change = self._io.observe(self._fence.fingerprint)
+                change = self._io.observe_quiet(self._fence.fingerprint)
                 if change.kind is not ChangeKind.UNCHANGED and not same_stat(change.after, before):
                     self._fence = self._roll(self._fence, change, need_digest=True)
 
@@ -1107,7 +1107,7 @@ class SessionFenceController:
             if lock is None:
                 return
             try:
-                change = self._io.observe(self._fence.fingerprint)
+                change = self._io.observe_quiet(self._fence.fingerprint)
                 fp = change.after
                 last = REGISTRY.latest_owned_write(self._key)
                 trusted_generation = REGISTRY.trust_state(self._key, fp)

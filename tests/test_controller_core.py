@@ -154,6 +154,7 @@ async def test_10_releases_eager_lock_when_fence_read_throws_during_prompt_relea
     def broken(*_: object) -> None:
         raise OSError(errno.EIO, "I/O error", str(session_file))
 
+    monkeypatch.setattr(ctl._io, "fingerprint", broken)
     monkeypatch.setattr(ctl._io, "observe", broken)
     with pytest.raises(OSError) as caught:
         await ctl.release_for_prompt()

@@ -1,0 +1,292 @@
+"""Controller measures of SPEC §8 for ``sessionfence bench``: P7, and P2 through the controller.
+
+- **P7**: ``release_for_prompt()`` + ``reacquire_after_prompt()`` with no change in between,
+  1 GiB ÷ 1 KiB transcript (cffi), target <= 1.5. Beside it, in the same run: the pure
+  backend, and ``naive`` = what a content-checking fence without a rolling digest does (the
+  original's algorithm: read the whole file at release and again at reacquire, compare).
+- **P2c**: the synchronous owned write of a compaction line (``owned_file_write`` with
+  ``is_expected_compaction_append``) on a 100 MiB transcript, naive ÷ cffi, target >= 10 000.
+  ``naive`` is the original's validation (reference §5.8): read the whole file as UTF-8
+  before and after the append, ``startswith``, then validate the suffix. The append itself
+  is not timed on either side.
+
+The lock is a no-op injected ``acquire``: the measures are about the fence, and a real
+lock's cost does not depend on the transcript's size. Each controller runs on its own event
+loop and is pinned to its backend, so contenders can be raced round by round.
+
+``measure_p7`` and ``measure_p2_controller`` take a ``benchsuite.Bench``. Importing this
+module registers them with ``benchsuite.measure`` as ``P7`` and ``P2c``;
+``benchsuite.load_measures()`` discovers modules named ``sessionfence._bench_*``, so a
+one-line ``sessionfence/_bench_controller.py`` (``from ._controller_bench import *``) puts
+them in ``sessionfence bench``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from . import benchsuite as bs
+from ._types import same_stat
+from .controller import SessionFenceController
+from .transcript import is_expected_compaction_append
+
+__all__ = [
+    "ControllerBench",
+    "measure_p2_controller",
+    "measure_p7",
+    "naive_owned_compaction",
+    "naive_release_reacquire",
+]
+
+_CHUNK = 8 * bs.MiB
+
+
+class _NullLock:
+    def release(self) -> None:
+        return None
+
+
+def _null_acquire(path: Any, **options: Any) -> _NullLock:
+    return _NullLock()
+
+
+def compaction_line(entry_id: str) -> bytes:
+    return (
+        b'{"type":"compaction","id":"' + entry_id.encode() + b'","parentId":null,'
+        b'"timestamp":"2026-01-01T00:00:00.000Z","summary":"older turns, summarised",'
+        b'"firstKeptEntryId":"00000000","tokensBefore":4321}\n'
+    )
+
+
+def _append(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+class ControllerBench:
+    """One controller on one transcript, pinned to one backend, with its own event loop.
+
+    The fence is activated once before anything is timed (the first activation computes
+    the content digest: once per file per process)."""
+
+    def __init__(self, path: Path, impl: ModuleType, *, verify: str = "tail") -> None:
+        self.path = path
+        self.loop = asyncio.new_event_loop()
+        self._counter = 0
+        self.ctl = self.loop.run_until_complete(self._create(verify))
+        self.ctl._io.pinned = impl
+        self.loop.run_until_complete(self.ctl.release_for_prompt())
+        self.loop.run_until_complete(self.ctl.reacquire_after_prompt())
+
+    async def _create(self, verify: str) -> SessionFenceController:
+        return await SessionFenceController.create(
+            self.path,
+            acquire=_null_acquire,
+            verify=verify,  # type: ignore[arg-type]
+        )
+
+    async def _cycle(self, n: int) -> int:
+        clock = time.perf_counter_ns
+        ctl = self.ctl
+        t0 = clock()
+        for _ in range(n):
+            await ctl.release_for_prompt()
+            await ctl.reacquire_after_prompt()
+        return clock() - t0
+
+    def release_reacquire(self, n: int = 1) -> float:
+        """Mean ns of one release_for_prompt + reacquire_after_prompt over ``n``."""
+        ns = self.loop.run_until_complete(self._cycle(n))
+        if self.ctl.has_takeover:  # pragma: no cover - nothing changes the file
+            raise AssertionError(f"unexpected takeover: {self.ctl.takeover!r}")
+        return ns / n
+
+    def owned_compaction(self) -> float:
+        """ns of one owned compaction append (owned_file_write with the validator), minus
+        the append itself. The file grows by one line per call; every call must publish."""
+        self._counter += 1
+        entry_id = f"{self._counter:08x}"
+        line = compaction_line(entry_id)
+        clock = time.perf_counter_ns
+        spent = [0]
+
+        def run() -> str:
+            t = clock()
+            _append(self.path, line)
+            spent[0] = clock() - t
+            return entry_id
+
+        if self.ctl.holds_lock:
+            self.loop.run_until_complete(self.ctl.release_for_prompt())
+        t0 = clock()
+        self.ctl.owned_file_write(run, is_expected_compaction_append)
+        took = clock() - t0 - spent[0]
+        if not same_stat(self.ctl.fence_fingerprint, self.ctl._io.fingerprint()):
+            raise AssertionError("the owned compaction was not published")  # pragma: no cover
+        return float(took)
+
+    def close(self) -> None:
+        try:
+            self.loop.run_until_complete(self.ctl.dispose())
+        finally:
+            self.ctl._io.close()
+            self.loop.close()
+
+
+def naive_release_reacquire(path: Path) -> float:
+    """ns of the naive fence around a prompt: hash the whole file at release, again at
+    reacquire, compare (streamed in 8 MiB chunks: a 1 GiB file is not held in memory)."""
+    clock = time.perf_counter_ns
+
+    def digest() -> bytes:
+        state = hashlib.sha256()
+        with open(path, "rb", buffering=0) as f:
+            while chunk := f.read(_CHUNK):
+                state.update(chunk)
+        return state.digest()
+
+    t0 = clock()
+    before = digest()
+    after = digest()
+    took = clock() - t0
+    if before != after:  # pragma: no cover
+        raise AssertionError("naive fence saw a change that did not happen")
+    return float(took)
+
+
+def naive_owned_compaction(path: Path, counter: list[int]) -> float:
+    """ns of the original's owned compaction validation (two whole-file UTF-8 reads and a
+    prefix compare), minus the append itself."""
+    counter[0] += 1
+    entry_id = f"{counter[0]:08x}"
+    line = compaction_line(entry_id)
+    clock = time.perf_counter_ns
+    t0 = clock()
+    with open(path, "rb") as f:
+        before = f.read().decode("utf-8")
+    t1 = clock()
+    _append(path, line)
+    t2 = clock()
+    with open(path, "rb") as f:
+        after = f.read().decode("utf-8")
+    ok = after.startswith(before) and is_expected_compaction_append(entry_id, after[len(before) :])
+    t3 = clock()
+    if not ok:  # pragma: no cover
+        raise AssertionError("naive validation refused an owned compaction")
+    return float((t1 - t0) + (t3 - t2))
+
+
+def _samples(fn: Callable[[], float]) -> bs.Contender:
+    return lambda: [fn()]
+
+
+def measure_p7(
+    bench: bs.Bench, large: int = 1 * bs.GiB, small: int = 1 * bs.KiB
+) -> list[bs.Result]:
+    if bench.profile.name == "tiny":
+        large, small = bench.profile.p1_sizes[0], 1 * bs.KiB
+    cycles: dict[str, ControllerBench] = {}
+    try:
+        for size in (large, small):
+            path = bench.transcript(size, "p7")
+            bs.warm(path)
+            for name, impl in bench.impls.items():
+                cycles[f"{name}@{size}"] = ControllerBench(path, impl)
+        contenders: dict[str, bs.Contender] = {}
+        for key, cb in cycles.items():
+            inner = bs.calibrate(cb.release_reacquire, bench.profile.batch_ns)
+            contenders[key] = _samples(functools.partial(cb.release_reacquire, inner))
+        stats = bs.race(contenders, bench.rounds)
+        naive = bs.race(
+            {
+                f"naive@{size}": _samples(
+                    functools.partial(naive_release_reacquire, bench.transcript(size, "p7"))
+                )
+                for size in (large, small)
+            },
+            bench.slow_rounds,
+        )
+    finally:
+        for cb in cycles.values():
+            cb.close()
+    stats.update(naive)
+    figures: dict[bs.Column, bs.Figure] = {}
+    for name in ("naive", "python", "cffi"):
+        a, b = stats[f"{name}@{large}"], stats[f"{name}@{small}"]
+        figures[bs._col(name)] = bs.Figure(
+            f"{bs.format_ns(a.median)} / {bs.format_ns(b.median)}", a
+        )
+    a, b = stats[f"cffi@{large}"], stats[f"cffi@{small}"]
+    return [
+        bs.Result(
+            "P7",
+            "release_reacquire",
+            f"controller release + reacquire, {bs.format_bytes(large)} ÷ {bs.format_bytes(small)}",
+            a.median / b.median,
+            f"cffi {bs.format_bytes(large)} ÷ cffi {bs.format_bytes(small)}",
+            bs.Target("<=", 1.5),
+            figures,
+            a.min / b.min,
+            {"large": large, "small": small, "lock": "no-op injected"},
+            note="cells: large / small transcript; naive hashes the whole file twice",
+        )
+    ]
+
+
+def measure_p2_controller(bench: bs.Bench, size: int | None = None) -> list[bs.Result]:
+    size = bench.profile.p2_size if size is None else size
+    cycles: dict[str, ControllerBench] = {}
+    counter = [0]
+    naive_path = bench.transcript(size, "p2c-naive")
+    bs.warm(naive_path)
+    try:
+        for name, impl in bench.impls.items():
+            path = bench.transcript(size, f"p2c-{name}")
+            bs.warm(path)
+            cycles[name] = ControllerBench(path, impl)
+        contenders = {name: _samples(cb.owned_compaction) for name, cb in cycles.items()}
+        for c in contenders.values():
+            c()  # warm-up, not recorded
+        stats = bs.race(contenders, bench.rounds)
+        stats.update(
+            bs.race(
+                {"naive": _samples(functools.partial(naive_owned_compaction, naive_path, counter))},
+                bench.slow_rounds,
+            )
+        )
+    finally:
+        for cb in cycles.values():
+            cb.close()
+    return [
+        bs.Result(
+            "P2c",
+            "owned_compaction",
+            f"owned compaction append through the controller, {bs.format_bytes(size)}",
+            stats["naive"].median / stats["cffi"].median,
+            "naive ÷ cffi",
+            bs.Target(">=", 10_000),
+            {bs._col(name): bs._time_fig(stats[name]) for name in ("naive", "python", "cffi")},
+            stats["naive"].min / stats["cffi"].min,
+            {"size": size, "lock": "no-op injected"},
+            note="owned_file_write + validator, the append itself untimed",
+        )
+    ]
+
+
+P7 = bs.measure("P7", "controller release + reacquire, no change: 1 GiB ÷ 1 KiB transcript (cffi)")(
+    measure_p7
+)
+P2C = bs.measure("P2c", "owned compaction append through the controller: naive ÷ cffi")(
+    measure_p2_controller
+)
