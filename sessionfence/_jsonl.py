@@ -91,7 +91,7 @@ def loads_text(text: str) -> Any:
     return _decode(text)
 
 
-_FastLoads = Callable[[bytes], Any]
+_FastLoads = Callable[[bytes | memoryview], Any]
 
 
 def _find_fast_parsers() -> dict[str, _FastLoads]:
@@ -141,23 +141,30 @@ def set_fast_parser(choice: str | bool | None) -> str | None:
     return old
 
 
-def loads_line(line: bytes) -> tuple[Any, bool]:
+def loads_line(line: bytes | memoryview) -> tuple[Any, bool]:
     """Parses one JSONL line: ``(value, had_invalid_utf8)``.
 
-    Raises ``ValueError`` or ``RecursionError`` when the line is not JSON. Surrounding JSON
-    whitespace (space, tab, CR, LF) is allowed, as ``JSON.parse`` allows it.
+    Raises ``ValueError`` or ``RecursionError`` when the line is not JSON (a blank line is
+    not JSON either). Surrounding JSON whitespace (space, tab, CR, LF) is allowed, as
+    ``JSON.parse`` allows it.
     """
     fast = _fast_loads
-    if fast is not None and not (_check_long_integers and may_hold_long_integer(line)):
-        try:
-            return fast(line), False
-        except (ValueError, RecursionError):
-            pass  # json decides: it may accept what the fast parser refused
+    if fast is not None:
+        if _check_long_integers:
+            line = bytes(line)  # translate() needs bytes; orjson alone would take the view
+            use_fast = not may_hold_long_integer(line)
+        else:
+            use_fast = True
+        if use_fast:
+            try:
+                return fast(line), False
+            except (ValueError, RecursionError):
+                pass  # json decides: it may accept what the fast parser refused
     try:
-        text = line.decode("utf-8")
+        text = str(line, "utf-8")
         replaced = False
     except UnicodeDecodeError:
-        text = line.decode("utf-8", "replace")
+        text = str(line, "utf-8", "replace")
         replaced = True
     return _decode(text), replaced
 

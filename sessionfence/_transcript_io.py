@@ -238,15 +238,12 @@ def parse_fd(fd: int, digest: DigestT, chunk: int = DEFAULT_CHUNK) -> Loaded:
 
     Each byte is hashed exactly once, in file order, straight from the read buffer; a last
     line without its newline (a torn tail) is hashed after a copy of the digest is taken, so
-    ``clean_digest`` covers exactly the bytes a repair keeps. Blank lines are skipped without
-    counting; lines that are not JSON objects count as malformed.
+    ``clean_digest`` covers exactly the bytes a repair keeps. Lines are handed to the parser
+    as ``memoryview`` slices of the read buffer: only a line that spans two reads is copied.
+    Blank lines are skipped without counting; lines that are not JSON objects count as
+    malformed.
     """
     out = Loaded()
-    values = out.values
-    append = values.append
-    loads = _jsonl.loads_line
-    malformed = 0
-    invalid = 0
     pending: list[bytes] = []  # bytes after the last newline seen, not yet hashed
     total = 0
     first = True
@@ -259,49 +256,62 @@ def parse_fd(fd: int, digest: DigestT, chunk: int = DEFAULT_CHUNK) -> Loaded:
         if nl < 0:
             pending.append(data)
             continue
+        view = memoryview(data)
         for part in pending:
             digest.update(part)
-        digest.update(memoryview(data)[: nl + 1])
-        lines = data[:nl].split(b"\n")
+        digest.update(view[: nl + 1])
+        lines: list[bytes | memoryview] = []
+        start = 0
         if pending:
-            pending.append(lines[0])
-            lines[0] = b"".join(pending)
+            start = data.find(b"\n") + 1
+            pending.append(data[: start - 1])
+            lines.append(b"".join(pending))
             pending = []
-        rest = data[nl + 1 :]
-        if rest:
-            pending.append(rest)
+        elif first and data.startswith(_UTF8_BOM):
+            # JS trim() drops a BOM at the start of the file's text (reference §10.7)
+            start = len(_UTF8_BOM)
         if first:
             first = False
-            if lines[0].startswith(_UTF8_BOM):
-                # JS trim() drops a BOM at the start of the file's text (reference §10.7)
+            if lines and lines[0][: len(_UTF8_BOM)] == _UTF8_BOM:
                 lines[0] = lines[0][len(_UTF8_BOM) :]
-        for line in lines:
-            if not line or line.isspace():
-                continue
-            try:
-                value, replaced = loads(line)
-            except (ValueError, RecursionError):
-                if _blank_after_js_trim(line):
-                    continue
-                malformed += 1
-                continue
-            if replaced:
-                invalid += 1
-            if type(value) is dict:
-                append(value)
-            else:
-                malformed += 1
+        find = data.find
+        while start <= nl:
+            end = find(b"\n", start, nl + 1)
+            if end > start:
+                lines.append(view[start:end])
+            start = end + 1
+        if nl + 1 < len(data):
+            pending.append(data[nl + 1 :])
+        _parse_lines(lines, out)
+        del lines, view  # the views pin ``data``; let it go before the next read
     out.size = total
     if pending:
         tail = b"".join(pending)
         out.clean_digest = digest.copy()
         digest.update(tail)
         out.torn = (total - len(tail), len(tail))
-    out.malformed = malformed
-    out.invalid_utf8 = invalid
     return out
 
 
-def _blank_after_js_trim(line: bytes) -> bool:
-    # Only reached for lines JSON refused, so the decode cost never hits the fast path.
-    return not _jsonl.js_trim(line.decode("utf-8", "replace"))
+def _parse_lines(lines: list[bytes | memoryview], out: Loaded) -> None:
+    append = out.values.append
+    loads = _jsonl.loads_line
+    for line in lines:
+        try:
+            value, replaced = loads(line)
+        except (ValueError, RecursionError):
+            if not _blank_after_js_trim(line):
+                out.malformed += 1
+            continue
+        if replaced:
+            out.invalid_utf8 += 1
+        if type(value) is dict:
+            append(value)
+        else:
+            out.malformed += 1
+
+
+def _blank_after_js_trim(line: bytes | memoryview) -> bool:
+    # Only reached for lines JSON refused (blank ones included), so the decode cost never
+    # hits the fast path.
+    return not _jsonl.js_trim(str(line, "utf-8", "replace"))
