@@ -1,0 +1,224 @@
+"""Transcript parse throughput: ``SessionManager.open`` against a plain ``json.loads`` loop.
+
+    pytest benchmarks/test_bench_transcript.py --benchmark-only --benchmark-group-by=group \
+        --benchmark-columns=min,median,rounds -s
+
+Contenders, one group per size, all on the same file with a warm page cache:
+
+- ``plain-json-loop``: ``for line in file: values.append(json.loads(line))``, the baseline;
+- ``open-json``: ``SessionManager.open`` with the stdlib parser (what a bare install does);
+- ``open-msgspec`` / ``open-orjson``: ``SessionManager.open`` with an optional fast parser,
+  each skipped when it is not installed.
+
+``open`` does more than the loop: it also hashes every byte (XXH3-128 rolling digest),
+fingerprints the file before and after, checks each value is an object and builds the tree
+index. The summary printed at the end (``-s``) gives MB/s and each ratio to the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sessionfence import SessionManager, _jsonl
+
+MB = 1_000_000
+MiB = 1 << 20
+
+Benchmark = Any  # pytest-benchmark ships no type stubs
+
+SIZES = [
+    pytest.param(4 * MiB, id="4MiB"),
+    pytest.param(100 * MB, id="100MB", marks=[pytest.mark.bench_large]),
+]
+
+_results: dict[int, dict[str, float]] = {}
+
+
+def _corpus(rng: random.Random) -> str:
+    words = [
+        *"the of and to in is that for it with as was on be by this are or from at an".split(),
+        *"function return import class self value error file path line test result".split(),
+        *"session lock fence transcript append write read model prompt tool output".split(),
+        *"def async await none true false if else while try except raise yield".split(),
+        *"über café naïve 日本語 données — “quoted” emoji 🎉".split(),
+    ]
+    return " ".join(rng.choice(words) for _ in range(400_000))
+
+
+def _entries(rng: random.Random, corpus: str) -> Iterator[dict[str, Any]]:
+    """Realistic agent turns: user prompt, assistant with thinking and tool calls, tool
+    results of very different sizes, now and then a big file dump."""
+    parent: str | None = None
+    ms = 1_760_000_000_000
+    n = 0
+
+    def text(lo: int, hi: int) -> str:
+        size = rng.randint(lo, hi)
+        start = rng.randrange(0, len(corpus) - size)
+        return corpus[start : start + size]
+
+    def entry(message: dict[str, Any]) -> dict[str, Any]:
+        nonlocal parent, n, ms
+        n += 1
+        ms += rng.randint(10, 5000)
+        ident = f"{n:08x}"
+        row = {
+            "type": "message",
+            "id": ident,
+            "parentId": parent,
+            "timestamp": f"2026-11-24T12:{(n // 60) % 60:02d}:{n % 60:02d}.{n % 1000:03d}Z",
+            "message": {**message, "timestamp": ms},
+        }
+        parent = ident
+        return row
+
+    while True:
+        yield entry({"role": "user", "content": [{"type": "text", "text": text(20, 2000)}]})
+        for _ in range(rng.randint(1, 4)):
+            call = f"toolu_{rng.getrandbits(64):016x}"
+            yield entry(
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "thinking", "thinking": text(50, 3000), "signature": call * 4},
+                        {"type": "text", "text": text(10, 1500)},
+                        {
+                            "type": "toolCall",
+                            "id": call,
+                            "name": rng.choice(["bash", "read", "edit", "write", "grep"]),
+                            "arguments": {"command": text(5, 200), "timeout": 120},
+                        },
+                    ],
+                    "api": "anthropic-messages",
+                    "provider": "anthropic",
+                    "model": "claude-sonnet-4-5",
+                    "usage": {
+                        "input": rng.randint(0, 5000),
+                        "output": rng.randint(0, 4000),
+                        "cacheRead": rng.randint(0, 200_000),
+                        "cacheWrite": rng.randint(0, 20_000),
+                        "totalTokens": rng.randint(0, 250_000),
+                        "cost": {"input": rng.random() / 100, "output": rng.random() / 50},
+                    },
+                    "stopReason": "toolUse",
+                }
+            )
+            big = rng.random() < 0.05
+            yield entry(
+                {
+                    "role": "toolResult",
+                    "toolCallId": call,
+                    "toolName": "bash",
+                    "content": [
+                        {"type": "text", "text": text(50_000, 200_000) if big else text(20, 6000)}
+                    ],
+                    "isError": rng.random() < 0.1,
+                }
+            )
+
+
+def write_realistic_transcript(path: Path, size: int, seed: int = 4) -> Path:
+    rng = random.Random(seed)
+    corpus = _corpus(rng)
+    header = {"type": "session", "version": 3, "id": "bench", "timestamp": "t", "cwd": "/"}
+    with open(path, "wb") as f:
+        written = f.write(json.dumps(header, separators=(",", ":")).encode() + b"\n")
+        for row in _entries(rng, corpus):
+            if written >= size:
+                break
+            data = json.dumps(row, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+            f.write(data)
+            written += len(data)
+    with open(path, "rb") as f:  # warm the page cache: every contender reads from memory
+        while f.read(8 * MiB):
+            pass
+    return path
+
+
+@pytest.fixture(scope="module")
+def transcripts(bench_dir: Path) -> Callable[[int], Path]:
+    made: dict[int, Path] = {}
+
+    def get(size: int) -> Path:
+        if size not in made:
+            made[size] = write_realistic_transcript(bench_dir / f"realistic-{size}.jsonl", size)
+        return made[size]
+
+    return get
+
+
+def plain_json_loop(path: Path) -> list[Any]:
+    values = []
+    with open(path, "rb") as f:
+        for line in f:
+            values.append(json.loads(line))
+    return values
+
+
+def open_with(fast: str | None) -> Callable[[Path], SessionManager]:
+    def run(path: Path) -> SessionManager:
+        old = _jsonl.set_fast_parser(fast)
+        try:
+            return SessionManager.open(path)
+        finally:
+            _jsonl.set_fast_parser(old)
+
+    return run
+
+
+CONTENDERS: dict[str, Callable[[Path], Any]] = {
+    "plain-json-loop": plain_json_loop,
+    "open-json": open_with(None),
+    "open-msgspec": open_with("msgspec"),
+    "open-orjson": open_with("orjson"),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def summary() -> Iterator[None]:
+    yield
+    if not _results:
+        return
+    print("\n\ntranscript parse throughput (min of rounds)")
+    for size, row in sorted(_results.items()):
+        base = row.get("plain-json-loop")
+        for name, seconds in row.items():
+            ratio = f"  x{base / seconds:5.2f} vs plain loop" if base else ""
+            print(f"  {size / MB:8.1f} MB  {name:16s} {size / MB / seconds:8.1f} MB/s{ratio}")
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("contender", list(CONTENDERS))
+def test_parse(
+    benchmark: Benchmark,
+    transcripts: Callable[[int], Path],
+    size: int,
+    contender: str,
+    bench_quick: bool,
+) -> None:
+    parser = contender.removeprefix("open-")
+    optional = contender.startswith("open-") and parser != "json"
+    if optional and parser not in _jsonl.available_fast_parsers():
+        pytest.skip(f"{parser} is not installed (optional extra)")
+    path = transcripts(size)
+    actual = path.stat().st_size
+    benchmark.group = f"transcript parse {actual / MB:.0f} MB"
+    run = CONTENDERS[contender]
+    rounds = 1 if bench_quick else 3
+    result = benchmark.pedantic(run, args=(path,), rounds=rounds, iterations=1, warmup_rounds=0)
+    if isinstance(result, SessionManager):
+        assert result.malformed_lines == 0 and result.torn_tail is None
+        assert result.digest_size == actual
+    else:
+        assert len(result) > 1
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:
+        seconds = stats.stats.min
+        benchmark.extra_info["MB/s"] = round(actual / MB / seconds, 1)
+        _results.setdefault(actual, {})[contender] = seconds
