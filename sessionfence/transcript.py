@@ -140,6 +140,13 @@ class SessionManager:
     # Loading.
     # ------------------------------------------------------------------------------------
 
+    def reload(self) -> None:
+        """Parses the file again from scratch (the controller's ``reload_session_file``).
+
+        The manager object stays the same, so a guard installed on it stays in force.
+        """
+        self._load()
+
     def _reset(self) -> None:
         self._header: Entry | None = None
         self._entries: list[Entry] = []
@@ -502,6 +509,7 @@ class SessionManager:
                 offset = _io.clean_end(fd, size)
                 self._torn = (offset, size - offset)
                 raise TornTranscriptError(self._path, offset, size - offset)
+            self._torn = None  # whatever open() saw, the file ends cleanly now
             header: Entry | None = None
             if size == 0:
                 if self._header is not None or self._digest_size:
@@ -529,11 +537,23 @@ class SessionManager:
     # Digest bookkeeping.
     # ------------------------------------------------------------------------------------
 
-    def note_external_bytes(self, data: bytes | bytearray | memoryview) -> None:
+    def note_external_bytes(
+        self, data: bytes | bytearray | memoryview, offset: int | None = None
+    ) -> None:
         """Rolls the digest over ``data``, which the caller knows are the file's bytes
         ``[digest_size, digest_size + len(data))`` (e.g. ``Change.appended`` of a foreign
         append). Nothing is read and nothing is parsed: entries come through
-        ``merge_foreign_entries``."""
+        ``merge_foreign_entries``.
+
+        Pass ``offset`` (where ``data`` starts in the file, e.g. ``change.before.size``) to
+        have it checked: ``ValueError`` when it is not ``digest_size``, i.e. when the digest
+        is behind (see ``sync_digest``) or the caller's view of the file differs.
+        """
+        if offset is not None and offset != self._digest_size:
+            raise ValueError(
+                f"bytes start at offset {offset}, but the digest covers [0, "
+                f"{self._digest_size}): {self._path}"
+            )
         view = memoryview(data)
         self._digest.update(view)
         self._digest_size += view.nbytes
@@ -677,6 +697,11 @@ class SessionManager:
         in_sync = reader_leaf == self._leaf and reader_side == side
         if not persist_leaf or in_sync:
             return None
+        if not self._file_known:
+            # This manager never saw the file (it was missing at open): it holds no header
+            # to write behind, so the caller must reload the file rather than append to it.
+            current: Fingerprint = _backend().fingerprint(self._path, window=self._window)
+            return MergeResult(session_file_snapshot=current, requires_reload=True)
         raw_tail: str = plan[-1][0]["id"]
         control_id = self._append(
             {

@@ -691,3 +691,38 @@ def test_a_tail_that_holds_still_is_torn(tmp_path: Path) -> None:
         assert tio.settled_end(fd, settle=0.0, limit=0.0) == (13, False)
     finally:
         os.close(fd)
+
+
+def test_note_external_bytes_checks_the_offset(transcript: Path) -> None:
+    m = SessionManager.open(transcript)
+    size = m.digest_size
+    more = b'{"type":"custom","id":"f1","parentId":null,"customType":"x"}\n'
+    with open(transcript, "ab") as f:
+        f.write(more)
+    with pytest.raises(ValueError, match="digest covers"):
+        m.note_external_bytes(more, offset=size + 1)
+    assert m.digest_size == size  # a refused call changes nothing
+    m.note_external_bytes(more, offset=size)
+    assert m.digest.intdigest() == content_digest(transcript)
+
+
+def test_reload_reparses_in_place(transcript: Path) -> None:
+    m = SessionManager.open(transcript)
+    a = m.append_custom("mine")
+    with open(transcript, "ab") as f:
+        f.write(json.dumps(msg("f1", a)).encode() + b"\n")
+    m.reload()
+    assert m.leaf_id == "f1" and m.get_entry(a) is not None
+    assert m.parsed_fingerprint == fingerprint(transcript)
+    assert m.digest.intdigest() == content_digest(transcript)
+
+
+def test_a_torn_tail_repaired_by_someone_else_no_longer_blocks(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    write(path, HEADER, raw=b'{"x":')
+    m = SessionManager.open(path)
+    assert m.torn_tail is not None
+    SessionManager.open(path).repair_torn_tail()
+    m.append_custom("after")
+    assert m.torn_tail is None
+    assert [g["type"] for g in lines(path)] == ["session", "custom"]

@@ -406,3 +406,24 @@ def test_lazy_exports() -> None:
     assert sessionfence.SessionManager is t.SessionManager
     assert sessionfence.guard_session_manager is t.guard_session_manager
     assert sessionfence.is_expected_compaction_append is t.is_expected_compaction_append
+
+
+def test_reload_keeps_the_guard(transcript: Path) -> None:
+    calls: list[int] = []
+    m = guard_session_manager(
+        SessionManager.open(transcript), on_message_persisted=lambda: calls.append(1)
+    )
+    m.reload()
+    m.append_message({"role": "user", "content": "x"})
+    assert calls == [1]
+
+
+def test_merge_into_a_never_created_transcript_asks_for_a_reload(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    m = SessionManager.open(path)  # missing: the manager holds no header
+    e1 = mirror("f0000001", None)
+    path.write_bytes(line({"type": "session"}) + line(e1))
+    result = m.merge_foreign_entries([e1], persist_leaf=True)
+    assert result is not None and result.requires_reload
+    assert result.session_file_snapshot == fingerprint(path)
+    assert path.read_bytes().count(b"\n") == 2  # nothing written
