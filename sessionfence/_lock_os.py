@@ -20,6 +20,7 @@ __all__ = [
     "MAX_RECORD_BYTES",
     "close_quietly",
     "fstat_regular",
+    "lock_path_for",
     "open_lock_file",
     "read_at",
     "still_names",
@@ -202,3 +203,23 @@ def write_at(fd: int, data: bytes, offset: int = 0) -> None:
             raise OSError(errno.EIO, "short write to the lock file")
         view = view[written:]
         offset += written
+
+
+def lock_path_for(path: str | os.PathLike[str]) -> tuple[str, str]:
+    """``(key, lock_path)`` for a transcript path.
+
+    The key is the real path of the transcript when it exists, else the real path of its
+    folder plus its name, so a symlink to the file or to its folder shares one lock.
+    """
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        raise TypeError(f"path must be str or os.PathLike[str], not {type(text).__name__}")
+    absolute = os.path.abspath(text)
+    name = os.path.basename(absolute)
+    if not name or text.endswith((os.sep, os.altsep or os.sep)):
+        raise ValueError(f"not a transcript path: {text!r}")
+    if os.path.exists(absolute):
+        key = os.path.realpath(absolute)
+    else:
+        key = os.path.join(os.path.realpath(os.path.dirname(absolute)), name)
+    return key, key + ".lock"

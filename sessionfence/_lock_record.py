@@ -21,9 +21,17 @@ from datetime import datetime, timezone
 from typing import Any
 
 __all__ = [
+    "DEFAULT_MAX_HOLD",
+    "DEFAULT_STALE",
+    "DEFAULT_TIMEOUT",
+    "ENV_MAX_HOLD",
+    "ENV_STALE",
+    "ENV_TIMEOUT",
     "MAX_TIMER_SECONDS",
+    "Default",
     "OwnerRecord",
     "boot_id",
+    "check_seconds",
     "describe_owner",
     "encode_record",
     "env_seconds",
@@ -33,7 +41,9 @@ __all__ = [
     "process_starttime",
     "record_age",
     "record_generation",
+    "resolve_settings",
     "stale_reasons",
+    "stale_setting",
 ]
 
 OwnerRecord = dict[str, Any]
@@ -64,6 +74,62 @@ def env_seconds(name: str) -> float | None:
     if value <= 0 or value > _MAX_SAFE_INTEGER:
         return None
     return value / 1000.0
+
+
+ENV_TIMEOUT = "SESSIONFENCE_LOCK_TIMEOUT_MS"
+ENV_STALE = "SESSIONFENCE_LOCK_STALE_MS"
+ENV_MAX_HOLD = "SESSIONFENCE_LOCK_MAX_HOLD_MS"
+
+
+class Default(float):
+    """A default argument value the resolver can tell apart from the same number passed
+    explicitly: environment overrides replace defaults only, explicit arguments win."""
+
+    __slots__ = ()
+
+
+DEFAULT_TIMEOUT = Default(60.0)
+DEFAULT_STALE = Default(1800.0)
+DEFAULT_MAX_HOLD = Default(300.0)
+
+
+def check_seconds(name: str, value: object, *, zero_ok: bool, inf_ok: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    seconds = float(value)
+    if math.isnan(seconds) or seconds < 0 or (seconds == 0 and not zero_ok):
+        raise ValueError(f"{name} must be {'>= 0' if zero_ok else '> 0'} seconds, got {value!r}")
+    if math.isinf(seconds) and not inf_ok:
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return seconds
+
+
+def resolve_settings(
+    timeout: float | None, stale: float | None, max_hold: float | None
+) -> tuple[float, float, float]:
+    """Resolve arguments, environment overrides (read now, at call time) and defaults.
+
+    ``None`` means "not given" too, so wrappers can forward an unset option and still let
+    the operator's environment override the default.
+    """
+    if timeout is None or timeout is DEFAULT_TIMEOUT:
+        timeout = env_seconds(ENV_TIMEOUT) or float(DEFAULT_TIMEOUT)
+    if stale is None or stale is DEFAULT_STALE:
+        stale = env_seconds(ENV_STALE) or float(DEFAULT_STALE)
+    if max_hold is None or max_hold is DEFAULT_MAX_HOLD:
+        max_hold = env_seconds(ENV_MAX_HOLD) or float(DEFAULT_MAX_HOLD)
+    return (
+        check_seconds("timeout", timeout, zero_ok=True, inf_ok=True),
+        check_seconds("stale", stale, zero_ok=False, inf_ok=False),
+        min(check_seconds("max_hold", max_hold, zero_ok=False, inf_ok=True), 1e18),
+    )
+
+
+def stale_setting(stale: float | None) -> float:
+    """``stale`` for inspection: the argument, else the environment, else the default."""
+    if stale is None:
+        return env_seconds(ENV_STALE) or float(DEFAULT_STALE)
+    return check_seconds("stale", stale, zero_ok=False, inf_ok=False)
 
 
 _host: str | None = None

@@ -14,21 +14,31 @@ a plain file), exclude processes that ignore the protocol, or exclude across NFS
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
-import logging
 import math
 import os
-import threading
 import time
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Union
 
 from . import _lock_os as _os
 from . import _lock_record as _rec
-from ._lock_watchdog import Watchdog
+from ._lock_inspect import LockInfo, clean_stale_locks, inspect_lock, list_locks
+from ._lock_os import lock_path_for
+from ._lock_record import DEFAULT_MAX_HOLD as _DEFAULT_MAX_HOLD
+from ._lock_record import DEFAULT_STALE as _DEFAULT_STALE
+from ._lock_record import DEFAULT_TIMEOUT as _DEFAULT_TIMEOUT
+from ._lock_record import resolve_settings as _settings
+from ._lock_registry import Entry as _Entry
+from ._lock_registry import claimed as _claimed
+from ._lock_registry import close_entry as _close_entry
+from ._lock_registry import held as _held
+from ._lock_registry import join_reentrant as _join_reentrant
+from ._lock_registry import last_generation as _last_generation
+from ._lock_registry import note_generation as _note_generation
+from ._lock_registry import registry_lock as _registry_lock
+from ._lock_registry import watchdog as _watchdog
 from .errors import SessionWriteLockStaleError, SessionWriteLockTimeoutError
 
 if TYPE_CHECKING:
@@ -50,146 +60,13 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 
 POLL_INTERVAL = 0.05
-_ENV_TIMEOUT = "SESSIONFENCE_LOCK_TIMEOUT_MS"
-_ENV_STALE = "SESSIONFENCE_LOCK_STALE_MS"
-_ENV_MAX_HOLD = "SESSIONFENCE_LOCK_MAX_HOLD_MS"
 # A path replaced under us is retried at once, but only this often per poll, so a
 # pathological replacer cannot turn the wait into a busy loop.
 _IMMEDIATE_RETRIES = 3
 
-_log = logging.getLogger("sessionfence.lock")
-
-
-class _Default(float):
-    """A default argument value the resolver can tell apart from the same number passed
-    explicitly: environment overrides replace defaults only, explicit arguments win."""
-
-    __slots__ = ()
-
-
-_DEFAULT_TIMEOUT = _Default(60.0)
-_DEFAULT_STALE = _Default(1800.0)
-_DEFAULT_MAX_HOLD = _Default(300.0)
-
 
 class LockInheritedError(RuntimeError):
     """A lock handle was used in a process forked from its holder; the child holds nothing."""
-
-
-@dataclass(frozen=True)
-class LockInfo:
-    """What ``inspect_lock`` sees: whether the OS lock is held, and the last owner record."""
-
-    held: bool
-    lock_path: str
-    owner: dict[str, Any] | None
-    age: float | None
-    stale_reasons: list[str] = field(default_factory=list)
-
-
-@dataclass(eq=False)
-class _Entry:
-    """One physical hold of the OS lock in this process (shared by reentrant handles)."""
-
-    lock_path: str
-    fd: int
-    generation: int
-    token: str
-    acquired_at: float
-    max_hold: float
-    reentrant_owner: str | None
-    state_offset: int
-    pid: int
-    refcount: int = 1
-    closed: bool = False
-    force_released: bool = False
-
-
-# Guards _held, _claimed, every _Entry's refcount/closed and every handle's _released
-# flag. Held only for short non-blocking work (a 4-byte pwrite, unlock, close).
-_registry_lock = threading.Lock()
-_held: dict[str, list[_Entry]] = {}
-# Lock paths this process is trying to lock or holds. Same-process exclusion then does not
-# depend on flock conflicting between two descriptors of one process (it does on local
-# filesystems, but flock emulated with POSIX record locks, as on NFS, does not).
-_claimed: set[str] = set()
-# The highest generation this process has seen per lock path: a lock file deleted or
-# overwritten with garbage must not make the next generation go backwards here.
-_last_generation: dict[str, int] = {}
-
-
-def _close_entry(entry: _Entry) -> None:
-    """Mark the record free, unlock, close; caller holds ``_registry_lock``."""
-    entry.closed = True
-    # Still under the OS lock, so this write races with nobody. A later contender that
-    # reads "free" knows the pid in the record no longer holds anything.
-    with contextlib.suppress(OSError):
-        _os.write_at(entry.fd, _rec.STATE_FREE, entry.state_offset)
-    # A failed unlock is harmless: closing the last descriptor below releases it anyway.
-    with contextlib.suppress(OSError):
-        _os.unlock(entry.fd)
-    _os.close_quietly(entry.fd)
-    _claimed.discard(entry.lock_path)
-    entries = _held.get(entry.lock_path)
-    if entries is not None:
-        if entry in entries:
-            entries.remove(entry)
-        if not entries:
-            del _held[entry.lock_path]
-
-
-def _watchdog_expire(entry: _Entry) -> None:
-    with _registry_lock:
-        if entry.closed or entry.pid != os.getpid():
-            return
-        held_for = time.monotonic() - entry.acquired_at
-        entry.force_released = True
-        _close_entry(entry)
-    # Logged after the release (and outside the registry lock, so a handler that touches
-    # locks cannot deadlock): whoever reacts to the warning finds the lock already free.
-    _log.warning(
-        "releasing session write lock held for %dms (max=%dms): %s",
-        int(held_for * 1000),
-        int(min(entry.max_hold, _rec.MAX_TIMER_SECONDS) * 1000),
-        entry.lock_path,
-    )
-
-
-_watchdog: Watchdog[_Entry] = Watchdog(lambda e: e.closed, _watchdog_expire)
-
-
-def _before_fork() -> None:
-    _registry_lock.acquire()
-
-
-def _after_fork_parent() -> None:
-    _registry_lock.release()
-
-
-def _after_fork_child() -> None:
-    """The child holds nothing: close inherited descriptors without unlocking.
-
-    ``flock`` belongs to the open file description shared with the parent; LOCK_UN here
-    would release the parent's lock, while closing our copy leaves it alone.
-    """
-    global _registry_lock
-    for entries in _held.values():
-        for entry in entries:
-            if not entry.closed:
-                entry.closed = True
-                _os.close_quietly(entry.fd)
-    _held.clear()
-    _claimed.clear()
-    _registry_lock = threading.Lock()
-    _watchdog.reset()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=_before_fork,
-        after_in_parent=_after_fork_parent,
-        after_in_child=_after_fork_child,
-    )
 
 
 class SessionWriteLock:
@@ -298,69 +175,6 @@ class SessionWriteLock:
         )
 
 
-def lock_path_for(path: PathLike) -> tuple[str, str]:
-    """``(key, lock_path)`` for a transcript path.
-
-    The key is the real path of the transcript when it exists, else the real path of its
-    folder plus its name, so a symlink to the file or to its folder shares one lock.
-    """
-    text = os.fspath(path)
-    if not isinstance(text, str):
-        raise TypeError(f"path must be str or os.PathLike[str], not {type(text).__name__}")
-    absolute = os.path.abspath(text)
-    name = os.path.basename(absolute)
-    if not name or text.endswith((os.sep, os.altsep or os.sep)):
-        raise ValueError(f"not a transcript path: {text!r}")
-    if os.path.exists(absolute):
-        key = os.path.realpath(absolute)
-    else:
-        key = os.path.join(os.path.realpath(os.path.dirname(absolute)), name)
-    return key, key + ".lock"
-
-
-def _check_seconds(name: str, value: object, *, zero_ok: bool, inf_ok: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    seconds = float(value)
-    if math.isnan(seconds) or seconds < 0 or (seconds == 0 and not zero_ok):
-        raise ValueError(f"{name} must be {'>= 0' if zero_ok else '> 0'} seconds, got {value!r}")
-    if math.isinf(seconds) and not inf_ok:
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return seconds
-
-
-def _settings(
-    timeout: float | None, stale: float | None, max_hold: float | None
-) -> tuple[float, float, float]:
-    """Resolve arguments, environment overrides (read now, at call time) and defaults.
-
-    ``None`` means "not given" too, so wrappers can forward an unset option and still let
-    the operator's environment override the default.
-    """
-    if timeout is None or timeout is _DEFAULT_TIMEOUT:
-        timeout = _rec.env_seconds(_ENV_TIMEOUT) or float(_DEFAULT_TIMEOUT)
-    if stale is None or stale is _DEFAULT_STALE:
-        stale = _rec.env_seconds(_ENV_STALE) or float(_DEFAULT_STALE)
-    if max_hold is None or max_hold is _DEFAULT_MAX_HOLD:
-        max_hold = _rec.env_seconds(_ENV_MAX_HOLD) or float(_DEFAULT_MAX_HOLD)
-    return (
-        _check_seconds("timeout", timeout, zero_ok=True, inf_ok=True),
-        _check_seconds("stale", stale, zero_ok=False, inf_ok=False),
-        min(_check_seconds("max_hold", max_hold, zero_ok=False, inf_ok=True), 1e18),
-    )
-
-
-def _join_reentrant(lock_path: str, owner: str | None) -> _Entry | None:
-    if not owner:
-        return None
-    with _registry_lock:
-        for entry in _held.get(lock_path, ()):
-            if not entry.closed and entry.reentrant_owner == owner:
-                entry.refcount += 1
-                return entry
-    return None
-
-
 @dataclass
 class _Busy:
     record: _rec.OwnerRecord | None
@@ -368,12 +182,6 @@ class _Busy:
 
 
 _RETRY_NOW = object()
-
-
-def _note_generation(lock_path: str, record: _rec.OwnerRecord | None) -> int:
-    seen = max(_rec.record_generation(record), _last_generation.get(lock_path, 0))
-    _last_generation[lock_path] = seen
-    return seen
 
 
 def _attempt(
@@ -560,119 +368,3 @@ async def acquire_session_write_lock_async(
     except StopIteration as done:
         lock: SessionWriteLock = done.value
         return lock
-
-
-def _held_here(lock_path: str) -> _Entry | None:
-    with _registry_lock:
-        for entry in _held.get(lock_path, ()):
-            if not entry.closed:
-                return entry
-    return None
-
-
-def _inspect_lock_file(lock_path: str, stale: float) -> LockInfo:
-    try:
-        fd = _os.open_lock_file(lock_path, create=False, write=False)
-    except FileNotFoundError:
-        return LockInfo(held=False, lock_path=lock_path, owner=None, age=None)
-    try:
-        size = _os.fstat_regular(fd, lock_path).st_size
-        raw = _os.read_at(fd, size) if size <= _os.MAX_RECORD_BYTES else b""
-        # A shared probe conflicts only with an exclusive holder, so inspectors never
-        # block each other, and closing the descriptor drops it at once.
-        held = _held_here(lock_path) is not None or not _os.try_lock(fd, shared=True)
-    finally:
-        _os.close_quietly(fd)
-    record = _rec.parse_record(raw)
-    reasons = _rec.stale_reasons(record, stale) if held else []
-    age = _rec.record_age(record) if record is not None else None
-    return LockInfo(held=held, lock_path=lock_path, owner=record, age=age, stale_reasons=reasons)
-
-
-def _stale_setting(stale: float | None) -> float:
-    if stale is None:
-        return _rec.env_seconds(_ENV_STALE) or float(_DEFAULT_STALE)
-    return _check_seconds("stale", stale, zero_ok=False, inf_ok=False)
-
-
-def inspect_lock(path: PathLike, *, stale: float | None = None) -> LockInfo:
-    """The lock state of the transcript at ``path``; never creates or changes the lock file.
-
-    ``stale_reasons`` is what a contender would report (empty unless the OS lock is held
-    by a live process other than this one whose record is too old or past its max hold).
-    """
-    _, lock_path = lock_path_for(path)
-    return _inspect_lock_file(lock_path, _stale_setting(stale))
-
-
-def list_locks(directory: PathLike, *, stale: float | None = None) -> list[LockInfo]:
-    """``LockInfo`` for every ``*.lock`` regular file directly in ``directory``, by name."""
-    limit = _stale_setting(stale)
-    infos = []
-    with os.scandir(os.fspath(directory)) as it:
-        names = sorted(e.path for e in it if e.name.endswith(".lock") and _is_regular(e))
-    for lock_path in names:
-        try:
-            infos.append(_inspect_lock_file(lock_path, limit))
-        except FileNotFoundError:
-            continue
-    return infos
-
-
-def _is_regular(entry: os.DirEntry[str]) -> bool:
-    try:
-        return entry.is_file(follow_symlinks=False)
-    except OSError:
-        return False
-
-
-def _remove_if_free(lock_path: str) -> bool:
-    """Unlink a lock file nobody holds, without ever unlinking a held one.
-
-    We take the lock ourselves before unlinking, and only unlink the inode we locked.
-    Anyone who opened the old inode meanwhile finds it unlinked after locking (nlink 0)
-    and retries on a fresh file, so removal cannot split the lock in two.
-    """
-    try:
-        fd = _os.open_lock_file(lock_path, create=False)
-    except FileNotFoundError:
-        return False
-    try:
-        _os.fstat_regular(fd, lock_path)
-        if not _os.try_lock(fd):
-            return False
-        if _os.still_names(fd, lock_path) is None:
-            return False
-        if not _os.IS_WINDOWS:
-            os.unlink(lock_path)
-            return True
-        # Windows cannot unlink an open file; after closing, a newcomer who opened it
-        # keeps it open, which makes the unlink fail rather than split the lock.
-        _os.unlock(fd)
-    finally:
-        _os.close_quietly(fd)
-    try:
-        os.unlink(lock_path)
-    except (PermissionError, FileNotFoundError):
-        return False
-    return True
-
-
-def clean_stale_locks(directory: PathLike) -> list[str]:
-    """Remove the lock files in ``directory`` that no process holds; return their paths.
-
-    Held lock files, symlinks and other non-regular files are left alone. Removing a free
-    lock file also drops its generation counter; processes that saw it keep counting up.
-    """
-    removed = []
-    for info in list_locks(directory):
-        if info.held:
-            continue
-        try:
-            if _remove_if_free(info.lock_path):
-                removed.append(info.lock_path)
-                _log.info("removed unheld session lock: %s", info.lock_path)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ELOOP, errno.EINVAL):
-                raise
-    return removed
