@@ -40,14 +40,17 @@ SIZES = [
 _results: dict[int, dict[str, float]] = {}
 
 
+_VOCABULARY = (
+    "the of and to in is that for it with as was on be by this are or from at an which "
+    "function return import class self value error file path line test result data "
+    "session lock fence transcript append write read model prompt tool call output "
+    "def async await none true false if else for while try except raise yield lambda "
+    "über café naïve 日本語 données — “quoted” emoji 🎉"
+)
+
+
 def _corpus(rng: random.Random) -> str:
-    words = [
-        *"the of and to in is that for it with as was on be by this are or from at an".split(),
-        *"function return import class self value error file path line test result".split(),
-        *"session lock fence transcript append write read model prompt tool output".split(),
-        *"def async await none true false if else while try except raise yield".split(),
-        *"über café naïve 日本語 données — “quoted” emoji 🎉".split(),
-    ]
+    words = _VOCABULARY.split()
     return " ".join(rng.choice(words) for _ in range(400_000))
 
 
