@@ -6,6 +6,8 @@
 Contenders, one group per size, all on the same file with a warm page cache:
 
 - ``plain-json-loop``: ``for line in file: values.append(json.loads(line))``, the baseline;
+- ``plain-loop-gc-off``: the same loop with the cyclic GC paused, as ``open`` pauses it,
+  to show how much of the gain is that alone;
 - ``open-json``: ``SessionManager.open`` with the stdlib parser (what a bare install does);
 - ``open-msgspec`` / ``open-orjson``: ``SessionManager.open`` with an optional fast parser,
   each skipped when it is not installed.
@@ -26,6 +28,7 @@ from typing import Any
 import pytest
 
 from sessionfence import SessionManager, _jsonl
+from sessionfence import _transcript_io as _io
 
 MB = 1_000_000
 MiB = 1 << 20
@@ -164,6 +167,11 @@ def plain_json_loop(path: Path) -> list[Any]:
     return values
 
 
+def plain_json_loop_gc_off(path: Path) -> list[Any]:
+    with _io.gc_paused():
+        return plain_json_loop(path)
+
+
 def open_with(fast: str | None) -> Callable[[Path], SessionManager]:
     def run(path: Path) -> SessionManager:
         old = _jsonl.set_fast_parser(fast)
@@ -177,6 +185,7 @@ def open_with(fast: str | None) -> Callable[[Path], SessionManager]:
 
 CONTENDERS: dict[str, Callable[[Path], Any]] = {
     "plain-json-loop": plain_json_loop,
+    "plain-loop-gc-off": plain_json_loop_gc_off,
     "open-json": open_with(None),
     "open-msgspec": open_with("msgspec"),
     "open-orjson": open_with("orjson"),
@@ -213,7 +222,7 @@ def test_parse(
     actual = path.stat().st_size
     benchmark.group = f"transcript parse {actual / MB:.0f} MB"
     run = CONTENDERS[contender]
-    rounds = 1 if bench_quick else 3
+    rounds = 1 if bench_quick else 5
     result = benchmark.pedantic(run, args=(path,), rounds=rounds, iterations=1, warmup_rounds=0)
     if isinstance(result, SessionManager):
         assert result.malformed_lines == 0 and result.torn_tail is None
