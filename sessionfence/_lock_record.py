@@ -121,7 +121,7 @@ def resolve_settings(
     return (
         check_seconds("timeout", timeout, zero_ok=True, inf_ok=True),
         check_seconds("stale", stale, zero_ok=False, inf_ok=False),
-        min(check_seconds("max_hold", max_hold, zero_ok=False, inf_ok=True), 1e18),
+        check_seconds("max_hold", max_hold, zero_ok=False, inf_ok=True),
     )
 
 

@@ -73,7 +73,9 @@ class SessionWriteLock:
     """A hold of a transcript's write lock. ``release()`` is idempotent.
 
     Reentrant acquisitions (same non-empty ``reentrant_owner``) get their own handle on one
-    shared hold; the OS lock goes with the last release.
+    shared hold; the OS lock goes with the last release. A handle dropped without release
+    keeps the lock until its max hold (the watchdog) or the end of the process: releasing
+    from a finalizer would run at an arbitrary point, possibly in a forked child.
     """
 
     __slots__ = ("_entry", "_path", "_released")
@@ -121,6 +123,22 @@ class SessionWriteLock:
     def force_released(self) -> bool:
         """True when the max-hold watchdog took the lock away from this hold."""
         return self._entry.force_released
+
+    def is_intact(self) -> bool:
+        """Whether this hold is held and the lock path still names the locked inode.
+
+        Removing or replacing a held lock file (an operator, a tmp cleaner) lets a newcomer
+        lock a fresh file while this hold goes on: two holders. Nothing in the protocol can
+        prevent that, so writers check this before writing and stop when it is False.
+        """
+        entry = self._entry
+        with _registry_lock:
+            if not self.held:
+                return False
+            try:
+                return _os.still_names(entry.fd, entry.lock_path) is not None
+            except OSError:
+                return False
 
     def release(self) -> None:
         """Release this handle; a no-op when already released or force-released.

@@ -170,6 +170,22 @@ def test_record_written_after_locking_and_marked_free_on_release(path: Path) -> 
     assert not probe_held(held.lock_path)
 
 
+@pytest.mark.parametrize("how", ["unlink", "replace"])
+def test_is_intact_notices_a_removed_or_replaced_lock_file(path: Path, how: str) -> None:
+    held = acquire_session_write_lock(path)
+    assert held.is_intact()
+    if how == "unlink":
+        os.unlink(held.lock_path)
+    else:
+        Path(held.lock_path + ".new").write_bytes(b"")
+        os.replace(held.lock_path + ".new", held.lock_path)
+    assert not held.is_intact()
+    held.release()
+    assert not held.is_intact()
+    with acquire_session_write_lock(path, timeout=0) as again:
+        assert again.is_intact()
+
+
 def test_lock_key_uses_realpath_of_the_folder_when_the_file_is_missing(tmp_path: Path) -> None:
     real = tmp_path / "real"
     real.mkdir()
