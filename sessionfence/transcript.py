@@ -9,20 +9,26 @@ entries merged from other writers hang, so that they never enter the active bran
 
 Notes for the fence controller (everything is O(appended bytes) after ``open``):
 
-- ``manager.digest`` is a ``RollingDigest`` of the file's bytes ``[0, manager.digest_size)``
-  and ``manager.parsed_fingerprint`` is the fingerprint (with ``window``) of exactly the
-  bytes that were parsed, so ``digest_size == parsed_fingerprint.size`` right after ``open``
-  and ``digest.intdigest() == content_digest(path)`` for that state. Take ``digest.copy()``
-  to keep your own.
+- ``manager.parsed_fingerprint`` is the fingerprint (with ``window``) of exactly the bytes
+  ``open`` parsed, and ``manager.parsed_digest`` their ``RollingDigest`` (a frozen copy:
+  cache or share it as is, ``copy()`` before rolling). Together they seed a fence snapshot
+  with no second read of the file.
+- ``manager.digest`` is the manager's live ``RollingDigest`` of the file's bytes
+  ``[0, manager.digest_size)``: right after ``open`` it equals ``parsed_digest`` and
+  ``digest_size == parsed_fingerprint.size``. Take ``digest.copy()`` to keep your own.
 - Own appends roll the digest forward when the manager can prove where its line landed
   (the file had exactly ``digest_size`` bytes before the write and ``digest_size + len``
   after). Otherwise the digest is left *behind*: still right for ``[0, digest_size)``,
   and ``digest_size`` is smaller than the file. ``sync_digest()`` catches up by reading only
   the missing bytes.
 - Bytes that other writers appended (the ones a merge is about) are not read by the
-  manager. Tell it with ``note_external_bytes(change.appended)`` (or pass
-  ``appended=change.appended`` to ``merge_foreign_entries``) *before* any further append,
-  so the digest stays exact without a read.
+  manager. Tell it with ``note_external_bytes(change.appended, offset=change.before.size)``
+  (or pass ``appended=change.appended`` to ``merge_foreign_entries``) *before* any further
+  append, so the digest stays exact without a read.
+- ``merge_foreign_entries(entries, persist_leaf=True)`` is the merge callback; it returns
+  ``None`` or a ``MergeResult`` whose ``session_file_snapshot`` is the fingerprint right
+  after its own write. ``reload()`` re-parses in place (the reload callback).
+- The manager is not thread-safe; use it from one thread (or under your own lock).
 """
 
 from __future__ import annotations
@@ -165,6 +171,7 @@ class SessionManager:
         self._clean_digest: Any = None
         self._clean_offset: int | None = None
         self._parsed_fp: Fingerprint = MISSING
+        self._parsed_digest: Any = None
         self._file_known = False  # whether the file exists as far as this manager knows
 
     def _load(self) -> None:
@@ -199,6 +206,7 @@ class SessionManager:
 
     def _adopt(self, loaded: _io.Loaded, fp: Fingerprint) -> None:
         self._parsed_fp = fp
+        self._parsed_digest = self._digest.copy()
         self._file_known = True
         self._digest_size = loaded.size
         self._malformed = loaded.malformed
@@ -347,6 +355,15 @@ class SessionManager:
     def parsed_fingerprint(self) -> Fingerprint:
         """The fingerprint of the file as parsed by ``open`` (``MISSING`` if it was absent)."""
         return self._parsed_fp
+
+    @property
+    def parsed_digest(self) -> Any:
+        """``RollingDigest`` of exactly the bytes ``open`` parsed, paired with
+        ``parsed_fingerprint`` (``None`` when the file was missing). A private copy that this
+        manager never rolls, so it can be cached and shared as is, e.g.
+        ``REGISTRY.remember_digest(key, m.parsed_fingerprint, m.parsed_digest)``; whoever
+        rolls it forward must ``copy()`` it first."""
+        return self._parsed_digest
 
     def get_entry(self, entry_id: str) -> Entry | None:
         return self._by_id.get(entry_id)

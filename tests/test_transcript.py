@@ -726,3 +726,15 @@ def test_a_torn_tail_repaired_by_someone_else_no_longer_blocks(tmp_path: Path) -
     m.append_custom("after")
     assert m.torn_tail is None
     assert [g["type"] for g in lines(path)] == ["session", "custom"]
+
+
+def test_parsed_digest_is_frozen_at_open(transcript: Path) -> None:
+    m = SessionManager.open(transcript)
+    frozen = m.parsed_digest
+    assert frozen is not m.digest
+    assert frozen.intdigest() == content_digest(transcript)
+    size = m.parsed_fingerprint.size
+    m.append_custom("x")
+    assert frozen.intdigest() == content_digest(transcript, size)  # not rolled
+    assert m.digest.intdigest() == content_digest(transcript)
+    assert SessionManager.open(transcript.with_name("none.jsonl")).parsed_digest is None
