@@ -221,40 +221,41 @@ def pid_alive(pid: int) -> bool:
 
 
 def _iso_utc(wall: float) -> str:
-    moment = datetime.fromtimestamp(wall, tz=timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    millis = math.floor(wall * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(millis // 1000)) + (
+        f".{millis % 1000:03d}Z"
+    )
 
 
-_own_starttime: tuple[int, int | None] | None = None
+# The fields that only change with the process, serialised once per pid: acquisition is
+# on every writer's hot path, and json.dumps of the whole record dominated its cost.
+_static_head: tuple[int, str] | None = None
 
 
-def own_starttime() -> int | None:
-    """This process's start time, read once per process (a fork child reads its own)."""
-    global _own_starttime
+def _head() -> str:
+    global _static_head
     pid = os.getpid()
-    if _own_starttime is None or _own_starttime[0] != pid:
-        _own_starttime = (pid, process_starttime(pid))
-    return _own_starttime[1]
+    if _static_head is None or _static_head[0] != pid:
+        fields = {"pid": pid, "host": hostname(), "starttime": process_starttime(pid)}
+        _static_head = (pid, json.dumps(fields, separators=(",", ":"))[:-1])
+    return _static_head[1]
 
 
 def encode_record(
     *, generation: int, max_hold: float, monotonic: float, wall: float
 ) -> tuple[bytes, int, str]:
-    """Serialise a fresh owner record: ``(bytes, offset of the state value, token)``."""
-    pid = os.getpid()
+    """Serialise a fresh owner record: ``(bytes, offset of the state value, token)``.
+
+    Key order: pid, host, starttime, created_at, max_hold_ms, generation, token, boot_id,
+    monotonic, state. ``state`` comes last so release can flip it in place.
+    """
     token = secrets.token_hex(16)
-    fields = {
-        "pid": pid,
-        "host": hostname(),
-        "starttime": own_starttime(),
-        "created_at": _iso_utc(wall),
-        "max_hold_ms": int(min(max_hold, MAX_TIMER_SECONDS) * 1000),
-        "generation": generation,
-        "token": token,
-        "boot_id": boot_id(),
-        "monotonic": monotonic,
-    }
-    prefix = json.dumps(fields, separators=(",", ":"))[:-1].encode("ascii") + b',"state":"'
+    max_hold_ms = int(min(max_hold, MAX_TIMER_SECONDS) * 1000)
+    prefix = (
+        f'{_head()},"created_at":"{_iso_utc(wall)}","max_hold_ms":{max_hold_ms},'
+        f'"generation":{int(generation)},"token":"{token}","boot_id":{json.dumps(boot_id())},'
+        f'"monotonic":{float(monotonic)!r},"state":"'
+    ).encode("ascii")
     return prefix + STATE_HELD + b'"}\n', len(prefix), token
 
 
