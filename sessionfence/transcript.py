@@ -159,6 +159,10 @@ class SessionManager:
         self._by_id: dict[str, Entry] = {}
         self._leaf: str | None = None
         self._side: Cursor = _UNSET
+        # What a fresh reader of the file would take as leaf and side cursor. Equal to the
+        # two above except after merges, which never move this manager's visible leaf.
+        self._file_leaf: str | None = None
+        self._file_side: Cursor = _UNSET
         self._labels: dict[str, str] = {}
         self._session_name: str | None = None
         self._malformed = 0
@@ -238,10 +242,10 @@ class SessionManager:
             return
         by_id[ident] = entry
         if entry.get("appendMode") == "side":
-            self._side = ident
+            self._side = self._file_side = ident
         else:
-            self._leaf = ident
-            self._side = _UNSET
+            self._leaf = self._file_leaf = ident
+            self._side = self._file_side = _UNSET
         if kind == "label":
             self._apply_label(entry)
         elif kind == "session_info":
@@ -262,8 +266,9 @@ class SessionManager:
         for ref in (target, append_parent):
             if ref is not None and (not isinstance(ref, str) or ref not in self._by_id):
                 return
-        self._leaf = self._resolve(target)
-        self._side = self._resolve(append_parent) if mode == "side" else _UNSET
+        self._leaf = self._file_leaf = self._resolve(target)
+        side = self._resolve(append_parent) if mode == "side" else _UNSET
+        self._side = self._file_side = side
 
     def _resolve(self, ident: str | None) -> str | None:
         """A reference to a leaf control stands for that control's target."""
@@ -674,8 +679,9 @@ class SessionManager:
         ``targetId`` = the visible leaf, ``parentId`` and ``appendParentId`` = the side
         cursor).
 
-        A reader of the file would take the last non-side merged entry as the leaf. With
-        ``persist_leaf=True`` and when that differs from this manager's state, one side
+        A reader of the file would take the last non-side merged entry as the leaf (the
+        manager tracks that reader's view across merges). With ``persist_leaf=True`` and
+        when that view differs from this manager's state, one side
         ``leaf`` control is appended that pins the visible leaf and the side cursor, and the
         result is ``MergeResult(session_file_snapshot=<fingerprint right after that write>,
         published_entries=[{"kind": "id", "id": <control id>}])``. Otherwise ``None``.
@@ -688,8 +694,8 @@ class SessionManager:
         batch = [e if isinstance(e, dict) else dict(e) for e in entries]
         plan = self._plan_merge(batch)
         side = self.side_cursor
-        reader_leaf: str | None = self._leaf
-        reader_side: Cursor = self._side
+        reader_leaf = self._file_leaf
+        reader_side = self._file_side
         for source, adopted in plan:
             ident: str = source["id"]
             if adopted is None:  # a side leaf control: the cursor stays where it is
@@ -711,6 +717,7 @@ class SessionManager:
         if not plan:
             return None
         self._side = side
+        self._file_leaf, self._file_side = reader_leaf, reader_side
         in_sync = reader_leaf == self._leaf and reader_side == side
         if not persist_leaf or in_sync:
             return None

@@ -427,3 +427,18 @@ def test_merge_into_a_never_created_transcript_asks_for_a_reload(tmp_path: Path)
     assert result is not None and result.requires_reload
     assert result.session_file_snapshot == fingerprint(path)
     assert path.read_bytes().count(b"\n") == 2  # nothing written
+
+
+def test_persist_leaf_accounts_for_earlier_unpersisted_merges(
+    transcript: Path, session: tuple[SessionManager, str, str]
+) -> None:
+    # A first merge without persist_leaf leaves a reader's leaf on the mirror; a later
+    # merge of a mere side entry must still pin the leaf, or a reader stays wrong.
+    m, _, a = session
+    e1 = mirror("f0000001", a)
+    m.merge_foreign_entries([e1], appended=foreign_append(transcript, e1))
+    e2 = mirror("f0000002", "f0000001", side=True)
+    result = m.merge_foreign_entries([e2], True, appended=foreign_append(transcript, e2))
+    assert result is not None and result.session_file_snapshot == fingerprint(transcript)
+    again = SessionManager.open(transcript)
+    assert again.leaf_id == a and again.side_cursor == "f0000002"
