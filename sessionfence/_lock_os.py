@@ -61,7 +61,7 @@ def open_lock_file(lock_path: str, *, create: bool = True, write: bool = True) -
     flags |= getattr(os, "O_BINARY", 0)
     if create:
         flags |= os.O_CREAT
-    if IS_WINDOWS:
+    if sys.platform == "win32":
         # No O_NOFOLLOW here: refuse a link (or junction) by lstat before opening and
         # compare identities after, so a link planted in between is still refused.
         try:

@@ -216,7 +216,7 @@ def test_closing_other_descriptors_keeps_the_lock(tmp_path: Path) -> None:
 @linux_only
 def test_live_holder_past_max_hold_is_reported_not_broken(tmp_path: Path) -> None:
     path = str(tmp_path / "s.jsonl")
-    holder = Holder(path, stop_self=True, max_hold=0.3)
+    holder = Holder(path, stop_self=True, max_hold=0.5)
     try:
         wait_for(lambda: process_state(holder.pid) == "T", "the holder to stop")
         record_before = Path(holder.lock_path).read_bytes()
