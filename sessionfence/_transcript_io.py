@@ -13,10 +13,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _jsonl
-from ._impl_py import RollingDigest as _PyRollingDigest
+
+if TYPE_CHECKING:
+    # Either backend's RollingDigest has this interface; the pure one names the type.
+    from ._impl_py import RollingDigest as DigestT
 
 __all__ = [
     "DEFAULT_CHUNK",
@@ -33,8 +36,6 @@ __all__ = [
     "uuid7",
     "write_all",
 ]
-
-DigestT = _PyRollingDigest  # the static type; at run time it is the active backend's class
 
 DEFAULT_CHUNK = 8 << 20
 _SCAN_BACK = 64 << 10
