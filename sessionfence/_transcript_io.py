@@ -162,7 +162,7 @@ def uuid7() -> str:
     return str(uuid.UUID(int=value))
 
 
-def quarantine_bytes(path: str, data: bytes) -> str:
+def quarantine_bytes(path: str, data: bytes, mode: int = 0o600) -> str:
     """Writes ``data`` to a new ``<path>.torn-<UTC time>`` file, durably; returns its path.
 
     Never replaces an existing file (``O_EXCL``, then ``-1``, ``-2``, ... suffixes). The
@@ -176,7 +176,7 @@ def quarantine_bytes(path: str, data: bytes) -> str:
     for attempt in range(10_000):
         target = base if attempt == 0 else f"{base}-{attempt}"
         try:
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o600)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, mode)
         except FileExistsError:
             continue
         try:

@@ -515,7 +515,8 @@ class SessionManager:
             parent = os.path.dirname(os.path.abspath(self._path))
             os.makedirs(parent, exist_ok=True)
         try:
-            fd = os.open(self._path, _io.append_flags(create), 0o644)
+            # 0o666 and the umask decide, as for any file the process creates with open()
+            fd = os.open(self._path, _io.append_flags(create), 0o666)
         except FileExistsError as exc:
             raise FileExistsError(
                 errno.EEXIST,
@@ -632,7 +633,9 @@ class SessionManager:
                 return None
             offset = _io.clean_end(fd, size)
             torn = _read_exact(fd, size - offset, offset)
-            target = _io.quarantine_bytes(self._path, torn)
+            # the copy is as readable as the transcript it comes from, no more
+            mode = os.fstat(fd).st_mode & 0o777
+            target = _io.quarantine_bytes(self._path, torn, mode)
             if os.fstat(fd).st_size != size:
                 raise TranscriptChangedError(
                     f"transcript changed during torn-tail repair; nothing was truncated and "

@@ -619,8 +619,8 @@ def test_repair_refuses_to_truncate_a_growing_file(
     m = SessionManager.open(path)
     real = tio.quarantine_bytes
 
-    def and_a_writer(p: str, data: bytes) -> str:
-        target = real(p, data)
+    def and_a_writer(p: str, data: bytes, mode: int) -> str:
+        target = real(p, data, mode)
         with open(path, "ab") as f:
             f.write(b"more\n")
         return target
@@ -738,3 +738,11 @@ def test_parsed_digest_is_frozen_at_open(transcript: Path) -> None:
     assert frozen.intdigest() == content_digest(transcript, size)  # not rolled
     assert m.digest.intdigest() == content_digest(transcript)
     assert SessionManager.open(transcript.with_name("none.jsonl")).parsed_digest is None
+
+
+def test_quarantine_keeps_the_transcript_permissions(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    write(path, HEADER, raw=b"torn")
+    path.chmod(0o640)
+    q = SessionManager.open(path).repair_torn_tail()
+    assert q is not None and Path(q).stat().st_mode & 0o777 == 0o640
