@@ -559,6 +559,41 @@ def test_old_records_that_do_not_name_a_live_holder_are_contention(
         assert inspect_lock(path, stale=60).stale_reasons == []
 
 
+# --- faults -----------------------------------------------------------------------------
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else -1
+
+
+def test_failed_record_write_releases_cleanly(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    acquire_session_write_lock(path).release()  # create the file; warm caches
+    before = _open_fds()
+
+    def disk_full(fd: int, data: bytes, offset: int = 0) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lock._os, "write_at", disk_full)
+    with pytest.raises(OSError) as info:
+        acquire_session_write_lock(path, timeout=0)
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert _open_fds() == before
+    assert not probe_held(str(path) + ".lock")
+    with acquire_session_write_lock(path, timeout=0) as held:  # nothing left claimed
+        assert held.held
+
+
+def test_contended_polls_leak_no_descriptors(path: Path) -> None:
+    lock_path = str(path) + ".lock"
+    with raw_holder(lock_path, b'{"pid": 1}'):
+        before = _open_fds()
+        for _ in range(50):
+            with pytest.raises(SessionWriteLockTimeoutError):
+                acquire_session_write_lock(path, timeout=0)
+        assert _open_fds() == before
+
+
 # --- symlinks and odd files at the lock path ------------------------------------------
 
 
