@@ -82,7 +82,7 @@ def clean_end(fd: int, size: int) -> int:
 # holds still) or another process's append caught mid-copy: Linux grows a file page by page
 # during one write(), and readers do not wait for the writer's inode lock. These bound how
 # long a suspicious tail is watched before it is called torn.
-TORN_SETTLE = 0.05  # seconds the size must hold still without a newline at the end
+TORN_SETTLE = 0.2  # seconds the size must hold still without a newline at the end
 TORN_SETTLE_MAX = 5.0  # overall cap, even while the file keeps growing
 
 
