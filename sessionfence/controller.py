@@ -1087,6 +1087,23 @@ class SessionFenceController:
             self._fence = self._roll(self._fence, change, need_digest=True)
         return True
 
+    def seed_content_digest(self, fp: Fingerprint, digest: Any, size: int | None = None) -> None:
+        """Hand over a content digest computed while the transcript was read anyway, so
+        the first activation needs no whole-file read of its own.
+
+        ``digest`` must be a ``RollingDigest`` of bytes ``[0, fp.size)`` of the file as
+        ``fp`` describes it (e.g. ``SessionManager.open``'s ``digest`` with
+        ``parsed_fingerprint`` and ``digest_size``). It is copied; it is used only while
+        the file still matches ``fp``."""
+        if size is not None and size != fp.size:
+            raise ValueError(f"digest covers {size} bytes, the fingerprint {fp.size}")
+        if not fp.exists:
+            return
+        own = digest.copy()
+        REGISTRY.remember_digest(self._key, fp, own)
+        if same_stat(self._fence.fingerprint, fp) and self._fence.digest is None:
+            self._fence = FenceSnapshot(self._fence.fingerprint, own)
+
     def trusted_snapshot(self) -> Fingerprint | None:
         """The current fingerprint when this process trusts it (skip repair), else None."""
         fp = self._io.fingerprint()

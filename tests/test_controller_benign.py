@@ -7,9 +7,9 @@ Deliberate differences (SPEC §5.2):
 - 54 (a transcript over 32 MiB fails closed on any metadata change) is inverted: a
   same-size change is judged by content for any size.
 
-Not ported here: 28 and 32 exercise the transcript SessionManager's own merge (an
-unflushed first user turn, a stale manager's full rewrite); the controller side of both
-(merge callbacks that write and report their fingerprint, reloads) is covered by 29-31.
+28 and 32 run with the real SessionManager as the merge callback. This port's manager has
+no deferred first flush and never rewrites the whole transcript, so what remains of them is
+the merge of foreign metadata around the manager's own first turn and reply.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from sessionfence import MergeResult, SessionTakeoverError, fingerprint
+from sessionfence.transcript import SessionManager, guard_session_manager
 
 from .test_controller_helpers import (
     Locks,
@@ -86,6 +87,70 @@ async def test_26b_allows_transcript_only_mirrors_without_a_merge_callback(
     append_entries(session_file, mirror_message("delivered"), mirror_message("again"))
     await ctl.reacquire_after_prompt()
     await ctl.with_write_lock(lambda: None)
+    assert not ctl.has_takeover
+
+
+async def _managed(path: Path) -> tuple[Any, SessionManager]:
+    """A controller whose merge callback is the session manager's, wired as the original."""
+    manager = SessionManager.open(path)
+    ctl = await make(
+        path, merge_foreign_entries=lambda e: manager.merge_foreign_entries(e, persist_leaf=True)
+    )
+    guard_session_manager(manager, on_message_persisted=ctl.refresh_after_owned_write)
+    return ctl, manager
+
+
+def _messages(path: Path) -> list[Any]:
+    return [e for e in SessionManager.open(path).entries if e.get("type") == "message"]
+
+
+async def test_28_preserves_the_first_user_turn_while_merging_global_metadata(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "new.jsonl"
+    ctl, manager = await _managed(path)
+    user_id = await ctl.with_write_lock(
+        lambda: manager.append_message({"role": "user", "content": "first question"})
+    )
+    await ctl.release_for_prompt()
+    hook = SessionManager.open(path)  # another writer while the model thinks
+    hook.append_custom("openclaw.note", {"k": 1})
+    hook.append_session_info("Trip planning")
+    await ctl.reacquire_after_prompt()
+    reopened = SessionManager.open(path)
+    assert reopened.session_name == "Trip planning"
+    assert reopened.leaf_id == user_id  # the persisted side leaf keeps the user turn visible
+    await ctl.with_write_lock(
+        lambda: manager.append_message({"role": "assistant", "content": "answer"})
+    )
+    final = SessionManager.open(path)
+    assert [e["message"]["role"] for e in _messages(path)] == ["user", "assistant"]
+    assert any(e.get("customType") == "openclaw.note" for e in final.entries)
+    assert not ctl.has_takeover
+
+
+async def test_32_preserves_foreign_metadata_when_a_stale_manager_appends_its_reply(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.jsonl"
+    ctl, manager = await _managed(path)
+    user_id = await ctl.with_write_lock(
+        lambda: manager.append_message({"role": "user", "content": "q"})
+    )
+    await ctl.release_for_prompt()
+    other = SessionManager.open(path)
+    other.append_custom("openclaw.note")
+    other.append_label(user_id, "important")
+    other.append_session_info("Named elsewhere")
+    await ctl.reacquire_after_prompt()  # the stale manager merges all three
+    assert manager.session_name == "Named elsewhere"
+    assert manager.labels == {user_id: "important"}
+    await ctl.with_write_lock(
+        lambda: manager.append_message({"role": "assistant", "content": "reply"})
+    )
+    final = SessionManager.open(path)
+    assert final.session_name == "Named elsewhere" and final.labels == {user_id: "important"}
+    assert [e["message"]["role"] for e in _messages(path)] == ["user", "assistant"]
     assert not ctl.has_takeover
 
 

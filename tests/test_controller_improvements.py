@@ -133,6 +133,36 @@ async def test_first_activation_reads_the_file_once_per_process(
     assert len(computed) == 1
 
 
+@needs_proc_io
+async def test_a_digest_from_parsing_the_transcript_spares_the_whole_file_read(
+    tmp_path: Path, backend: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sessionfence.transcript import SessionManager
+
+    path = tmp_path / "big.jsonl"
+    make_transcript(path, 16 * MiB)
+    manager = SessionManager.open(path)  # reads and digests the file anyway
+    computed: list[int | None] = []
+    original = backend.RollingDigest.from_file.__func__
+
+    def counting(cls: type, p: Any, size: int | None = None) -> Any:
+        computed.append(size)
+        return original(cls, p, size)
+
+    monkeypatch.setattr(backend.RollingDigest, "from_file", classmethod(counting))
+    ctl = await make(path)
+    ctl.seed_content_digest(manager.parsed_fingerprint, manager.digest, manager.digest_size)
+    start = bytes_read()
+    await ctl.release_for_prompt()
+    assert bytes_read() - start < 256 * KiB and computed == []
+    pwrite(path, 8 * MiB, b"\0")  # identical byte: accepted by the seeded digest
+    await ctl.reacquire_after_prompt()
+    await ctl.release_for_prompt()
+    pwrite(path, 8 * MiB, b"!")
+    with pytest.raises(SessionTakeoverError):
+        await ctl.reacquire_after_prompt()
+
+
 async def _edit_head_then_mirror(path: Path, verify: str) -> Any:
     path.write_text(
         line({"type": "session"}) + "".join(line(user_message(f"m{i}")) for i in range(100))
