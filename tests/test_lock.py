@@ -56,7 +56,9 @@ from sessionfence import (
     SessionWriteLockAcquireError,
     SessionWriteLockStaleError,
     SessionWriteLockTimeoutError,
+    _lock_os,
     _lock_record,
+    _lock_registry,
     acquire_session_write_lock,
     acquire_session_write_lock_async,
     clean_stale_locks,
@@ -240,7 +242,7 @@ def test_same_process_exclusion_does_not_rely_on_flock_between_descriptors(
 ) -> None:
     # flock emulated with POSIX record locks (NFS) lets a process lock twice; the
     # in-process claim must still make a second acquisition wait.
-    monkeypatch.setattr(lock._os, "try_lock", lambda fd, shared=False: True)
+    monkeypatch.setattr(_lock_os, "try_lock", lambda fd, shared=False: True)
     held = acquire_session_write_lock(path)
     with pytest.raises(SessionWriteLockTimeoutError) as info:
         acquire_session_write_lock(path, timeout=0.06)
@@ -311,7 +313,7 @@ def count_attempts() -> Iterator[list[bool]]:
 
     def counting(*args: Any) -> Any:
         result = real(*args)
-        outcomes.append(isinstance(result, lock._Entry))
+        outcomes.append(isinstance(result, _lock_registry.Entry))
         return result
 
     lock._attempt = counting  # type: ignore[assignment]
@@ -427,9 +429,9 @@ def test_env_overrides_replace_defaults_only_and_are_read_at_call_time(
         acquire_session_write_lock(path, timeout=None)  # "not given": env applies
     assert info.value.timeout_ms == 30
     monkeypatch.setenv("SESSIONFENCE_LOCK_TIMEOUT_MS", "1e3")
-    assert lock._settings(lock._DEFAULT_TIMEOUT, lock._DEFAULT_STALE, lock._DEFAULT_MAX_HOLD)[
-        0
-    ] == pytest.approx(60.0)
+    assert _lock_record.resolve_settings(
+        _lock_record.DEFAULT_TIMEOUT, _lock_record.DEFAULT_STALE, _lock_record.DEFAULT_MAX_HOLD
+    )[0] == pytest.approx(60.0)
     held.release()
     monkeypatch.setenv("SESSIONFENCE_LOCK_MAX_HOLD_MS", "45000")
     with acquire_session_write_lock(path) as held:
@@ -458,7 +460,7 @@ GARBAGE = [
 def test_garbage_record_when_free_is_overwritten(path: Path, content: bytes) -> None:
     lock_path = str(path) + ".lock"
     Path(lock_path).write_bytes(content)
-    lock._last_generation.pop(lock_path, None)
+    _lock_registry.last_generation.pop(lock_path, None)
     with acquire_session_write_lock(path, timeout=0) as held:
         assert held.generation == 1
         record = _record(lock_path)  # whole, valid JSON, no garbage tail left behind
@@ -573,7 +575,7 @@ def test_failed_record_write_releases_cleanly(path: Path, monkeypatch: pytest.Mo
     def disk_full(fd: int, data: bytes, offset: int = 0) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(lock._os, "write_at", disk_full)
+    monkeypatch.setattr(_lock_os, "write_at", disk_full)
     with pytest.raises(OSError) as info:
         acquire_session_write_lock(path, timeout=0)
     assert info.value.errno == errno.ENOSPC

@@ -27,6 +27,7 @@ from sessionfence import (
     SessionWriteLockStaleError,
     SessionWriteLockTimeoutError,
     _lock_os,
+    _lock_registry,
     acquire_session_write_lock,
     lock,
 )
@@ -124,7 +125,7 @@ def test_sigkilled_holder_frees_the_lock_for_the_next_poll(tmp_path: Path) -> No
         def counting_attempt(*args: Any) -> Any:
             started = time.monotonic()
             outcome = real_attempt(*args)
-            attempts.append((started, isinstance(outcome, lock._Entry)))
+            attempts.append((started, isinstance(outcome, _lock_registry.Entry)))
             return outcome
 
         got: list[Any] = []
