@@ -82,3 +82,50 @@ def test_two_processes_appending_never_interleave(transcript: Path) -> None:
         assert chain[0]["parentId"] is None
         for prev, cur in itertools.pairwise(chain):
             assert cur["parentId"] == prev["id"]
+
+
+LOCKED_PER_WRITER = 30
+
+
+def locked_writer_main(path: str, writer: int, start: Any, done: Any) -> None:
+    from sessionfence.lock import acquire_session_write_lock
+
+    manager = SessionManager.open(path)
+    start.wait()
+    for seq in range(LOCKED_PER_WRITER):
+        lock = acquire_session_write_lock(path, timeout=60)
+        try:
+            # Under the lock nobody else writes: catch up with the other writer's lines,
+            # append, and the digest must match the file exactly.
+            manager.reload()
+            manager.append_message(
+                {"role": "user", "w": writer, "seq": seq, "content": payload(writer, seq)[:9000]}
+            )
+            if manager.digest.intdigest() != content_digest(path):
+                raise AssertionError("digest out of step under the lock")
+        finally:
+            lock.release()
+    done.put(writer)
+
+
+@pytest.mark.timeout(120)
+def test_two_processes_under_the_session_lock_build_one_chain(transcript: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(WRITERS)
+    done = ctx.Queue()
+    procs = [
+        ctx.Process(target=locked_writer_main, args=(str(transcript), w, start, done))
+        for w in range(WRITERS)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(100)
+        assert p.exitcode == 0
+    assert sorted(done.get(timeout=5) for _ in procs) == list(range(WRITERS))
+    m = SessionManager.open(transcript)
+    assert m.malformed_lines == 0 and m.torn_tail is None
+    assert len(m.entries) == WRITERS * LOCKED_PER_WRITER
+    # Each append saw every earlier line: one linear conversation across both processes.
+    assert m.branch() == m.entries
+    assert m.entries[0]["parentId"] is None
