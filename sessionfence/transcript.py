@@ -103,7 +103,9 @@ class SessionManager:
       length)``, it is never parsed into the tree (it was not committed), appends raise
       ``TornTranscriptError``, and ``repair_torn_tail()`` moves it aside.
 
-    Entries are the parsed dicts; treat them as read-only. The manager keeps no file
+    Entries are the parsed dicts; treat them as read-only. Appended entries keep the objects
+    passed in (``message``, ``data``, ``details``): do not mutate them afterwards, or the
+    model and the file disagree. The manager keeps no file
     descriptor open between calls: every append opens the path again, so a transcript that
     was replaced is never written through a stale descriptor.
     """
@@ -303,6 +305,17 @@ class SessionManager:
     @property
     def path(self) -> str:
         return self._path
+
+    @property
+    def window(self) -> int:
+        """Tail window of ``parsed_fingerprint`` and of the fingerprints merges return."""
+        return self._window
+
+    def __repr__(self) -> str:
+        return (
+            f"<SessionManager {self._path!r} entries={len(self._entries)} "
+            f"leaf={self._leaf!r} digest_size={self._digest_size}>"
+        )
 
     @property
     def header(self) -> Entry | None:

@@ -746,3 +746,13 @@ def test_quarantine_keeps_the_transcript_permissions(tmp_path: Path) -> None:
     path.chmod(0o640)
     q = SessionManager.open(path).repair_torn_tail()
     assert q is not None and Path(q).stat().st_mode & 0o777 == 0o640
+
+
+def test_repr_and_window(transcript: Path) -> None:
+    m = SessionManager.open(transcript, window=64)
+    ident = m.append_custom("x")
+    assert m.window == 64
+    assert repr(m) == (
+        f"<SessionManager {str(transcript)!r} entries=1 leaf={ident!r} "
+        f"digest_size={transcript.stat().st_size}>"
+    )
