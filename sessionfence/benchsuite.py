@@ -4,7 +4,9 @@ Every measure runs the ``naive`` path (the original's algorithm in Python: read 
 file before and after an append and compare the prefix), the pure ``python`` backend and
 the ``cffi`` backend in the same process and the same run. Contenders are interleaved round
 by round, so that noise from other processes on the machine hits all of them alike and the
-ratios stay meaningful even when the absolute figures wobble.
+ratios stay meaningful even when the absolute figures wobble. The one exception is the naive
+whole-file path, which runs on its own: it would flush the CPU caches before every fenced
+sample, and at ratios of 10^3 and more drift does not matter.
 
 Conventions that every measure follows:
 
@@ -56,6 +58,7 @@ __all__ = [
     "PROFILES",
     "AppendValidation",
     "Bench",
+    "BenchError",
     "Column",
     "Contender",
     "Figure",
@@ -529,6 +532,10 @@ def threaded_ns(fn: Callable[[], object], threads: int, iterations: int) -> int:
 # ------------------------------------------------------------------------------------------
 
 
+class BenchError(RuntimeError):
+    """The benchmark cannot run here (no C backend): a user-facing, one-line message."""
+
+
 def _load_cffi() -> ModuleType | None:
     try:
         return importlib.import_module("sessionfence._impl_cffi")
@@ -547,7 +554,7 @@ class Bench:
         self.python: ModuleType = _impl_py
         cffi = _load_cffi()
         if cffi is None:
-            raise RuntimeError(
+            raise BenchError(
                 "the C backend (sessionfence._impl_cffi) cannot be imported: the benchmark "
                 "compares it with the pure-Python one, so reinstall sessionfence with a C "
                 "compiler available"

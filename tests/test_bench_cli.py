@@ -179,3 +179,14 @@ def test_a_new_measure_registers_itself(
     measures = json.loads(out)["measures"]
     assert [m["id"] for m in measures] == ["P2c", "P7"]  # registry order, not --only order
     assert all(m["passed"] is True for m in measures)
+
+
+def test_without_the_c_backend_says_so_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(benchsuite, "_load_cffi", lambda: None)
+    code, _, err = run_cli(capsys, "--tiny", "--dir", str(tmp_path))
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert "C backend" in err
+    assert list(tmp_path.iterdir()) == []  # the scratch directory went away too

@@ -138,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
             chart=chart is not None,
             progress=progress,
         )
+    except benchsuite.BenchError as exc:
+        raise CliError(str(exc)) from None
     except OSError as exc:
         # Out of space, a read-only --dir...: the user's environment, not a bug.
         raise CliError(f"cannot run the benchmark in {parent or 'the temp dir'}: {exc}") from exc
