@@ -220,11 +220,11 @@ class WriteScope:
         stack = contextlib.AsyncExitStack()
         self._stack = stack
         try:
+            if ctl._takeover is not None:
+                raise ctl._sticky_takeover()  # sticky: no write of any kind after one
             if self._mode == "nested":
                 assert self._inherited is not None and self._marker is not None
                 stack.callback(settle, self._marker, self._inherited.scope)
-                if ctl._takeover is not None:
-                    raise ctl._sticky_takeover()
             elif self._mode == "publication":
                 assert self._inherited is not None
                 await stack.enter_async_context(ctl._publication(self._inherited, self))
