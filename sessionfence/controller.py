@@ -74,9 +74,12 @@ from .errors import (
 
 __all__ = [
     "BenignPolicy",
+    "CleanupLock",
     "MergeResult",
+    "NoopCleanupLock",
     "SessionFenceController",
     "SessionFileOwner",
+    "WriteScope",
     "acquire_session_file_owner",
     "reset_for_tests",
 ]
@@ -123,7 +126,7 @@ class _Merged:
         self.requires_reload = requires_reload
 
 
-class _NoopLock:
+class NoopCleanupLock:
     """Cleanup lock after a takeover: nothing to release."""
 
     def release(self) -> None:
@@ -1181,25 +1184,25 @@ class SessionFenceController:
         finally:
             await self.reacquire_after_prompt()
 
-    async def acquire_for_cleanup(self) -> CleanupLock | _NoopLock:
+    async def acquire_for_cleanup(self) -> CleanupLock | NoopCleanupLock:
         """The lock for end-of-attempt cleanup after a fence check (phase ``cleanup``);
         a no-op lock after a takeover. The caller owns and releases it."""
         self._cleanup_started = True
         async with self._lifecycle:
             if self._takeover is not None:
-                return _NoopLock()
+                return NoopCleanupLock()
             lock = await self._take_held_after_retained_idle()
             if lock is None:
                 await self._wait_drain()
                 try:
                     lock = await self._acquire("cleanup")
                 except SessionWriteLockAcquireError:
-                    return _NoopLock()
+                    return NoopCleanupLock()
             try:
                 await self._assert_fence("cleanup")
             except SessionTakeoverError:
                 await release_lock(lock)
-                return _NoopLock()
+                return NoopCleanupLock()
             except BaseException:
                 await release_lock(lock)
                 raise
@@ -1212,6 +1215,7 @@ class SessionFenceController:
             await self._drop_held_after_retained_idle()
         finally:
             self._deactivate_fence()
+            self._io.close()  # a later call (cleanup after dispose) reopens it
 
     def __repr__(self) -> str:
         state = "taken over" if self._takeover else "active" if self._fence_active else "inactive"
