@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any
@@ -27,7 +28,11 @@ def probe_held(lock_path: str) -> bool:
     """True if another process cannot take an exclusive flock on ``lock_path`` right now."""
     import fcntl
 
-    pid = os.fork()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns about fork() in a threaded process (the lock watchdog is a
+        # thread); this child only makes raw syscalls and _exits, so it cannot deadlock.
+        warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+        pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         code = 2
         try:

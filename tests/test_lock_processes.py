@@ -48,6 +48,8 @@ from .test_lock_helpers import (
 pytestmark = [
     pytest.mark.skipif(sys.platform == "win32", reason="POSIX process semantics"),
     pytest.mark.timeout(60),
+    # Fork with the watchdog thread alive is what these tests are about (3.12+ warns).
+    pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning"),
 ]
 
 linux_only = pytest.mark.skipif(
