@@ -11,6 +11,7 @@ import errno
 import gc
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -503,7 +504,7 @@ def test_read_only_directory_is_permission_error_not_timeout(tmp_path: Path) -> 
             assert _drop_to_nobody_and_acquire(os.path.join(ro, "s.jsonl")) == 0
         finally:
             os.chmod(os.path.join(base, "ro"), 0o755)
-            subprocess.run(["rm", "-rf", base], check=False)
+            shutil.rmtree(base, ignore_errors=True)
     else:
         ro_dir = tmp_path / "ro"
         ro_dir.mkdir()
