@@ -15,6 +15,15 @@ Contenders, one group per size, all on the same file with a warm page cache:
 ``open`` does more than the loop: it also hashes every byte (XXH3-128 rolling digest),
 fingerprints the file before and after, checks each value is an object and builds the tree
 index. The summary printed at the end (``-s``) gives MB/s and each ratio to the loop.
+
+Measured 2026-11-24 on the 2-core development machine (CPython 3.11, other jobs running,
+load average about 2), 100.1 MB realistic transcript, 17 000 lines, min of 5 rounds:
+
+    plain-json-loop     182-195 MB/s   x1.00
+    plain-loop-gc-off   208-217 MB/s   x1.11-1.14
+    open-json           224-247 MB/s   x1.23-1.26
+    open-orjson         243-264 MB/s   x1.34-1.35
+    open-msgspec        341-377 MB/s   x1.88-1.93
 """
 
 from __future__ import annotations
