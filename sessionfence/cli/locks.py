@@ -50,7 +50,11 @@ def _row(info: Any, removed: set[str]) -> list[str]:
     return [
         os.path.basename(info.lock_path),
         state,
-        describe_owner(owner) if owner is not None else "-",
+        "-"
+        if owner is None
+        else describe_owner(owner)
+        if info.held
+        else "last " + describe_owner(owner),
         "-" if generation is None else str(generation),
         ", ".join(info.stale_reasons) or "-",
     ]
