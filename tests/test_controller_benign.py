@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from sessionfence import MergeResult, SessionTakeoverError, fingerprint
+from sessionfence import BenignPolicy, MergeResult, SessionTakeoverError, fingerprint
 from sessionfence.transcript import SessionManager, guard_session_manager
 
 from .test_controller_helpers import (
@@ -500,3 +500,50 @@ async def test_55_still_rejects_external_edits_after_reacquire(session_file: Pat
     assert ctl.has_takeover and ctl.takeover is not None
     assert ctl.takeover.phase == "cleanup"
     assert locks.acquisitions == 2 and len(locks.releases) == 2
+
+
+# -- the replaceable benign policy (SPEC §5.3) ---------------------------------------------------
+
+
+async def test_benign_policy_can_name_another_frameworks_mirror_entries(
+    session_file: Path,
+) -> None:
+    relay = entry(
+        "message",
+        message={"role": "assistant", "content": "relayed", "provider": "acme", "model": "relay"},
+    )
+    default = await released(session_file)
+    append_entries(session_file, relay)
+    with pytest.raises(SessionTakeoverError):
+        await default.reacquire_after_prompt()
+
+    other = session_file.with_name("other.jsonl")
+    other.write_text(line({"type": "session"}))
+    policy = BenignPolicy(provider="acme", transcript_only_models={"relay"})
+    ctl = await released(other, benign_policy=policy)
+    append_entries(other, relay)
+    await ctl.reacquire_after_prompt()
+    assert not ctl.has_takeover
+
+
+async def test_benign_policy_subclass_classifies_its_own_entry_types(session_file: Path) -> None:
+    class NotesAreBenign(BenignPolicy):
+        def classify_entry(self, entry: Any) -> str | None:
+            if isinstance(entry, dict) and entry.get("type") == "acme_note":
+                return "transcript-only"
+            return super().classify_entry(entry)
+
+    ctl = await released(session_file, benign_policy=NotesAreBenign())
+    append_entries(session_file, {"type": "acme_note", "text": "hi"}, mirror_message())
+    await ctl.reacquire_after_prompt()
+    assert not ctl.has_takeover
+
+
+async def test_unowned_appends_over_one_mib_are_takeovers(session_file: Path) -> None:
+    ctl = await released(session_file)
+    big = mirror_message("x" * 1000)
+    append_entries(session_file, *([big] * 1200))  # > 1 MiB of otherwise benign lines
+    with pytest.raises(SessionTakeoverError) as caught:
+        await ctl.reacquire_after_prompt()
+    assert caught.value.reason == "foreign-append"
+    assert "exceeds" in (caught.value.detail or "")

@@ -655,3 +655,71 @@ async def test_66b_merge_callback_rejects_peer_compaction_without_descriptors(
     b.owned_file_write(compaction_append(session_file), is_expected_compaction)
     with pytest.raises(SessionTakeoverError):
         await a.with_write_lock(lambda: None)
+
+
+# -- the async context-manager form of the write scope ------------------------------------------
+
+
+async def test_write_lock_context_manager_runs_under_a_short_lock(session_file: Path) -> None:
+    locks = Locks(["prep", "short"])
+    ctl = await make(session_file, locks)
+    await ctl.release_for_prompt()
+    async with ctl.write_lock():
+        assert locks.events[-1] == "acquire:short"
+        append_entries(session_file, user_message("inside the block"))
+        async with ctl.write_lock():  # nested: the same scope, no second acquisition
+            append_entries(session_file, user_message("nested"))
+    assert locks.releases == ["prep", "short"]
+    await ctl.reacquire_after_prompt()
+    assert not ctl.has_takeover
+
+
+async def test_write_lock_context_manager_publishes_declared_entries(session_file: Path) -> None:
+    merge = MergeSpy()
+    ctl = await make(session_file, merge_foreign_entries=merge)
+    await ctl.release_for_prompt()
+    entry = user_message("published from a block")
+    async with ctl.write_lock(
+        publish_owned_write=True,
+        resolve_published_entries=lambda entry_id: [{"kind": "id", "id": entry_id}],
+    ) as scope:
+        append_entries(session_file, entry)
+        scope.result = entry["id"]
+    assert [ids_of(c) for c in merge.calls] == [[entry["id"]]]
+    await ctl.reacquire_after_prompt()
+    assert not ctl.has_takeover
+
+
+async def test_write_lock_context_manager_error_releases_and_propagates(
+    session_file: Path,
+) -> None:
+    locks = Locks(["prep", "short"])
+    ctl = await make(session_file, locks)
+    await ctl.release_for_prompt()
+    with pytest.raises(KeyError):
+        async with ctl.write_lock():
+            raise KeyError("inside")
+    assert locks.releases == ["prep", "short"] and not ctl.has_takeover
+
+
+async def test_write_lock_context_manager_refuses_after_takeover(session_file: Path) -> None:
+    ctl = await make(session_file)
+    await ctl.release_for_prompt()
+    append_entries(session_file, user_message("foreign"))
+    ran: list[int] = []
+    with pytest.raises(SessionTakeoverError):
+        async with ctl.write_lock():
+            ran.append(1)
+    assert ran == []
+
+
+async def test_cleanup_lock_with_an_async_release_is_released_once(session_file: Path) -> None:
+    locks = Locks(["prep", "cleanup"], async_release=True)
+    ctl = await make(session_file, locks)
+    await ctl.release_for_prompt()
+    lock = await ctl.acquire_for_cleanup()
+    lock.release()
+    lock.release()
+    await spin(lambda: "cleanup" in locks.releases)
+    await ctl.dispose()
+    assert locks.releases == ["prep", "cleanup"]
