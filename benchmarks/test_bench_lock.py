@@ -40,7 +40,7 @@ Benchmark = Any  # pytest-benchmark's fixture ships no type stubs
 
 CTX = multiprocessing.get_context("spawn")
 WAIT = 30.0
-HANDOFF_ROUNDS = 40
+HANDOFF_ROUNDS = 100
 
 _medians: dict[tuple[str, str], float] = {}
 
