@@ -1,7 +1,7 @@
 """Operator views of session write locks: ``inspect_lock``, ``list_locks``, ``clean_stale_locks``.
 
-None of these takes a lock that a writer could be waiting for for longer than one
-syscall, and none creates a lock file.
+None of them creates a lock file, and none holds a lock for longer than a few syscalls,
+so a writer polling meanwhile loses at most one poll.
 """
 
 from __future__ import annotations
