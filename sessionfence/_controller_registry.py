@@ -86,7 +86,7 @@ class Registry:
         requires_reload: bool = False,
     ) -> int:
         generation = self._next_generation()
-        history = self._owned.setdefault(key, _History())
+        history = self._history(key)
         entries = None if published_entries is None else tuple(dict(e) for e in published_entries)
         history.writes.append(OwnedWrite(generation, fp, entries, requires_reload))
         self._prune(key)
@@ -127,8 +127,14 @@ class Registry:
             return []
         return [w for w in history.writes if w.generation > generation]
 
+    def _history(self, key: str) -> _History:
+        history = self._owned.get(key)
+        if history is None:  # not setdefault: that would build a _History every call
+            history = self._owned[key] = _History()
+        return history
+
     def set_active_fence(self, key: str, controller_id: str, generation: int) -> None:
-        history = self._owned.setdefault(key, _History())
+        history = self._history(key)
         history.active_fence_generations[controller_id] = generation
         self._prune(key)
 

@@ -59,11 +59,12 @@ class SnapshotIO:
     @property
     def probe(self) -> Any:
         # Re-created after close() and when tests swap the backend module.
-        hot = self.hot
-        if self._probe is None or self._probe_module is not hot or self._probe.closed:
-            self._probe = hot.FileProbe(self.path, window=self.window)
+        probe = self._probe
+        hot = self.pinned or hot_path
+        if probe is None or self._probe_module is not hot or probe.closed:
+            probe = self._probe = hot.FileProbe(self.path, window=self.window)
             self._probe_module = hot
-        return self._probe
+        return probe
 
     def close(self) -> None:
         if self._probe is not None:

@@ -1011,7 +1011,7 @@ class SessionFenceController:
             return result
         change = self._io.observe(before)
         after = change.after
-        if same_stat(after, before):
+        if change.kind is ChangeKind.UNCHANGED:
             return result
         trusted = (
             self._fence_active and same_stat(self._fence.fingerprint, before)
