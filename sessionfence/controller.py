@@ -20,6 +20,12 @@ Design notes that matter for callers:
 - The write scope lives in a per-controller ``contextvars.ContextVar`` whose value is a
   mutable object shared with every task created inside the scope; a task that outlives
   its scope sees it inactive, waits for it to finish and takes the lock afresh.
+- The content digest an active fence needs is computed from the file once per file per
+  process, at the first release (or handed over with ``seed_content_digest`` by whoever
+  parsed the transcript anyway); after that it is only rolled forward.
+- As in the original, an owned synchronous write or publication that starts from an
+  untrusted state (e.g. right after a benign foreign append in the same prompt window) is
+  not published; the next fence check judges the combined change as unowned.
 """
 
 from __future__ import annotations
