@@ -756,3 +756,47 @@ def test_repr_and_window(transcript: Path) -> None:
         f"<SessionManager {str(transcript)!r} entries=1 leaf={ident!r} "
         f"digest_size={transcript.stat().st_size}>"
     )
+
+
+@pytest.mark.parametrize("chunk", [97, 4096, tio.DEFAULT_CHUNK])
+def test_long_numbers_across_many_lines_match_the_reference(
+    tmp_path: Path, parser: str, chunk: int
+) -> None:
+    path = tmp_path / "s.jsonl"
+    rows: list[bytes] = [json.dumps(HEADER).encode()]
+    for i in range(60):
+        kind = i % 4
+        number = {
+            0: f"{2**64 + i}",  # an integer orjson would turn into a float
+            1: f"0.{'1' * 25}{i}",  # a long fraction: fine for every parser
+            2: f"1.5e{'0' * 20}1",  # a long exponent
+            3: f"{i}",
+        }[kind]
+        rows.append(
+            f'{{"type":"custom","id":"e{i:07x}","parentId":null,"n":{number},'
+            f'"s":"{"9" * (19 + i)}"}}'.encode()
+        )
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    got = SessionManager.open(path, chunk_size=chunk)
+    old = _jsonl.set_fast_parser(None)
+    try:
+        ref = SessionManager.open(path)
+    finally:
+        _jsonl.set_fast_parser(old)
+    assert got.malformed_lines == ref.malformed_lines == 0
+    assert len(got.entries) == 60
+    for a, b in zip(got.entries, ref.entries, strict=True):
+        assert a == b and type(a["n"]) is type(b["n"])
+    assert type(got.get_entry("e0000000")["n"]) is int  # type: ignore[index]
+
+
+def test_may_hold_long_integer() -> None:
+    check = _jsonl.may_hold_long_integer
+    assert not check(b"")
+    assert check(b'{"a":1234567890123456789}')
+    assert not check(b'{"a":0.1234567890123456789}')
+    assert not check(b'{"a":1e1234567890123456789}')
+    assert check(b'{"a":-1234567890123456789}')
+    assert check(b'"12345678901234567890123"')  # inside a string: reported too
+    assert check(b'{"f":0.1234567890123456789,"n":1234567890123456789}')
+    assert not check(b'{"a":123456789012345678}')
