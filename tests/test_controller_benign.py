@@ -38,6 +38,7 @@ from .test_controller_helpers import (
     rewrite_in_place,
     session_file_fixture,  # noqa: F401
     user_message,
+    write_at,
 )
 
 pytestmark = pytest.mark.usefixtures("backend")
@@ -431,20 +432,12 @@ def make_large(path: Path, size: int) -> None:
         handle.write(b"\n")
 
 
-def pwrite_byte(path: Path, offset: int, value: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, value, offset)
-    finally:
-        os.close(fd)
-
-
 async def test_50_allows_a_byte_identical_rewrite_of_a_large_transcript(
     session_file: Path,
 ) -> None:
     make_large(session_file, 8 * MiB + 1)
     ctl = await released(session_file)
-    pwrite_byte(session_file, 4 * MiB, b"\0")  # same byte: new mtime, same content
+    write_at(session_file, 4 * MiB, b"\0")  # same byte: new mtime, same content
     await ctl.with_write_lock(lambda: None)
     assert not ctl.has_takeover
 
@@ -452,7 +445,7 @@ async def test_50_allows_a_byte_identical_rewrite_of_a_large_transcript(
 async def test_51_rejects_changed_bytes_of_a_large_transcript(session_file: Path) -> None:
     make_large(session_file, 8 * MiB + 1)
     ctl = await released(session_file)
-    pwrite_byte(session_file, 4 * MiB, b"x")
+    write_at(session_file, 4 * MiB, b"x")
     with pytest.raises(SessionTakeoverError) as caught:
         await ctl.with_write_lock(lambda: None)
     assert caught.value.reason == "rewritten"
@@ -484,7 +477,7 @@ async def test_54_inverted_judges_metadata_changes_of_huge_transcripts_by_conten
     await ctl.with_write_lock(lambda: None)  # the original failed closed here
     assert not ctl.has_takeover
     await ctl.release_for_prompt()
-    pwrite_byte(session_file, 16 * MiB, b"x")
+    write_at(session_file, 16 * MiB, b"x")
     with pytest.raises(SessionTakeoverError) as caught:
         await ctl.reacquire_after_prompt()
     assert caught.value.reason == "rewritten"

@@ -117,6 +117,13 @@ def rewrite_in_place(path: Path, data: bytes, *, keep_mtime: bool = False) -> No
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
+def write_at(path: Path, offset: int, data: bytes) -> None:
+    """Overwrite bytes in place (same inode, same size when within the file)."""
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(data)
+
+
 def read_entries(path: Path) -> list[Any]:
     return [json.loads(x) for x in path.read_text("utf-8").splitlines() if x.strip()]
 

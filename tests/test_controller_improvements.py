@@ -39,6 +39,7 @@ from .test_controller_helpers import (
     rewrite_in_place,
     session_file_fixture,  # noqa: F401
     user_message,
+    write_at,
 )
 
 pytestmark = pytest.mark.usefixtures("backend")
@@ -155,10 +156,10 @@ async def test_a_digest_from_parsing_the_transcript_spares_the_whole_file_read(
     start = bytes_read()
     await ctl.release_for_prompt()
     assert bytes_read() - start < 256 * KiB and computed == []
-    pwrite(path, 8 * MiB, b"\0")  # identical byte: accepted by the seeded digest
+    write_at(path, 8 * MiB, b"\0")  # identical byte: accepted by the seeded digest
     await ctl.reacquire_after_prompt()
     await ctl.release_for_prompt()
-    pwrite(path, 8 * MiB, b"!")
+    write_at(path, 8 * MiB, b"!")
     with pytest.raises(SessionTakeoverError):
         await ctl.reacquire_after_prompt()
 
@@ -235,24 +236,16 @@ async def test_verify_full_rolls_its_digest_without_rereading_for_the_reference(
     assert len(computed) == 1  # the reference digest is rolled forward, never recomputed
 
 
-def pwrite(path: Path, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
-
-
 async def test_same_size_rewrite_over_32_mib_is_judged_by_content(tmp_path: Path) -> None:
     path = tmp_path / "huge.jsonl"
     make_transcript(path, 40 * MiB)
     ctl = await make(path)
     await ctl.release_for_prompt()
-    pwrite(path, 20 * MiB, b"\0")  # identical bytes rewritten: times move, content does not
+    write_at(path, 20 * MiB, b"\0")  # identical bytes rewritten: times move, content does not
     await ctl.reacquire_after_prompt()
     assert not ctl.has_takeover
     await ctl.release_for_prompt()
-    pwrite(path, 20 * MiB, b"!")  # one byte differs
+    write_at(path, 20 * MiB, b"!")  # one byte differs
     with pytest.raises(SessionTakeoverError) as caught:
         await ctl.reacquire_after_prompt()
     assert caught.value.reason == "rewritten"
