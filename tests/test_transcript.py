@@ -800,3 +800,10 @@ def test_may_hold_long_integer() -> None:
     assert check(b'"12345678901234567890123"')  # inside a string: reported too
     assert check(b'{"f":0.1234567890123456789,"n":1234567890123456789}')
     assert not check(b'{"a":123456789012345678}')
+
+
+def test_open_errors_propagate(tmp_path: Path) -> None:
+    with pytest.raises(IsADirectoryError):
+        SessionManager.open(tmp_path)
+    with pytest.raises(ValueError, match="chunk_size"):
+        SessionManager.open(tmp_path / "x.jsonl", chunk_size=0)
