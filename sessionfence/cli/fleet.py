@@ -62,6 +62,12 @@ def register(subparsers: Any) -> None:
         default="0.25",
         help="probability per released window of a benign delivery-mirror append (default 0.25)",
     )
+    p.add_argument(
+        "--chaos-kinds",
+        metavar="K1,K2",
+        help="restrict chaos to these event kinds (experiments; default: every kind the "
+        "verify mode can see). Kinds: " + ", ".join(_kind_names()),
+    )
     p.add_argument("--seed", metavar="X", default="0", help="random seed (default 0)")
     p.add_argument("--verify", metavar="MODE", default=None, help=_VERIFY_HELP)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -73,6 +79,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("--keep", action="store_true", help="keep the temporary run directory")
     p.add_argument("--quiet", action="store_true", help="no live progress on stderr")
     p.set_defaults(func=run)
+
+
+def _kind_names() -> list[str]:
+    from ..fleet.chaos import KINDS
+
+    return list(KINDS)
+
+
+def _kinds(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    return tuple(k.strip() for k in text.split(",") if k.strip())
 
 
 def _int(name: str, text: str) -> int:
@@ -106,6 +124,7 @@ def _config(args: argparse.Namespace) -> Any:
             mirror=_float("--mirror", args.mirror),
             seed=_int("--seed", args.seed),
             verify=args.verify,
+            chaos_kinds=_kinds(args.chaos_kinds),
         )
     except FleetConfigError as exc:
         raise CliError(str(exc)) from None

@@ -156,7 +156,9 @@ def _mutation_offset(line: bytes, rng: random.Random) -> int | None:
             continue
         start += len(key)
         end = line.find(b'"', start)
-        letters = [i for i in range(start, end) if 0x61 <= line[i] <= 0x7A]
+        # Never the letter of an escape (the n of \n): that would make the line invalid
+        # JSON, and the edit must change content, not tear the line.
+        letters = [i for i in range(start, end) if 0x61 <= line[i] <= 0x7A and line[i - 1] != 0x5C]
         if letters:
             return rng.choice(letters)
     return None

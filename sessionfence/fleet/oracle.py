@@ -61,6 +61,7 @@ class Facts:
     torn_injected: list[dict[str, Any]] = field(default_factory=list)
     torn_found: list[dict[str, Any]] = field(default_factory=list)
     outcomes: Counter[str] = field(default_factory=Counter)
+    loop_seconds: float = 0.0  # attempt time after setup (parse + eager lock), summed
     foreign_stats: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
@@ -93,6 +94,7 @@ def collect_facts(log_dir: str) -> Facts:
             facts.torn_found.append(record)
         elif kind == "end":
             facts.outcomes[str(record["outcome"])] += 1
+            facts.loop_seconds += float(record.get("loop") or 0.0)
     for name in ("chaos.jsonl", "mirror.jsonl"):
         path = os.path.join(log_dir, name)
         if not os.path.exists(path):
@@ -272,8 +274,11 @@ def verify_lines(
             verdict.torn += 1
             _example(verdict, examples, f"session {session}: file ends without a newline")
             body = data[: data.rfind(b"\n") + 1]
+        gone = destroyed.get(session, set())
+        acked = list(dict.fromkeys(acks.get(session, ())))
+        acked_set = set(acked)
         ids: Counter[str] = Counter()
-        entries: dict[str, Any] = {}
+        entries: dict[str, Any] = {}  # only the acknowledged ones: big files have millions
         offset = 0
         for raw in body.split(b"\n")[:-1]:
             start = offset
@@ -292,10 +297,8 @@ def verify_lines(
                 continue
             if isinstance(entry, dict) and isinstance(entry.get("id"), str):
                 ids[entry["id"]] += 1
-                entries[entry["id"]] = entry
-        gone = destroyed.get(session, set())
-        acked = list(dict.fromkeys(acks.get(session, ())))
-        acked_set = set(acked)
+                if entry["id"] in acked_set:
+                    entries[entry["id"]] = entry
         for entry_id in acked:
             verdict.acknowledged += 1
             if entry_id in gone:

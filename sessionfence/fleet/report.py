@@ -125,6 +125,12 @@ def _assemble(
             "elapsed_s": round(result.elapsed, 3),
             "turns": len(turns),
             "turns_per_s": round(len(turns) / result.elapsed, 1) if result.elapsed > 0 else None,
+            # One worker's pace while in its turns (model think time included, attempt setup
+            # not): what a transcript's size must not change.
+            "turns_per_worker_s": (
+                round(len(turns) / facts.loop_seconds, 1) if facts.loop_seconds > 0 else None
+            ),
+            "attempt_open_total_s": round(sum(s["open"] for s in facts.setups), 3),
             "attempts": dict(sorted(result.outcomes.items())),
             "transcript_bytes_at_start": result.padding_end,
         },
@@ -223,11 +229,19 @@ def _rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         ),
         ("setup", f"{run['setup_s']:.2f} s to write the transcripts"),
         ("attempts", attempts),
-        ("turns", f"{run['turns']} in {run['elapsed_s']:.2f} s = {run['turns_per_s']} turns/s"),
+        (
+            "turns",
+            f"{run['turns']} in {run['elapsed_s']:.2f} s = {run['turns_per_s']} turns/s  "
+            f"({run['turns_per_worker_s']} turns/s per worker outside attempt setup)",
+        ),
         ("lock wait", _ms(lat["lock_wait"])),
         ("fence check", _ms(lat["fence_check"])),
         ("turn (no model)", _ms(lat["turn"])),
-        ("attempt open", _ms(lat["attempt_open"]) + "  (parse, once per attempt)"),
+        (
+            "attempt open",
+            _ms(lat["attempt_open"])
+            + f"  (parse, once per attempt, {run['attempt_open_total_s']:.2f} s in all)",
+        ),
         (
             "takeovers",
             f"injected {tk['injected']}, detected {tk['detected']}, missed {tk['missed']}, "

@@ -130,7 +130,11 @@ def header_line() -> bytes:
 
 
 # Padding: realistic message lines, built as %-templates so a block of thousands of lines
-# costs one string join; ids are sequential per file (unique by construction).
+# costs one string join; ids are sequential per file (unique by construction). The mix is an
+# agent's: short prompts, longer answers and large tool results (file contents, logs), about
+# 1.5 KB a line on average, which is also what keeps a parse of a large transcript bearable.
+_ROWS = [f"{i:5d}  " + " ".join(_WORDS[i % 7 :][:12]) for i in range(40)]
+_LISTING = "\\n".join(_ROWS)
 _PAD_TEMPLATES = tuple(
     '{"type":"message","id":"%08x","parentId":"%08x","timestamp":"2026-01-01T00:00:00.000Z",'
     '"message":{"role":"'
@@ -147,8 +151,9 @@ _PAD_TEMPLATES = tuple(
             " ".join(_WORDS * 3),
             ',"provider":"fleet-sim","model":"sim-0","usage":{"input":812,"output":164}',
         ),
-        ("toolResult", " ".join(_WORDS[4:]) + " exit code 0", ',"toolName":"bash"'),
-        ("assistant", " ".join(_WORDS[::-1]), ',"provider":"fleet-sim","model":"sim-0"'),
+        ("toolResult", _LISTING + "\\nexit code 0", ',"toolCallId":"call_1","toolName":"read"'),
+        ("assistant", " ".join(_WORDS[::-1] * 2), ',"provider":"fleet-sim","model":"sim-0"'),
+        ("toolResult", "\\n".join(_ROWS[:20]), ',"toolCallId":"call_2","toolName":"bash"'),
     )
 )
 _BLOCK_LINES = 8192

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from .. import fingerprint
 from ..controller import SessionFenceController
 from ..errors import SessionTakeoverError, SessionWriteLockAcquireError
 from ..lock import acquire_session_write_lock_async
@@ -42,21 +43,6 @@ class Task:
     path: str
     # Die half-way through writing a line at this turn (a torn tail), or never.
     torn_at_turn: int | None = None
-
-
-def _seed_digest(ctl: SessionFenceController, manager: SessionManager) -> None:
-    """Hand the digest the manager computed while parsing to the controller's cache.
-
-    Without this the first release of every attempt re-reads the whole transcript to build
-    the fence digest, though ``open`` just hashed the same bytes (SPEC §6: parsing feeds the
-    controller's digest). The controller has no public hook for it yet, so this uses the
-    registry directly; the fingerprint guard makes a stale digest impossible to adopt.
-    """
-    from .._controller_registry import REGISTRY, session_file_key
-
-    fp = manager.parsed_fingerprint
-    if fp.exists and manager.digest_size == fp.size and manager.torn_tail is None:
-        REGISTRY.remember_digest(session_file_key(ctl.session_file), fp, manager.digest)
 
 
 class _Attempt:
@@ -94,16 +80,14 @@ class _Attempt:
         return self.manager.merge_foreign_entries(entries)
 
     def reload(self) -> None:
-        self.manager = self.open_manager()
+        self.manager = self.guard(SessionManager.open(self.task.path))
 
-    def open_manager(self) -> SessionManager:
+    def guard(self, manager: SessionManager) -> SessionManager:
         assert self.ctl is not None
-        ctl = self.ctl
-        manager = SessionManager.open(self.task.path)
         return guard_session_manager(
             manager,
-            with_compaction_persistence=ctl.owned_file_write,
-            on_message_persisted=ctl.refresh_after_owned_write,
+            with_compaction_persistence=self.ctl.owned_file_write,
+            on_message_persisted=self.ctl.refresh_after_owned_write,
         )
 
     def ack(self, entry_id: str, kind: str) -> None:
@@ -147,6 +131,10 @@ async def run_attempt(task: Task, cfg: FleetConfig, board: Board, log: LogWriter
     att = _Attempt(task, cfg, board, log)
     s = task.session
     started = time.perf_counter()
+    # Parse before taking the lock: a large transcript's parse must not hold up every other
+    # writer. The lock then proves (by fingerprint) that the parse is still the file's state.
+    manager = SessionManager.open(task.path)
+    parsed = time.perf_counter()
     ctl = await SessionFenceController.create(
         task.path,
         timeout=cfg.lock_timeout,
@@ -160,19 +148,24 @@ async def run_attempt(task: Task, cfg: FleetConfig, board: Board, log: LogWriter
     created = time.perf_counter()
     outcome = "completed"
     try:
-        manager = att.open_manager()
+        reparsed = fingerprint(task.path) != manager.parsed_fingerprint
+        if reparsed:
+            manager = SessionManager.open(task.path)
+        manager = att.guard(manager)
         att.manager = manager
-        opened = time.perf_counter()
         torn = manager.torn_tail
         if torn is not None:
             # Never append after a torn line: move it to quarantine first (SPEC §6).
             quarantine = manager.repair_torn_tail()
             att.record("torn", offset=torn[0], length=torn[1], repaired=quarantine is not None)
-        _seed_digest(ctl, manager)
+        elif manager.digest_size == manager.parsed_fingerprint.size:
+            # The parse hashed every byte already: the fence needs no whole-file read.
+            ctl.seed_content_digest(manager.parsed_fingerprint, manager.digest, manager.digest_size)
         att.record(
             "setup",
-            create=created - started,
-            open=opened - created,
+            open=parsed - started,
+            create=created - parsed,
+            reparsed=reparsed,
             wait=att.last_wait,
             gen=att.last_generation,
             entries=len(manager.entries),
@@ -223,7 +216,8 @@ async def run_attempt(task: Task, cfg: FleetConfig, board: Board, log: LogWriter
     finally:
         await ctl.dispose()
         board.set_phase(s, IDLE)
-    att.record("end", outcome=outcome, elapsed=time.perf_counter() - started)
+    ended = time.perf_counter()
+    att.record("end", outcome=outcome, elapsed=ended - started, loop=ended - created)
     return outcome
 
 

@@ -1,0 +1,305 @@
+"""The fleet oracle on synthetic logs: every way a run can go wrong turns the verdict to FAIL.
+
+Each test writes the logs a run would leave (worker, chaos, mirror, supervisor) and the final
+transcripts, then builds the report exactly as ``sessionfence fleet`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sessionfence.fleet.config import FleetConfig
+from sessionfence.fleet.oracle import judge_takeovers, verify_lines
+from sessionfence.fleet.report import build_report, failures, percentile
+from sessionfence.fleet.supervisor import RunResult
+from sessionfence.fleet.transcripts import checked_text, message_line, owned_message
+
+HEADER = b'{"type":"session","version":3,"id":"h","timestamp":"t","cwd":"/"}\n'
+
+
+class Run:
+    """A synthetic run directory: one transcript per session, logs, then a report."""
+
+    def __init__(self, root: Path, sessions: int = 1) -> None:
+        self.root = root
+        self.logs = root / "logs"
+        self.logs.mkdir()
+        self.paths = []
+        for s in range(sessions):
+            path = root / f"session-{s}.jsonl"
+            path.write_bytes(HEADER)
+            self.paths.append(str(path))
+        self.exitcodes: dict[str, int | None] = {"chaos": 0, "mirror": 0}
+
+    def log(self, name: str, **record: Any) -> None:
+        with open(self.logs / name, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def owned(self, session: int, entry_id: str, attempt: int = 1, ack: bool = True) -> bytes:
+        """Append a worker line to the transcript and (by default) acknowledge it."""
+        line = message_line(entry_id, None, owned_message(random.Random(entry_id), "t"))
+        with open(self.paths[session], "ab") as f:
+            f.write(line)
+        if ack:
+            self.log("worker-000-0001.jsonl", t="ack", s=session, a=attempt, id=entry_id)
+        return line
+
+    def turn(self, session: int, attempt: int, window: int, gen: int) -> None:
+        self.log(
+            "worker-000-0001.jsonl",
+            t="turn",
+            s=session,
+            a=attempt,
+            w=window,
+            gen=gen,
+            n=1,
+            append=0.001,
+            release=0.001,
+            wait=0.0001,
+            reacquire=0.0002,
+            fence=0.0001,
+            turn=0.002,
+        )
+
+    def event(self, kind: str, takeover: bool, attempt: int, window: int, gen: int) -> None:
+        self.log(
+            "chaos.jsonl",
+            source="chaos",
+            kind=kind,
+            takeover=takeover,
+            content_changing=takeover,
+            session=0,
+            attempt=attempt,
+            window=window,
+            gen=gen,
+        )
+
+    def detect(self, attempt: int, window: int, gen: int, reason: str = "rewritten") -> None:
+        self.log(
+            "worker-000-0001.jsonl",
+            t="detect",
+            s=0,
+            a=attempt,
+            w=window,
+            gen=gen,
+            reason=reason,
+            phase="prompt_reacquire",
+        )
+
+    def death(self, attempt: int, exitcode: int = -9) -> None:
+        self.log("supervisor.jsonl", t="death", attempt=attempt, session=0, exitcode=exitcode)
+
+    def report(self) -> dict[str, Any]:
+        result = RunResult(
+            run_dir=str(self.root),
+            session_dir=str(self.root),
+            log_dir=str(self.logs),
+            paths=self.paths,
+            setup_seconds=0.0,
+            elapsed=1.0,
+            padding_end=len(HEADER),
+            foreign_exitcodes=self.exitcodes,
+        )
+        return build_report(FleetConfig(sessions=len(self.paths)), result)
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Run:
+    return Run(tmp_path)
+
+
+def test_a_clean_run_passes_and_reports_every_figure(run: Run) -> None:
+    run.owned(0, "0a000001")
+    run.turn(0, 1, 1, gen=2)
+    mirror = {"kind": "mirror", "takeover": False, "session": 0, "attempt": 1, "window": 1}
+    run.log("mirror.jsonl", source="mirror", gen=1, **mirror)
+    run.event("foreign-append", True, attempt=1, window=2, gen=3)
+    run.detect(attempt=1, window=2, gen=4, reason="foreign-append")
+    report = run.report()
+    assert report["ok"], report["failures"]
+    assert report["takeovers"]["injected"] == report["takeovers"]["detected"] == 1
+    assert report["takeovers"]["reasons"] == {"foreign-append": {"foreign-append": 1}}
+    assert report["benign"] == {"events": 1, "accepted": 1}
+    assert report["lines"]["acknowledged"] == 1
+    assert report["latency"]["lock_wait"]["p50_ms"] == pytest.approx(0.1)
+
+
+def test_a_missed_takeover_fails(run: Run) -> None:
+    run.event("rewrite-middle", True, attempt=1, window=1, gen=1)
+    run.turn(0, 1, 1, gen=2)  # the window's check passed: the edit went unseen
+    report = run.report()
+    assert not report["ok"]
+    assert report["takeovers"]["missed"] == 1
+    assert report["takeovers"]["missed_examples"][0]["kind"] == "rewrite-middle"
+    assert "1 injected takeovers missed" in report["failures"]
+
+
+def test_a_takeover_in_a_window_with_only_benign_events_is_false(run: Run) -> None:
+    run.event("touch", False, attempt=1, window=1, gen=1)
+    run.detect(attempt=1, window=1, gen=2)
+    report = run.report()
+    assert report["takeovers"]["false"] == 1
+    assert report["benign"]["accepted"] == 0
+    assert not report["ok"]
+
+
+def test_a_takeover_in_a_quiet_window_is_false(run: Run) -> None:
+    run.detect(attempt=1, window=3, gen=7)
+    assert run.report()["takeovers"]["false"] == 1
+
+
+def test_a_detection_before_the_event_does_not_count_as_detecting_it(run: Run) -> None:
+    # The check took the lock (gen 2) before chaos did (gen 3): that detection was caused
+    # by something else, and the event came after the window was judged.
+    run.event("truncate", True, attempt=1, window=1, gen=3)
+    run.detect(attempt=1, window=1, gen=2)
+    report = run.report()
+    assert report["takeovers"]["false"] == 1
+    assert report["takeovers"]["late"] == 1
+    assert report["takeovers"]["detected"] == 0
+
+
+def test_an_event_after_a_passed_check_is_an_ordering_anomaly(run: Run) -> None:
+    run.turn(0, 1, 1, gen=2)
+    run.event("foreign-append", True, attempt=1, window=1, gen=5)
+    report = run.report()
+    assert report["takeovers"]["ordering_anomalies"] == 1
+    assert not report["ok"]
+
+
+def test_events_of_a_killed_attempt_are_void_not_missed(run: Run) -> None:
+    run.event("truncate", True, attempt=1, window=2, gen=4)
+    run.event("touch", False, attempt=1, window=1, gen=2)
+    run.detect(attempt=1, window=1, gen=3)  # written just before the kill: void as well
+    run.death(attempt=1)
+    report = run.report()
+    assert report["ok"], report["failures"]
+    assert report["takeovers"]["void"] == 2
+    assert report["takeovers"]["missed"] == report["takeovers"]["false"] == 0
+    assert report["workers"]["killed"] == 1
+
+
+def test_a_lost_acknowledged_line_fails(run: Run) -> None:
+    run.owned(0, "0a000001")
+    run.log("worker-000-0001.jsonl", t="ack", s=0, a=1, id="0b000002")  # never in the file
+    report = run.report()
+    assert report["lines"]["lost"] == 1
+    assert not report["ok"]
+
+
+def test_a_line_chaos_logged_as_removed_is_not_lost(run: Run) -> None:
+    run.log("worker-000-0001.jsonl", t="ack", s=0, a=1, id="0b000002")
+    truncate = {"kind": "truncate", "takeover": True, "session": 0, "attempt": 1, "window": 1}
+    run.log("chaos.jsonl", source="chaos", gen=3, destroyed=["0b000002"], **truncate)
+    run.detect(attempt=1, window=1, gen=4, reason="truncated")
+    report = run.report()
+    assert report["ok"], report["failures"]
+    assert report["lines"]["removed_by_chaos"] == 1
+
+
+def test_a_duplicated_line_fails(run: Run) -> None:
+    line = run.owned(0, "0a000001")
+    with open(run.paths[0], "ab") as f:
+        f.write(line)
+    assert run.report()["lines"]["duplicated"] == 1
+
+
+def test_a_damaged_line_fails(run: Run) -> None:
+    run.owned(0, "0a000001")
+    data = Path(run.paths[0]).read_bytes()
+    text, _ = checked_text(random.Random("0a000001"), "t")
+    assert text.encode() in data
+    pos = data.index(text.encode()) + 3
+    flipped = data[:pos] + (b"x" if data[pos : pos + 1] != b"x" else b"y") + data[pos + 1 :]
+    Path(run.paths[0]).write_bytes(flipped)
+    report = run.report()
+    assert report["lines"]["damaged"] == 1
+    assert not report["ok"]
+
+
+def test_a_torn_last_line_fails(run: Run) -> None:
+    run.owned(0, "0a000001")
+    with open(run.paths[0], "ab") as f:
+        f.write(b'{"type":"message","id":"0c0000')
+    report = run.report()
+    assert report["lines"]["torn"] == 1
+    assert report["lines"]["lost"] == 0
+    assert not report["ok"]
+
+
+def test_a_torn_tail_the_next_attempt_missed_fails(run: Run) -> None:
+    run.log("worker-000-0001.jsonl", t="torn-inject", s=0, a=1, offset=100, bytes=10)
+    run.death(attempt=1)
+    report = run.report()
+    assert report["workers"]["torn_tails"]["undetected"] == 1
+    assert not report["ok"]
+    run.log("worker-000-0002.jsonl", t="torn", s=0, a=2, offset=100, length=10, repaired=True)
+    report = run.report()
+    assert report["workers"]["torn_tails"] == {
+        "injected": 1,
+        "detected": 1,
+        "repaired": 1,
+        "undetected": 0,
+    }
+    assert report["ok"], report["failures"]
+
+
+def test_a_dead_chaos_process_fails_the_run(run: Run) -> None:
+    run.exitcodes = {"chaos": 1, "mirror": 0}
+    report = run.report()
+    assert any("foreign writer" in f for f in report["failures"])
+
+
+def test_a_crashed_worker_and_an_attempt_error_fail(run: Run) -> None:
+    run.death(attempt=1, exitcode=1)
+    run.log("worker-000-0001.jsonl", t="error", s=0, a=2, error="boom")
+    report = run.report()
+    assert report["workers"]["crashed"] == 1
+    assert len(report["errors"]) == 2
+    assert not report["ok"]
+
+
+def test_a_torn_log_record_is_not_an_acknowledgement(run: Run) -> None:
+    with open(run.logs / "worker-000-0001.jsonl", "a") as f:
+        f.write('{"t":"ack","s":0,"a":1,"id":"0d00')
+    assert run.report()["lines"]["acknowledged"] == 0
+
+
+def test_judge_takeovers_counts_each_kind() -> None:
+    events = [
+        {"kind": "truncate", "takeover": True, "session": 0, "attempt": 1, "window": 1, "gen": 1},
+        {"kind": "chmod", "takeover": False, "session": 0, "attempt": 2, "window": 1, "gen": 3},
+    ]
+    detections = [{"s": 0, "a": 1, "w": 1, "gen": 2, "reason": "truncated"}]
+    verdict = judge_takeovers(events, detections, set())
+    assert verdict.by_kind == {
+        "truncate": {"injected": 1, "detected": 1},
+        "chmod": {"benign": 1, "accepted": 1},
+    }
+
+
+def test_verify_lines_checks_the_padding_for_shape_only_below_the_offset(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    pad = b'{"type":"message","id":"00000001","parentId":null,"junk":\n'  # not JSON
+    path.write_bytes(HEADER + pad)
+    assert verify_lines({0: str(path)}, {}, {}).torn == 1
+    shaped = verify_lines({0: str(path)}, {}, {}, shape_only_below=os.path.getsize(path))
+    assert shaped.torn == 0
+    assert shaped.lines == 2
+
+
+def test_percentile_is_nearest_rank() -> None:
+    assert percentile([], 50) is None
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([float(i) for i in range(1, 101)], 99) == 99.0
+    assert percentile([5.0], 99) == 5.0
+
+
+def test_failures_lists_nothing_for_a_clean_report(run: Run) -> None:
+    assert failures(run.report()) == []
