@@ -26,6 +26,7 @@ from sessionfence import SessionTakeoverError
 from sessionfence.controller import reset_for_tests
 
 from .test_controller_helpers import (
+    MergeSpy,
     append_entries,
     backend_fixture,  # noqa: F401
     compaction_append,
@@ -94,8 +95,11 @@ async def owned_step(ctl: Any, path: Path, step: str) -> None:
     if step == "compaction":
         ctl.owned_file_write(compaction_append(path), is_expected_compaction)
     elif step == "publication":
+        steer = user_message("steer")
         await ctl.with_write_lock(
-            lambda: append_entries(path, user_message("steer")), publish_owned_write=True
+            lambda: append_entries(path, steer),
+            publish_owned_write=True,
+            resolve_published_entries=lambda _: [{"kind": "id", "id": steer["id"]}],
         )
     elif step == "ordinary":
         await ctl.with_write_lock(lambda: append_entries(path, user_message("mine")))
@@ -107,11 +111,13 @@ async def owned_step(ctl: Any, path: Path, step: str) -> None:
 async def run_schedule(
     path: Path, verify: str, turns: list[tuple[list[str], bool]], event: str | None, at: int
 ) -> tuple[bool, int | None]:
-    """Returns (takeover seen, turn index where it was raised)."""
+    """Returns (takeover seen, turn index where it was raised). ``verify`` may end in
+    "+merge": the controller then has a merge callback (which accepts everything)."""
     path.write_text(
         line({"type": "session"}) + "".join(line(user_message(f"m{i}")) for i in range(80))
     )
-    ctl = await make(path, verify=verify)
+    mode, _, merge = verify.partition("+")
+    ctl = await make(path, verify=mode, merge_foreign_entries=MergeSpy() if merge else None)
     for index, (steps, mirror) in enumerate(turns):
         await ctl.release_for_prompt()
         for step in steps:
@@ -142,7 +148,7 @@ def _run(verify: str, turns: Turns, event: str | None, at: int) -> tuple[bool, A
         return asyncio.run(run_schedule(Path(tmp) / "s.jsonl", verify, turns, event, at))
 
 
-@pytest.mark.parametrize("verify", ["tail", "full"])
+@pytest.mark.parametrize("verify", ["tail", "full", "tail+merge", "full+merge"])
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -152,7 +158,7 @@ def test_owned_only_schedules_never_trip_the_fence(verify: str, turns: Turns) ->
     assert not taken
 
 
-@pytest.mark.parametrize("verify", ["tail", "full"])
+@pytest.mark.parametrize("verify", ["tail", "full", "tail+merge", "full+merge"])
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -167,7 +173,7 @@ def test_foreign_content_changes_are_detected_at_the_next_reacquire(
     disguised = event == "disguised_append" or (
         turns[at][1] and event in ("rewrite_head", "rewrite_middle")
     )
-    detected = event not in HARMLESS and not (disguised and verify == "tail")
+    detected = event not in HARMLESS and not (disguised and verify.startswith("tail"))
     assert taken == detected, (event, verify)
     if detected:
         assert where == at
