@@ -46,6 +46,7 @@ _LAZY = {
     ),
     "transcript": (
         "SessionManager",
+        "TranscriptChangedError",
         "guard_session_manager",
         "is_expected_compaction_append",
     ),
