@@ -89,18 +89,21 @@ fi
 
 # ---------------------------------------------------------------------------------------
 section "2. Wheel from the sdist (isolated build, gcc, SESSIONFENCE_WERROR=1)"
-mkdir -p "$WORK/unpacked"
-tar -xzf "$SDIST" -C "$WORK/unpacked"
-UNPACKED="$WORK/unpacked/$NAME"
-build_wheel() { # build_wheel OUTDIR LOG [env assignments...]
-    local out=$1 log=$2
-    shift 2
-    env SESSIONFENCE_WERROR=1 "$@" "$T/python" -m build --wheel --outdir "$out" "$UNPACKED" \
-        >"$log" 2>&1 || { tail -n 60 "$log"; echo "FAIL: wheel build ($*)"; exit 1; }
+build_wheel() { # build_wheel NAME [env assignments...]: a fresh unpack each time, so no
+    local name=$1           # compiled object of an earlier build is ever reused
+    shift
+    mkdir -p "$WORK/unpack-$name"
+    tar -xzf "$SDIST" -C "$WORK/unpack-$name"
+    env SESSIONFENCE_WERROR=1 "$@" "$T/python" -m build --wheel --outdir "$WORK/wheel-$name" \
+        "$WORK/unpack-$name/$NAME" >"$WORK/wheel-$name.log" 2>&1 \
+        || { tail -n 60 "$WORK/wheel-$name.log"; echo "FAIL: wheel build ($*)"; exit 1; }
+    grep -qE "^$name .*-c csrc/sessionfence\.c" "$WORK/wheel-$name.log" \
+        || { tail -n 60 "$WORK/wheel-$name.log"; echo "FAIL: $name did not compile sessionfence.c"; exit 1; }
+    grep -q -- '-Werror' "$WORK/wheel-$name.log" || { echo "FAIL: -Werror was not used"; exit 1; }
+    grep -E "^$name .*-c csrc/sessionfence\.c" "$WORK/wheel-$name.log" | head -n 1 | cut -c1-150
 }
-build_wheel "$WORK/wheel-gcc" "$WORK/wheel-gcc.log" CC=gcc
-grep -E '^(gcc|cc) .*sessionfence\.c' "$WORK/wheel-gcc.log" | head -n 1 | cut -c1-160 || true
-grep -q -- '-Werror' "$WORK/wheel-gcc.log" || { echo "FAIL: -Werror was not used"; exit 1; }
+build_wheel gcc CC=gcc
+UNPACKED="$WORK/unpack-gcc/$NAME"
 WHEEL=$(ls "$WORK"/wheel-gcc/*.whl)
 echo "built $(basename "$WHEEL")"
 [[ $(basename "$WHEEL") == *-cp310-abi3-linux_* ]] \
@@ -153,10 +156,7 @@ if ! have clang; then
     apt_install clang || true
 fi
 if have clang; then
-    build_wheel "$WORK/wheel-clang" "$WORK/wheel-clang.log" CC=clang
-    grep -qE '^clang .*sessionfence\.c' "$WORK/wheel-clang.log" \
-        || { echo "FAIL: clang did not compile sessionfence.c"; exit 1; }
-    grep -E '^clang .*sessionfence\.c' "$WORK/wheel-clang.log" | head -n 1 | cut -c1-160
+    build_wheel clang CC=clang
     echo "built $(basename "$(ls "$WORK"/wheel-clang/*.whl)") with $(clang --version | head -n1)"
 else
     echo "SKIP: clang not installed (set CI=1 to apt-get it)"
