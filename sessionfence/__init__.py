@@ -41,6 +41,7 @@ _LAZY = {
         "acquire_session_write_lock_async",
         "SessionWriteLock",
         "LockInfo",
+        "LockInheritedError",
         "inspect_lock",
         "clean_stale_locks",
     ),

@@ -58,24 +58,28 @@ _xxh3_64 = xxhash.xxh3_64_intdigest
 _MISSING_ERRNOS = (errno.ENOENT, errno.ENOTDIR)
 
 
+if sys.platform == "win32":
+
+    def _pread_once(fd: int, length: int, offset: int) -> bytes:
+        # No pread on Windows; the descriptor is private to us, so seek + read is positional.
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.read(fd, length)
+
+else:
+    _pread_once = os.pread
+
+
 def _pread(fd: int, length: int, offset: int) -> bytes:
     """Up to ``length`` bytes at ``offset``; shorter only at end of file."""
     parts: list[bytes] = []
     done = 0
     while done < length:
-        if _HAVE_PREAD:
-            chunk = os.pread(fd, length - done, offset + done)
-        else:  # Windows: the descriptor is private to us, so seek + read is positional
-            os.lseek(fd, offset + done, os.SEEK_SET)
-            chunk = os.read(fd, length - done)
+        chunk = _pread_once(fd, length - done, offset + done)
         if not chunk:
             break
         parts.append(chunk)
         done += len(chunk)
     return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-_HAVE_PREAD = hasattr(os, "pread")
 
 
 def _pause(tries: int) -> None:
