@@ -55,6 +55,10 @@ _OPEN_FLAGS = (
 )
 _DIGEST_CHUNK = 256 * 1024
 _xxh3_64 = xxhash.xxh3_64_intdigest
+if sys.platform == "win32":  # os with the C backend's stat numbers and share modes: _winstat
+    from ._winstat import os_view
+
+    os = os_view()
 _MISSING_ERRNOS = (errno.ENOENT, errno.ENOTDIR)
 
 
