@@ -662,12 +662,15 @@ static void buf_release(sf_buf *b)
 }
 
 /*
- * A probe's held handle can outlive its file's last name: after an unlink, a new file at
- * the path may get the same inode number (ext4 and XFS reuse freed inodes at once), so
- * equal dev/ino no longer proves the handle reads the path's file. Such a handle's file
+ * A probe's held handle can outlive its file's last name. The path stat and the read are
+ * two steps: a file unlinked in between is read through the kept handle although the path
+ * names nothing (or a new file) by then; and file systems that make inode numbers up (FUSE,
+ * some network file systems) can give a new file the number of one still held open, so
+ * equal dev/ino alone does not prove the handle reads the path's file. Such a handle's file
  * has no links left, which the fstat that ends every read shows: the reader returns
- * SF_STALE and the caller re-opens the path. (NTFS file ids carry a sequence number, so
- * Windows never reuses one this way; a delete-pending file keeps its name there.)
+ * SF_STALE and the caller re-opens the path. (On local POSIX file systems an open file's
+ * inode number is not reused; NTFS ids carry a sequence number; a delete-pending Windows
+ * file reports nlink 0 from h_stat.)
  */
 #define SF_STALE 1
 
