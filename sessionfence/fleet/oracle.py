@@ -62,6 +62,7 @@ class Facts:
     torn_found: list[dict[str, Any]] = field(default_factory=list)
     outcomes: Counter[str] = field(default_factory=Counter)
     loop_seconds: float = 0.0  # attempt time after setup (parse + eager lock), summed
+    worker_peak_mb: float = 0.0
     foreign_stats: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
@@ -92,6 +93,8 @@ def collect_facts(log_dir: str) -> Facts:
             facts.torn_injected.append(record)
         elif kind == "torn":
             facts.torn_found.append(record)
+        elif kind == "stop":
+            facts.worker_peak_mb = max(facts.worker_peak_mb, float(record["maxrss_mb"]))
         elif kind == "end":
             facts.outcomes[str(record["outcome"])] += 1
             facts.loop_seconds += float(record.get("loop") or 0.0)

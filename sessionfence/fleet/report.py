@@ -131,6 +131,8 @@ def _assemble(
                 round(len(turns) / facts.loop_seconds, 1) if facts.loop_seconds > 0 else None
             ),
             "attempt_open_total_s": round(sum(s["open"] for s in facts.setups), 3),
+            # Every released window ends in a check: a passed one (a turn) or a detection.
+            "released_windows": len(turns) + len(facts.detections),
             "attempts": dict(sorted(result.outcomes.items())),
             "transcript_bytes_at_start": result.padding_end,
         },
@@ -161,6 +163,7 @@ def _assemble(
             "killed": facts.killed_workers,
             "crashed": facts.crashed_workers,
             "respawned": result.respawns,
+            "peak_memory_mb": facts.worker_peak_mb,
             "torn_tails": asdict(torn),
         },
         "lines": {
@@ -254,7 +257,7 @@ def _rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         (
             "workers",
             f"killed {workers['killed']}, crashed {workers['crashed']}, "
-            f"respawned {workers['respawned']}",
+            f"respawned {workers['respawned']}, peak memory {workers['peak_memory_mb']:.0f} MB",
         ),
         (
             "torn tails",
@@ -268,6 +271,16 @@ def _rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
             f"{lines['damaged']}, removed by chaos {lines['removed_by_chaos']}",
         ),
     ]
+    windows = report["run"]["released_windows"]
+    for source, stats in sorted(report["foreign_writers"].items()):
+        rows.append(
+            (
+                f"{source} windows",
+                f"saw {stats.get('windows_seen', 0)} of {windows} released windows, chose "
+                f"{stats.get('chosen', 0)}, acted in {stats.get('events', 0)} (lock busy "
+                f"{stats.get('lock_busy', 0)}, closed {stats.get('closed', 0)})",
+            )
+        )
     for kind, row in tk["by_kind"].items():
         parts = ", ".join(f"{k} {v}" for k, v in sorted(row.items()))
         reasons = tk["reasons"].get(kind)
@@ -298,7 +311,7 @@ class ProgressDisplay:
             # that forks its workers.
             self._bar = Progress(
                 TextColumn("fleet"),
-                BarColumn(),
+                BarColumn(bar_width=24),
                 TextColumn("{task.completed}/{task.total} attempts"),
                 TextColumn("{task.fields[status]}"),
                 TimeElapsedColumn(),

@@ -14,8 +14,10 @@ lock generation of the check, so the oracle can order it against foreign events.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import random
+import resource
 import signal
 import time
 import traceback
@@ -216,6 +218,8 @@ async def run_attempt(task: Task, cfg: FleetConfig, board: Board, log: LogWriter
     finally:
         await ctl.dispose()
         board.set_phase(s, IDLE)
+        att.manager = None
+        att.ctl = None
     ended = time.perf_counter()
     att.record("end", outcome=outcome, elapsed=ended - started, loop=ended - created)
     return outcome
@@ -257,7 +261,15 @@ def worker_main(
                 )
                 board.set_phase(task.session, IDLE)
                 outcome = "error"
+            # The guarded manager and the controller sit in reference cycles (callbacks,
+            # the guard's bound methods): free the parsed transcript now, not in a later GC
+            # pass that may come after the next attempt parsed its own (twice the memory).
+            gc.collect()
             conn.send((task.attempt, outcome))
 
     asyncio.run(serve())
+    # Peak memory: a worker holds one parsed transcript at a time (SessionManager keeps
+    # every entry), which is what bounds the workers a machine can run on big transcripts.
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    log.write({"t": "stop", "slot": slot, "maxrss_mb": round(peak_kb / 1024, 1)})
     log.close()
