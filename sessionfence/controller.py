@@ -56,6 +56,7 @@ from ._controller_scope import (
 from ._controller_snapshot import FenceSnapshot
 from ._controller_state import CREATE, MergeCallback, ReloadCallback, Verify
 from ._controller_write import WriteScope, WriteScopes
+from ._lock_record import resolve_settings as resolve_lock_settings
 from ._merge import MergeResult
 from ._types import (
     DEFAULT_WINDOW,
@@ -133,9 +134,9 @@ class SessionFenceController(WriteScopes):
         cls,
         session_file: str | os.PathLike[str],
         *,
-        timeout: float = 60.0,
-        stale: float = 1800.0,
-        max_hold: float = 300.0,
+        timeout: float | None = None,
+        stale: float | None = None,
+        max_hold: float | None = None,
         acquire: Callable[..., Any] | None = None,
         merge_foreign_entries: MergeCallback | None = None,
         reload_session_file: ReloadCallback | None = None,
@@ -143,7 +144,12 @@ class SessionFenceController(WriteScopes):
         window: int = DEFAULT_WINDOW,
         benign_policy: BenignPolicy | None = None,
     ) -> SessionFenceController:
-        """Build a controller and take the write lock at once (the eager lock)."""
+        """Build a controller and take the write lock at once (the eager lock).
+
+        Lock times left unset default to 60 s / 1800 s / 300 s, or to the operator's
+        ``SESSIONFENCE_LOCK_*_MS`` overrides, read now; ``acquire`` always receives numbers.
+        """
+        timeout, stale, max_hold = resolve_lock_settings(timeout, stale, max_hold)
         if verify not in ("tail", "full"):
             raise ValueError(f"verify must be 'tail' or 'full', not {verify!r}")
         check_window(window)
