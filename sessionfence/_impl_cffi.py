@@ -86,6 +86,10 @@ class _Scratch(threading.local):
         self.fp = _new("sf_fp *")
         self.fp_view = _buffer(self.fp)
         self.err = _new("sf_err *")
+        self.before = _new("sf_fp *")
+        self.before_view = _buffer(self.before)
+        self.change = _new("sf_change *")
+        self.after_view = _buffer(ffi.addressof(self.change, "after"))
 
 
 _scratch = _Scratch()
@@ -114,24 +118,6 @@ def _fp_from_view(view: Any) -> Fingerprint:
 
 def _to_fp(c_fp: Any) -> Fingerprint:
     return _fp_from_view(_buffer(c_fp))
-
-
-def _to_c_fp(fp: Fingerprint) -> Any:
-    c = _new("sf_fp *")
-    if fp.exists:
-        _FP.pack_into(
-            _buffer(c),
-            0,
-            1,
-            fp.dev,
-            fp.ino,
-            fp.size,
-            fp.mtime_ns,
-            fp.ctime_ns,
-            fp.tail_len,
-            fp.tail_hash,
-        )
-    return c
 
 
 def fingerprint(path: PathArg, *, window: int = DEFAULT_WINDOW) -> Fingerprint:
@@ -196,26 +182,78 @@ _SLOT_SETTERS = tuple(
 )
 
 
-def _change(out: Any, before: Fingerprint) -> Change:
-    after = _to_fp(ffi.addressof(out, "after"))
+def _pack_before(view: Any, before: Fingerprint) -> None:
+    """Packs ``before`` for C. struct does the type and range checks the pure backend does
+    in check_before; only when it refuses do we run check_before for the precise error."""
+    if type(before) is not Fingerprint:
+        check_before(before)  # TypeError for non-fingerprints; subclasses get the full check
+    if not before.exists:
+        _FP.pack_into(view, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        return
+    tail_len, size = before.tail_len, before.size
+    try:
+        ok = 0 <= tail_len <= size and tail_len <= WINDOW_MAX
+        if ok:
+            _FP.pack_into(
+                view,
+                0,
+                1,
+                before.dev,
+                before.ino,
+                size,
+                before.mtime_ns,
+                before.ctime_ns,
+                tail_len,
+                before.tail_hash,
+            )
+    except (struct.error, TypeError):
+        ok = False
+    if not ok:
+        check_before(before)
+        raise ValueError(f"before does not describe a file: {before!r}")
+
+
+def _set_slots(cls: type, names: tuple[str, ...]) -> tuple[Any, ...]:
+    return tuple(cls.__dict__[name].__set__ for name in names)
+
+
+_CHANGE_SETTERS = _set_slots(Change, ("kind", "before", "after", "appended"))
+
+
+def _change_result(scratch: Any, before: Fingerprint) -> Change:
+    out = scratch.change
+    after = _fp_from_view(scratch.after_view)
     appended = None
     if out.has_suffix:
-        appended = _buffer(out.suffix, out.suffix_len)[:]
-        lib.sf_free(out.suffix)
-    return Change(_KINDS[out.kind], before, after, appended)
+        try:
+            appended = _buffer(out.suffix, out.suffix_len)[:]
+        finally:
+            lib.sf_free(out.suffix)
+    # Built through the slots like Fingerprints (see _types.existing_fingerprint).
+    change = object.__new__(Change)
+    set_kind, set_before, set_after, set_appended = _CHANGE_SETTERS
+    set_kind(change, _KINDS[out.kind])
+    set_before(change, before)
+    set_after(change, after)
+    set_appended(change, appended)
+    return change
 
 
 def _check_append(
     probe: Any, path: PathArg, before: Fingerprint, window: int, max_suffix: int
 ) -> Change:
-    window = check_window(window)
-    max_suffix = check_max_suffix(max_suffix)
-    before = check_before(before)
-    out = _new("sf_change *")
-    err = _new("sf_err *")
-    if lib.sf_check_append(probe, _cpath(path), _to_c_fp(before), window, max_suffix, out, err):
+    if type(window) is not int or not 0 <= window <= WINDOW_MAX:
+        window = check_window(window)
+    if type(max_suffix) is not int or max_suffix < 0:
+        max_suffix = check_max_suffix(max_suffix)
+    scratch = _scratch
+    _pack_before(scratch.before_view, before)
+    err = scratch.err
+    if lib.sf_check_append(
+        probe, _cpath(path), scratch.before, window, max_suffix, scratch.change, err
+    ):
         _raise(err, path)
-    return _change(out, before)
+    return _change_result(scratch, before)
 
 
 def check_append(
