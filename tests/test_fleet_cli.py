@@ -39,6 +39,7 @@ LATENCY_KEYS = {
     "turn",
     "append",
     "release",
+    "publish",
     "attempt_open",
     "attempt_create",
 }
@@ -93,6 +94,7 @@ def test_defaults_pass_with_every_figure_reported(tmp_path: Path) -> None:
     assert report["takeovers"]["injected"] == 0
     assert report["benign"]["events"] == report["benign"]["accepted"]
     assert report["lines"]["acknowledged"] >= 240
+    assert report["latency"]["publish"]["count"] > 0  # owned writes in released windows
     # The temporary run directory is gone.
     assert report["run_dir"] is None
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("sessionfence-fleet-")]

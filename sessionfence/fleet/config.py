@@ -34,6 +34,9 @@ class FleetConfig:
     think_min: float = 0.002
     think_max: float = 0.008
     compaction: float = 0.1  # probability per turn of a compaction through the guarded manager
+    # Probability per released window of an owned in-process publication (with_write_lock
+    # with publish_owned_write) during the model call, as an in-process mirror makes one.
+    publish: float = 0.15
     # Kills are bounded so a run always ends: at most this many per session.
     max_kills_per_session: int = 3
     lock_timeout: float = 60.0
@@ -54,6 +57,8 @@ class FleetConfig:
             ("--seed", 0 <= self.seed < 2**63, "a non-negative integer"),
             ("--attempts", 1 <= self.attempts <= 1000, "between 1 and 1000"),
             ("mirror rate", 0 <= self.mirror <= 1, "between 0 and 1"),
+            ("publish rate", 0 <= self.publish <= 1, "between 0 and 1"),
+            ("compaction rate", 0 <= self.compaction <= 1, "between 0 and 1"),
             ("think time", 0 <= self.think_min <= self.think_max <= 60, "0 <= min <= max <= 60"),
         ]
         for name, ok, expected in checks:

@@ -142,6 +142,7 @@ def _assemble(
             "turn": summarize(t["turn"] for t in turns),
             "append": summarize(t["append"] for t in turns),
             "release": summarize(t["release"] for t in turns),
+            "publish": summarize(t["publish"] for t in turns if t.get("publish")),
             "attempt_open": summarize(s["open"] for s in facts.setups),
             "attempt_create": summarize(s["create"] for s in facts.setups),
         },
@@ -240,6 +241,11 @@ def _rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("lock wait", _ms(lat["lock_wait"])),
         ("fence check", _ms(lat["fence_check"])),
         ("turn (no model)", _ms(lat["turn"])),
+        (
+            "owned publication",
+            _ms(lat["publish"])
+            + f"  ({lat['publish']['count']} in released windows, short lock + fence check)",
+        ),
         (
             "attempt open",
             _ms(lat["attempt_open"])

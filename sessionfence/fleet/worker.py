@@ -30,10 +30,10 @@ from ..controller import SessionFenceController
 from ..errors import SessionTakeoverError, SessionWriteLockAcquireError
 from ..lock import acquire_session_write_lock_async
 from ..transcript import SessionManager, guard_session_manager
-from .board import HOLDING, IDLE, REACQUIRING, Board
+from .board import APPENDED, HOLDING, IDLE, REACQUIRING, Board
 from .config import FleetConfig
 from .logs import LogWriter
-from .transcripts import checked_text, owned_message
+from .transcripts import checked_text, foreign_id, message_line, owned_message
 
 __all__ = ["Task", "worker_main"]
 
@@ -109,6 +109,34 @@ class _Attempt:
         os.write(fd, data[:cut])
         os.kill(os.getpid(), signal.SIGKILL)
 
+    async def publish_in_window(self) -> None:
+        """An owned write inside the released window, as an in-process delivery mirror makes
+        it: a raw line appended under a short write lock with ``publish_owned_write``; the
+        controller checks the fence first, then merges the declared entry into the session
+        manager through the merge callback. The reacquire must take it as owned."""
+        assert self.ctl is not None and self.manager is not None
+        s = self.task.session
+        entry_id = foreign_id(self.rng)
+        line = message_line(entry_id, self.manager.leaf_id, owned_message(self.rng, "published"))
+
+        def write() -> str:
+            # Under the lock: chaos must not follow this append with an edit outside the
+            # tail window in tail mode (see board.py).
+            self.board.mark(s, APPENDED)
+            fd = os.open(self.task.path, os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+            return entry_id
+
+        await self.ctl.with_write_lock(
+            write,
+            publish_owned_write=True,
+            resolve_published_entries=lambda result: [{"kind": "id", "id": result}],
+        )
+        self.ack(entry_id, "published")
+
     def append_turn(self, turn: int) -> int:
         """Owned appends of one turn (called under the write lock); returns the count."""
         assert self.manager is not None
@@ -181,7 +209,15 @@ async def run_attempt(task: Task, cfg: FleetConfig, board: Board, log: LogWriter
             board.open_window(s, att.window)  # before the lock is given up: see board.py
             await ctl.release_for_prompt()
             t2 = time.perf_counter()
-            await asyncio.sleep(att.rng.uniform(cfg.think_min, cfg.think_max))
+            think = att.rng.uniform(cfg.think_min, cfg.think_max)
+            publish = 0.0
+            if att.rng.random() < cfg.publish:
+                await asyncio.sleep(think / 2)
+                tp = time.perf_counter()
+                await att.publish_in_window()
+                publish = time.perf_counter() - tp
+                think /= 2
+            await asyncio.sleep(think)
             board.set_phase(s, REACQUIRING)
             att.last_wait = 0.0
             t3 = time.perf_counter()
@@ -200,6 +236,7 @@ async def run_attempt(task: Task, cfg: FleetConfig, board: Board, log: LogWriter
                 reacquire=t4 - t3,
                 fence=max(0.0, (t4 - t3) - att.last_wait),
                 turn=(t2 - t0) + (t4 - t3),
+                publish=publish,
             )
     except SessionTakeoverError as exc:
         outcome = "takeover"
