@@ -114,7 +114,7 @@ def collect_facts(log_dir: str) -> Facts:
                 continue
             if record.get("attempt"):
                 facts.dead_attempts.add(int(record["attempt"]))
-            if record.get("exitcode") == -9:
+            if record.get("killed", record.get("exitcode") == -9):
                 facts.killed_workers += 1
             else:
                 facts.crashed_workers += 1

@@ -17,6 +17,8 @@ import contextlib
 import multiprocessing
 import os
 import random
+import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -33,6 +35,7 @@ from .worker import Task, worker_main
 
 __all__ = ["Progress", "RunResult", "run_fleet"]
 
+_SIGKILLED = -getattr(signal, "SIGKILL", 9)  # a POSIX exit status; never seen on Windows
 _WAIT_SLICE = 0.1
 _JOIN_TIMEOUT = 20.0
 
@@ -72,6 +75,7 @@ class _Slot:
     conn: Connection | None = None
     task: Task | None = None
     kill_at: float | None = None
+    kill_sent: bool = False
 
 
 class _Supervisor:
@@ -79,7 +83,11 @@ class _Supervisor:
         self, cfg: FleetConfig, run_dir: str, on_progress: Callable[[Progress], None]
     ) -> None:
         self.cfg = cfg
-        self.ctx = multiprocessing.get_context("fork")
+        # fork on Linux: workers start in milliseconds and respawns stay cheap. Elsewhere
+        # spawn (macOS system libraries are not fork-safe; Windows has no fork); every
+        # process argument below is picklable for that.
+        method = "fork" if sys.platform.startswith("linux") else "spawn"
+        self.ctx: Any = multiprocessing.get_context(method)
         self.on_progress = on_progress
         self.session_dir = os.path.join(run_dir, "sessions")
         self.log_dir = os.path.join(run_dir, "logs")
@@ -118,6 +126,7 @@ class _Supervisor:
         proc.start()
         child.close()
         slot.proc, slot.conn, slot.task, slot.kill_at = proc, parent, None, None
+        slot.kill_sent = False
 
     def start_foreign(self) -> None:
         cfg = self.cfg
@@ -207,11 +216,18 @@ class _Supervisor:
         proc = slot.proc
         proc.join()
         task = slot.task
+        # Killed on purpose: by us, or by itself half-way through a line as its task said.
+        killed = (
+            proc.exitcode == _SIGKILLED
+            or slot.kill_sent
+            or (task is not None and task.torn_at_turn is not None and proc.exitcode != 0)
+        )
         record: dict[str, Any] = {
             "t": "death",
             "slot": slot.index,
             "incarnation": slot.incarnation,
             "exitcode": proc.exitcode,
+            "killed": killed,
             "attempt": task.attempt if task else None,
             "session": task.session if task else None,
         }
@@ -219,7 +235,7 @@ class _Supervisor:
         if task is not None:
             s = task.session
             self.board.start_attempt(s, 0)  # no attempt runs on it now
-            if proc.exitcode == -9:
+            if killed:
                 self.kills[s] += 1
                 self.progress.kills += 1
                 self.pending.append(s)
@@ -241,6 +257,7 @@ class _Supervisor:
                 slot.kill_at = None
                 self.log.write({"t": "kill", "slot": slot.index, "attempt": slot.task.attempt})
                 self.kills_sent += 1
+                slot.kill_sent = True
                 slot.proc.kill()
 
     def done(self) -> bool:

@@ -17,8 +17,8 @@ import asyncio
 import gc
 import os
 import random
-import resource
 import signal
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -107,7 +107,7 @@ class _Attempt:
         fd = os.open(self.task.path, os.O_WRONLY | os.O_APPEND)
         self.record("torn-inject", offset=os.fstat(fd).st_size, bytes=cut)
         os.write(fd, data[:cut])
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
 
     async def publish_in_window(self) -> None:
         """An owned write inside the released window, as an in-process delivery mirror makes
@@ -307,6 +307,13 @@ def worker_main(
     asyncio.run(serve())
     # Peak memory: a worker holds one parsed transcript at a time (SessionManager keeps
     # every entry), which is what bounds the workers a machine can run on big transcripts.
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    log.write({"t": "stop", "slot": slot, "maxrss_mb": round(peak_kb / 1024, 1)})
+    try:
+        import resource
+    except ImportError:  # Windows
+        pass
+    else:
+        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if sys.platform == "darwin":
+            peak_kb //= 1024  # bytes there
+        log.write({"t": "stop", "slot": slot, "maxrss_mb": round(peak_kb / 1024, 1)})
     log.close()
