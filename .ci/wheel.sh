@@ -106,6 +106,21 @@ build_wheel gcc CC=gcc
 UNPACKED="$WORK/unpack-gcc/$NAME"
 WHEEL=$(ls "$WORK"/wheel-gcc/*.whl)
 echo "built $(basename "$WHEEL")"
+# Every Python package of the checkout must be in the wheel (an explicit package list
+# in pyproject.toml silently drops a new subpackage).
+"$T/python" - "$SRC" "$WHEEL" <<'EOF'
+import pathlib, sys, zipfile
+src = pathlib.Path(sys.argv[1])
+want = {str(p.parent.relative_to(src)) for p in src.glob("sessionfence/**/__init__.py")}
+have = {n.rsplit("/", 1)[0] for n in zipfile.ZipFile(sys.argv[2]).namelist()
+        if n.startswith("sessionfence/") and n.endswith("/__init__.py")}
+missing = sorted(want - have)
+if missing:
+    pkgs = ", ".join(m.replace("/", ".") for m in missing)
+    sys.exit(f"FAIL: the wheel lacks the package(s) {pkgs}: add them to [tool.setuptools] "
+             "packages in pyproject.toml (or use [tool.setuptools.packages.find])")
+print("wheel has every package:", ", ".join(sorted(p.replace("/", ".") for p in want)))
+EOF
 [[ $(basename "$WHEEL") == *-cp310-abi3-linux_* ]] \
     || { echo "FAIL: expected a cp310-abi3 wheel"; exit 1; }
 
