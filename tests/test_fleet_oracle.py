@@ -196,7 +196,7 @@ def test_a_lost_acknowledged_line_fails(run: Run) -> None:
 def test_a_line_chaos_logged_as_removed_is_not_lost(run: Run) -> None:
     run.log("worker-000-0001.jsonl", t="ack", s=0, a=1, id="0b000002")
     truncate = {"kind": "truncate", "takeover": True, "session": 0, "attempt": 1, "window": 1}
-    run.log("chaos.jsonl", source="chaos", gen=3, destroyed=["0b000002"], **truncate)
+    run.log("chaos.jsonl", source="chaos", gen=3, removed=["0b000002"], **truncate)
     run.detect(attempt=1, window=1, gen=4, reason="truncated")
     report = run.report()
     assert report["ok"], report["failures"]
@@ -246,7 +246,11 @@ def test_a_torn_tail_the_next_attempt_missed_fails(run: Run) -> None:
         "detected": 1,
         "repaired": 1,
         "undetected": 0,
+        "quarantined": 0,
     }
+    assert report["failures"] == ["1 torn tails repaired without a quarantine copy"]
+    Path(run.paths[0] + ".torn-20260101T000000.000Z").write_bytes(b"{")
+    report = run.report()
     assert report["ok"], report["failures"]
 
 
@@ -288,8 +292,8 @@ def test_verify_lines_checks_the_padding_for_shape_only_below_the_offset(tmp_pat
     path = tmp_path / "t.jsonl"
     pad = b'{"type":"message","id":"00000001","parentId":null,"junk":\n'  # not JSON
     path.write_bytes(HEADER + pad)
-    assert verify_lines({0: str(path)}, {}, {}).torn == 1
-    shaped = verify_lines({0: str(path)}, {}, {}, shape_only_below=os.path.getsize(path))
+    assert verify_lines({0: str(path)}, {}).torn == 1
+    shaped = verify_lines({0: str(path)}, {}, shape_only_below=os.path.getsize(path))
     assert shaped.torn == 0
     assert shaped.lines == 2
 
@@ -303,3 +307,39 @@ def test_percentile_is_nearest_rank() -> None:
 
 def test_failures_lists_nothing_for_a_clean_report(run: Run) -> None:
     assert failures(run.report()) == []
+
+
+def test_a_line_chaos_altered_must_still_be_there_once(run: Run) -> None:
+    run.owned(0, "0a000001")
+    data = Path(run.paths[0]).read_bytes()
+    text, _ = checked_text(random.Random("0a000001"), "t")
+    pos = data.index(text.encode()) + 3
+    flipped = data[:pos] + (b"x" if data[pos : pos + 1] != b"x" else b"y") + data[pos + 1 :]
+    Path(run.paths[0]).write_bytes(flipped)
+    rewrite = {"kind": "rewrite-tail", "takeover": True, "session": 0, "attempt": 1, "window": 1}
+    run.log("chaos.jsonl", source="chaos", gen=3, altered=["0a000001"], **rewrite)
+    run.detect(attempt=1, window=1, gen=4)
+    report = run.report()
+    assert report["ok"], report["failures"]
+    assert report["lines"]["altered_by_chaos"] == 1
+    with open(run.paths[0], "ab") as f:  # ... but not twice
+        f.write(flipped[len(HEADER) :])
+    assert run.report()["lines"]["duplicated"] == 1
+
+
+def test_mirror_and_chaos_lines_must_survive(run: Run) -> None:
+    mirror = {"kind": "mirror", "takeover": False, "session": 0, "attempt": 1, "window": 1}
+    run.owned(0, "9a000001", ack=False)  # the mirror's line is in the file
+    run.log("mirror.jsonl", source="mirror", gen=1, added=["9a000001"], **mirror)
+    report = run.report()
+    assert report["ok"], report["failures"]
+    assert report["lines"]["foreign"] == 1
+    run.log("mirror.jsonl", source="mirror", gen=2, added=["9b000002"], **{**mirror, "window": 2})
+    report = run.report()
+    assert report["lines"]["foreign_lost"] == 1
+    assert "1 mirror or chaos lines lost" in report["failures"]
+    # Unless chaos truncated it away, as it logged.
+    truncate = {"kind": "truncate", "takeover": True, "session": 0, "attempt": 1, "window": 3}
+    run.log("chaos.jsonl", source="chaos", gen=5, removed=["9b000002"], **truncate)
+    run.detect(attempt=1, window=3, gen=6, reason="truncated")
+    assert run.report()["ok"]

@@ -208,7 +208,7 @@ def _rewrite(path: str, where: str, rng: random.Random) -> dict[str, Any]:
         os.close(fd)
     # Same size, old mtime: only ctime (and the bytes) betray the edit.
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    return {"destroyed": line_ids(line), "offset": offset + pos}
+    return {"altered": line_ids(line), "offset": offset + pos}
 
 
 def _truncate(path: str, rng: random.Random, regrow: bool) -> dict[str, Any] | None:
@@ -221,7 +221,7 @@ def _truncate(path: str, rng: random.Random, regrow: bool) -> dict[str, Any] | N
         f.seek(cut)
         removed = f.read(old_size - cut)
     os.truncate(path, cut)
-    result: dict[str, Any] = {"destroyed": line_ids(removed), "cut": cut}
+    result: dict[str, Any] = {"removed": line_ids(removed), "cut": cut}
     if regrow:
         parent = _last_id(path)
         added = []
@@ -237,7 +237,8 @@ def _truncate(path: str, rng: random.Random, regrow: bool) -> dict[str, Any] | N
 
 
 def apply_event(kind: str, path: str, rng: random.Random) -> dict[str, Any]:
-    """Make one foreign event of ``kind``; returns what it did (``destroyed`` ids, ...).
+    """Make one foreign event of ``kind``; returns what it did: the ids of lines it
+    ``removed`` (truncations), ``altered`` (same-size rewrites keep the id) or ``added``.
 
     A kind that cannot apply to the file as it is (truncating a file with no entry lines)
     falls back to a foreign append and says so in ``applied``.

@@ -65,13 +65,12 @@ class Facts:
     worker_peak_mb: float = 0.0
     foreign_stats: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    @property
-    def destroyed(self) -> dict[int, set[str]]:
-        """Ids of lines chaos removed or altered, per session (void attempts included: the
-        bytes are gone whoever was running)."""
+    def ids_by_session(self, key: str) -> dict[int, set[str]]:
+        """Ids foreign writers logged under ``key`` (``removed``, ``altered``, ``added``),
+        per session; void attempts included: the bytes changed whoever was running."""
         out: dict[int, set[str]] = defaultdict(set)
         for event in self.events:
-            out[int(event["session"])].update(event.get("destroyed") or ())
+            out[int(event["session"])].update(event.get(key) or ())
         return out
 
 
@@ -218,6 +217,7 @@ class TornVerdict:
     detected: int = 0
     repaired: int = 0
     undetected: int = 0
+    quarantined: int = 0  # .torn-* files beside the transcripts at the end
 
 
 def judge_torn_tails(
@@ -246,23 +246,30 @@ class LineVerdict:
     duplicated: int = 0
     damaged: int = 0
     torn: int = 0
-    exempt: int = 0  # acknowledged, then removed or altered by chaos (logged)
-    foreign_duplicates: int = 0  # ids written twice by anyone else (informational)
+    removed: int = 0  # acknowledged, then truncated away by chaos (logged)
+    altered: int = 0  # acknowledged, then rewritten in place by chaos: present, CRC exempt
+    foreign: int = 0  # lines the mirror and chaos added (they must survive too)
+    foreign_lost: int = 0
+    foreign_duplicated: int = 0
     examples: list[str] = field(default_factory=list)
 
 
 _PAD_PREFIX = b'{"type":"message","id":"'
+_NO_IDS: set[str] = set()
 
 
 def verify_lines(
     paths: Mapping[int, str],
     acks: Mapping[int, Iterable[str]],
-    destroyed: Mapping[int, set[str]],
+    removed: Mapping[int, set[str]] | None = None,
+    altered: Mapping[int, set[str]] | None = None,
+    foreign: Mapping[int, set[str]] | None = None,
     *,
     shape_only_below: int = 0,
     examples: int = 5,
 ) -> LineVerdict:
-    """Parse every transcript and hold each acknowledged id to "exactly once and whole".
+    """Parse every transcript and hold each acknowledged id to "exactly once and whole",
+    and each line a foreign writer added to "exactly once", unless chaos removed it.
 
     ``shape_only_below``: byte offset below which lines are only checked for shape (the
     generated padding of very large transcripts, which no worker writes); 0 parses all.
@@ -277,7 +284,8 @@ def verify_lines(
             verdict.torn += 1
             _example(verdict, examples, f"session {session}: file ends without a newline")
             body = data[: data.rfind(b"\n") + 1]
-        gone = destroyed.get(session, set())
+        gone = (removed or {}).get(session, _NO_IDS)
+        changed = (altered or {}).get(session, _NO_IDS)
         acked = list(dict.fromkeys(acks.get(session, ())))
         acked_set = set(acked)
         ids: Counter[str] = Counter()
@@ -305,7 +313,7 @@ def verify_lines(
         for entry_id in acked:
             verdict.acknowledged += 1
             if entry_id in gone:
-                verdict.exempt += 1
+                verdict.removed += 1
                 continue
             count = ids.get(entry_id, 0)
             if count == 0:
@@ -314,10 +322,20 @@ def verify_lines(
             elif count > 1:
                 verdict.duplicated += 1
                 _example(verdict, examples, f"session {session}: {entry_id} x{count}")
+            elif entry_id in changed:
+                verdict.altered += 1
             elif not text_intact(entries.get(entry_id)):
                 verdict.damaged += 1
                 _example(verdict, examples, f"session {session}: {entry_id} damaged")
-        verdict.foreign_duplicates += sum(1 for i, n in ids.items() if n > 1 and i not in acked_set)
+        for entry_id in sorted((foreign or {}).get(session, _NO_IDS) - gone):
+            verdict.foreign += 1
+            count = ids.get(entry_id, 0)
+            if count != 1:
+                if count == 0:
+                    verdict.foreign_lost += 1
+                else:
+                    verdict.foreign_duplicated += 1
+                _example(verdict, examples, f"session {session}: foreign {entry_id} x{count}")
     return verdict
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -74,6 +75,12 @@ def failures(report: Mapping[str, Any]) -> list[str]:
         (takeovers["false"], "false takeovers"),
         (takeovers["ordering_anomalies"], "foreign events after a passed fence check"),
         (torn["undetected"], "torn tails not detected by the next attempt"),
+        (
+            max(0, torn["repaired"] - torn["quarantined"]),
+            "torn tails repaired without a quarantine copy",
+        ),
+        (lines["foreign_lost"], "mirror or chaos lines lost"),
+        (lines["foreign_duplicated"], "mirror or chaos lines duplicated"),
         (report["workers"]["crashed"], "workers crashed"),
         (len(report["errors"]), "attempts ended in an error"),
         (
@@ -93,8 +100,14 @@ def build_report(cfg: FleetConfig, result: RunResult) -> dict[str, Any]:
     torn = judge_torn_tails(facts.torn_injected, facts.torn_found)
     shape_only = result.padding_end if result.padding_end > _SHAPE_ONLY_ABOVE else 0
     lines = verify_lines(
-        dict(enumerate(result.paths)), facts.acks, facts.destroyed, shape_only_below=shape_only
+        dict(enumerate(result.paths)),
+        facts.acks,
+        facts.ids_by_session("removed"),
+        facts.ids_by_session("altered"),
+        facts.ids_by_session("added"),
+        shape_only_below=shape_only,
     )
+    torn.quarantined = sum(len(glob.glob(glob.escape(p) + ".torn-*")) for p in result.paths)
     return _assemble(cfg, result, facts, takeovers, torn, lines)
 
 
@@ -173,7 +186,11 @@ def _assemble(
             "duplicated": lines.duplicated,
             "damaged": lines.damaged,
             "torn": lines.torn,
-            "removed_by_chaos": lines.exempt,
+            "removed_by_chaos": lines.removed,
+            "altered_by_chaos": lines.altered,
+            "foreign": lines.foreign,
+            "foreign_lost": lines.foreign_lost,
+            "foreign_duplicated": lines.foreign_duplicated,
             "lines_checked": lines.lines,
             "examples": lines.examples,
         },
@@ -268,13 +285,19 @@ def _rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         (
             "torn tails",
             f"injected {torn['injected']}, detected {torn['detected']}, "
-            f"repaired {torn['repaired']}",
+            f"repaired {torn['repaired']} (quarantine files {torn['quarantined']})",
         ),
         (
             "lines",
             f"acknowledged {lines['acknowledged']}, lost {lines['lost']}, "
             f"duplicated {lines['duplicated']}, torn {lines['torn']}, damaged "
-            f"{lines['damaged']}, removed by chaos {lines['removed_by_chaos']}",
+            f"{lines['damaged']}; by chaos: removed {lines['removed_by_chaos']}, altered "
+            f"{lines['altered_by_chaos']}",
+        ),
+        (
+            "foreign lines",
+            f"{lines['foreign']} added by the mirror and chaos, lost {lines['foreign_lost']}, "
+            f"duplicated {lines['foreign_duplicated']}",
         ),
     ]
     windows = report["run"]["released_windows"]
