@@ -63,6 +63,7 @@ class Facts:
     outcomes: Counter[str] = field(default_factory=Counter)
     loop_seconds: float = 0.0  # attempt time after setup (parse + eager lock), summed
     worker_peak_mb: float = 0.0
+    kill_phases: dict[str, int] = field(default_factory=dict)  # supervisor kills by phase
     foreign_stats: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def ids_by_session(self, key: str) -> dict[int, set[str]]:
@@ -109,6 +110,9 @@ def collect_facts(log_dir: str) -> Facts:
     supervisor = os.path.join(log_dir, "supervisor.jsonl")
     if os.path.exists(supervisor):
         for record in read_log(supervisor):
+            if record.get("t") == "kill":
+                phase = str(record.get("phase"))
+                facts.kill_phases[phase] = facts.kill_phases.get(phase, 0) + 1
             if record.get("t") != "death":
                 continue
             if record.get("attempt"):

@@ -178,6 +178,8 @@ def _assemble(
             "crashed": facts.crashed_workers,
             "respawned": result.respawns,
             "peak_memory_mb": facts.worker_peak_mb,
+            "killed_in_phase": dict(sorted(facts.kill_phases.items())),
+            "killed_mid_line": len(facts.torn_injected),
             "torn_tails": asdict(torn),
         },
         "lines": {
@@ -281,6 +283,13 @@ def _rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
             "workers",
             f"killed {workers['killed']}, crashed {workers['crashed']}, "
             f"respawned {workers['respawned']}, peak memory {workers['peak_memory_mb']:.0f} MB",
+        ),
+        (
+            "kills",
+            ", ".join(
+                [f"{n} while {p}" for p, n in workers["killed_in_phase"].items()]
+                + [f"{workers['killed_mid_line']} half-way through a line"]
+            ),
         ),
         (
             "torn tails",

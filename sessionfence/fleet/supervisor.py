@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from .board import Board
+from .board import PHASE_NAMES, Board
 from .chaos import chaos_main, mirror_main
 from .config import FleetConfig
 from .logs import LogWriter
@@ -255,7 +255,16 @@ class _Supervisor:
                 if slot.task is None or slot.kill_at is None:
                     continue
                 slot.kill_at = None
-                self.log.write({"t": "kill", "slot": slot.index, "attempt": slot.task.attempt})
+                # Where the attempt was when it died (it may move on before the signal lands).
+                _, phase, _ = self.board.snapshot(slot.task.session)
+                self.log.write(
+                    {
+                        "t": "kill",
+                        "slot": slot.index,
+                        "attempt": slot.task.attempt,
+                        "phase": PHASE_NAMES.get(phase, str(phase)),
+                    }
+                )
                 self.kills_sent += 1
                 slot.kill_sent = True
                 slot.proc.kill()
