@@ -29,6 +29,7 @@ REPORT_KEYS = {
     "foreign_writers",
     "foreign_exitcodes",
     "errors",
+    "error_count",
     "run_dir",
     "failures",
     "ok",
@@ -114,13 +115,17 @@ def test_chaos_run_detects_every_injected_takeover(tmp_path: Path) -> None:
         assert row.get("detected", 0) == row.get("injected", 0), kind
 
 
-def test_tail_mode_blind_spot_is_reported_as_missed_with_exit_1() -> None:
+def test_tail_mode_blind_spot_is_reported_as_missed_with_exit_1(tmp_path: Path) -> None:
     # Forcing the one combination tail mode cannot see proves the oracle can fail a run.
     code, report, _ = fleet(
         "--workers", "2", "--sessions", "3", "--turns", "6", "--chaos", "0.5", "--seed", "3",
         "--verify", "tail", "--chaos-kinds", "rewrite-head+append",
+        env={**os.environ, "TMPDIR": str(tmp_path)},
     )  # fmt: skip
     assert code == 1
+    # A failed run keeps its directory: the logs are the evidence.
+    assert report["run_dir"] is not None
+    assert (Path(report["run_dir"]) / "logs" / "chaos.jsonl").exists()
     assert report["takeovers"]["missed"] > 0
     assert report["takeovers"]["by_kind"]["rewrite-head+append"]["missed"] > 0
     assert any("missed" in failure for failure in report["failures"])
@@ -212,3 +217,40 @@ def test_long_chaos_run_with_kills(verify: str, seed: str) -> None:
     assert torn["injected"] > 0
     assert torn["detected"] >= torn["injected"]
     assert torn["undetected"] == 0
+
+
+def test_workers_that_keep_crashing_abort_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sessionfence.fleet import supervisor
+
+    def broken_worker(*args: object) -> None:
+        os._exit(3)
+
+    monkeypatch.setattr(supervisor, "worker_main", broken_worker)
+    run_dir = tmp_path / "run"
+    # Each crash uses up at most one of the 20 planned attempts: the abort comes first.
+    args = ["--quiet", "--sessions", "1", "--attempts", "20", "--dir", str(run_dir)]
+    assert main(["fleet", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sessionfence fleet: aborted: workers crashed")
+    assert err.count("\n") == 1
+    deaths = (run_dir / "logs" / "supervisor.jsonl").read_text().count('"exitcode":3')
+    assert deaths > 10
+
+
+def test_an_attempt_that_fails_is_reported_not_hidden(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sessionfence.fleet import worker
+
+    async def failing_attempt(*args: object) -> str:
+        raise OSError(5, "injected I/O error")
+
+    monkeypatch.setattr(worker, "run_attempt", failing_attempt)
+    code = main(["fleet", "--quiet", "--json", "--sessions", "2", "--dir", str(tmp_path / "r")])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 1
+    assert report["run"]["attempts"] == {"error": 6}
+    assert "6 attempts ended in an error" in report["failures"]
+    assert "injected I/O error" in report["errors"][0]["error"]

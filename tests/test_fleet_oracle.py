@@ -265,7 +265,7 @@ def test_a_crashed_worker_and_an_attempt_error_fail(run: Run) -> None:
     run.log("worker-000-0001.jsonl", t="error", s=0, a=2, error="boom")
     report = run.report()
     assert report["workers"]["crashed"] == 1
-    assert len(report["errors"]) == 2
+    assert len(report["errors"]) == report["error_count"] == 2
     assert not report["ok"]
 
 

@@ -131,9 +131,9 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def _run_dir(args: argparse.Namespace) -> tuple[str, bool]:
-    """(directory, remove afterwards)."""
+    """(directory, whether it is a temporary one made here)."""
     if args.dir is None:
-        return tempfile.mkdtemp(prefix="sessionfence-fleet-"), not args.keep
+        return tempfile.mkdtemp(prefix="sessionfence-fleet-"), True
     path = os.path.abspath(args.dir)
     if os.path.exists(path):
         if not os.path.isdir(path):
@@ -151,9 +151,12 @@ def _run_dir(args: argparse.Namespace) -> tuple[str, bool]:
 
 def run(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from ..fleet import ProgressDisplay, build_report, render_text, run_fleet
+    from ..fleet import FleetAbortedError, ProgressDisplay, build_report, render_text, run_fleet
 
-    run_dir, remove = _run_dir(args)
+    run_dir, temporary = _run_dir(args)
+    # A temporary run directory goes away after a passing run; a failed or aborted run
+    # keeps it, because its logs are the only account of what went wrong.
+    keep = not temporary or args.keep
     display = ProgressDisplay(enabled=not args.quiet)
     try:
         try:
@@ -161,16 +164,22 @@ def run(args: argparse.Namespace) -> int:
         finally:
             display.close()
         report = build_report(cfg, result)
-        if remove:
-            report["run_dir"] = None
-    finally:
-        if remove:
+    except FleetAbortedError as exc:
+        print(f"sessionfence fleet: aborted: {exc}", file=sys.stderr)
+        return 1
+    except BaseException:  # ^C: nothing worth keeping in a temporary directory
+        if not keep:
             shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    keep = keep or not report["ok"]
+    if not keep:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        report["run_dir"] = None
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()
     else:
         render_text(report, sys.stdout)
-        if not remove:
+        if keep:
             print(f"run directory kept: {run_dir}")
     return 0 if report["ok"] else 1

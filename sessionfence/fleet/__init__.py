@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from .config import FleetConfig, FleetConfigError
 from .report import ProgressDisplay, build_report, render_text
-from .supervisor import RunResult, run_fleet
+from .supervisor import FleetAbortedError, RunResult, run_fleet
 
 __all__ = [
+    "FleetAbortedError",
     "FleetConfig",
     "FleetConfigError",
     "ProgressDisplay",

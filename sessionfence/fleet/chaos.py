@@ -7,7 +7,10 @@ every logged event exact ground truth: it happened after the attempt's fence sna
 that window and before its fence check. Each event also records the lock generation it was
 made under, so the oracle can order it against the worker's own acquisition.
 
-Chaos makes at most one event per released window. In ``verify="tail"`` mode it never
+Chaos makes at most one event per released window, and in a window that already grew (a
+mirror append, an owned publication) only appends, replacement or metadata events: cutting
+or rewriting what was just appended could leave a net change that is benign, owned or nil,
+which is no takeover. In ``verify="tail"`` mode it never
 combines an edit outside the tail window with an append in the same window (the mirror skips
 such a window too): tail mode by design cannot see that combination (SPEC §2.2, §5).
 """
@@ -378,8 +381,9 @@ def chaos_main(
 
     def act(s: int, attempt: int, window: int, lock: Any) -> dict[str, Any] | None:
         if board.marked(s, APPENDED):
-            # The mirror already appended in this window: truncating or rewriting what it
-            # just wrote could leave the net change benign (or nil), which is no takeover.
+            # This window already grew (a mirror append, an owned publication): truncating
+            # or rewriting what was just written could leave the net change benign, owned
+            # or nil, which is no takeover.
             if not after_append:
                 return None
             kind = rng.choice(after_append)

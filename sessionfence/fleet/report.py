@@ -82,7 +82,7 @@ def failures(report: Mapping[str, Any]) -> list[str]:
         (lines["foreign_lost"], "mirror or chaos lines lost"),
         (lines["foreign_duplicated"], "mirror or chaos lines duplicated"),
         (report["workers"]["crashed"], "workers crashed"),
-        (len(report["errors"]), "attempts ended in an error"),
+        (report["error_count"], "attempts ended in an error"),
         (
             sum(1 for code in report["foreign_exitcodes"].values() if code != 0),
             "foreign writer processes (chaos, mirror) died",
@@ -198,6 +198,7 @@ def _assemble(
         },
         "foreign_writers": facts.foreign_stats,
         "foreign_exitcodes": result.foreign_exitcodes,
+        "error_count": len(facts.errors),
         "errors": [{k: v for k, v in e.items() if k != "traceback"} for e in facts.errors[:10]],
         "run_dir": result.run_dir,
     }

@@ -33,11 +33,18 @@ from .logs import LogWriter
 from .transcripts import make_transcripts
 from .worker import Task, worker_main
 
-__all__ = ["Progress", "RunResult", "run_fleet"]
+__all__ = ["FleetAbortedError", "Progress", "RunResult", "run_fleet"]
 
 _SIGKILLED = -getattr(signal, "SIGKILL", 9)  # a POSIX exit status; never seen on Windows
 _WAIT_SLICE = 0.1
+# A worker that dies on its own is a bug; past this many the run stops rather than respawn
+# a broken worker forever.
+_MAX_CRASHES = 10
 _JOIN_TIMEOUT = 20.0
+
+
+class FleetAbortedError(RuntimeError):
+    """The run cannot go on (workers keep crashing); the logs say why."""
 
 
 @dataclass
@@ -76,6 +83,7 @@ class _Slot:
     task: Task | None = None
     kill_at: float | None = None
     kill_sent: bool = False
+    dispatched_at: float = 0.0
 
 
 class _Supervisor:
@@ -108,9 +116,12 @@ class _Supervisor:
         self.kills_sent = 0
         self.outcomes: dict[str, int] = {}
         self.paths: list[str] = []
-        # Rough length of one attempt, to place kills uniformly inside attempts.
+        # Length of one attempt, to place kills uniformly inside attempts: a guess at first,
+        # then the mean of the attempts seen (parsing a large transcript dominates it).
         think = (cfg.think_min + cfg.think_max) / 2
         self.attempt_estimate = cfg.turns * (think + 0.003) + 0.01
+        self.attempt_seconds: list[float] = []
+        self.crashes = 0
 
     # processes ------------------------------------------------------------------------------
 
@@ -175,11 +186,16 @@ class _Supervisor:
                     # within a few windows, and a later crash point would rarely be reached.
                     torn_at = self.rng.randrange(min(cfg.turns, 3))
                 elif roll < cfg.torn_rate + cfg.kill_rate:
+                    if self.attempt_seconds:
+                        self.attempt_estimate = sum(self.attempt_seconds) / len(
+                            self.attempt_seconds
+                        )
                     kill_at = time.monotonic() + self.rng.uniform(0, self.attempt_estimate)
             task = Task(s, attempt, self.paths[s], torn_at)
             self.board.start_attempt(s, attempt)
             self.log.write({"t": "dispatch", "slot": slot.index, "session": s, "attempt": attempt})
             slot.task, slot.kill_at = task, kill_at
+            slot.dispatched_at = time.monotonic()
             # If it died already, its sentinel reports it and the session is requeued.
             with contextlib.suppress(OSError):
                 slot.conn.send(task)
@@ -189,6 +205,8 @@ class _Supervisor:
         if task is None or task.attempt != attempt:
             return
         slot.task, slot.kill_at = None, None
+        if outcome in ("completed", "takeover"):
+            self.attempt_seconds.append(time.monotonic() - slot.dispatched_at)
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         self.progress.attempts_done += 1
         if outcome == "takeover":
@@ -242,6 +260,13 @@ class _Supervisor:
             else:
                 # A crash is a bug: count the attempt as done so the run still ends.
                 self.finish(slot, task.attempt, "crash")
+        if not killed:
+            self.crashes += 1
+            if self.crashes > _MAX_CRASHES:
+                raise FleetAbortedError(
+                    f"workers crashed {self.crashes} times (exit status {proc.exitcode}); "
+                    f"see {self.log_dir}"
+                )
         if slot.conn is not None:
             slot.conn.close()
         self.respawns += 1

@@ -1,10 +1,11 @@
 """A fleet worker process: runs attempts on sessions the supervisor hands it, one at a time.
 
-An attempt is what an embedded agent run does to its transcript (reference §7): take the
-write lock with a ``SessionFenceController`` (eager), open the ``SessionManager`` once and
-guard it, then for each turn append owned entries under the write lock (sometimes a
-compaction through the guarded manager, i.e. ``ctl.owned_file_write``), release the lock
-for the simulated model call and take it back, which is where the fence check runs.
+An attempt is what an embedded agent run does to its transcript (reference §7): parse the
+``SessionManager`` once, take the write lock with a ``SessionFenceController`` (eager),
+check the parse still describes the file, guard the manager, then for each turn append owned
+entries under the write lock (sometimes a compaction through the guarded manager, i.e.
+``ctl.owned_file_write``), release the lock for the simulated model call (sometimes making
+an owned publication meanwhile) and take it back, which is where the fence check runs.
 
 Everything the oracle needs is logged as it happens, one record per ``os.write``: an entry
 id is acknowledged only after its append returned; a detection records the window and the
@@ -61,7 +62,6 @@ class _Attempt:
         self.window = 0
         self.last_wait = 0.0
         self.last_generation = 0
-        self.acquisitions = 0
 
     def record(self, record_type: str, **fields: Any) -> None:
         self.log.write({"t": record_type, "s": self.task.session, "a": self.task.attempt, **fields})
@@ -73,7 +73,6 @@ class _Attempt:
             lock = await acquire_session_write_lock_async(session_file, **options)
         finally:
             self.last_wait = time.perf_counter() - start
-        self.acquisitions += 1
         self.last_generation = int(lock.generation)
         return lock
 
