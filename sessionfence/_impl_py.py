@@ -398,7 +398,13 @@ class FileProbe:
                 return None
             raise
         _check_regular(st, self._path)
-        if self._fd is not None and self._ident == (st.st_dev, st.st_ino):
+        # Equal dev/ino is not enough: the held file may have lost its last link (unlinked
+        # between checks, or an inode number a FUSE/network FS handed out again).
+        if (
+            self._fd is not None
+            and self._ident == (st.st_dev, st.st_ino)
+            and os.fstat(self._fd).st_nlink > 0
+        ):
             return self._fd, st
         self._drop()
         opened = _open(self._path)

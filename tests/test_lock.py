@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import io
 import itertools
 import json
@@ -68,6 +67,9 @@ from sessionfence import (
 from sessionfence.cli import main as cli_main
 
 from .test_lock_helpers import probe_held
+
+if sys.platform != "win32":  # the module is skipped there, but must still be collectable
+    import fcntl
 
 pytestmark = [
     pytest.mark.skipif(sys.platform == "win32", reason="POSIX flock semantics"),
