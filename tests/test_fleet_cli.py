@@ -175,6 +175,7 @@ def test_progress_line_goes_to_stderr_when_not_a_terminal() -> None:
         (["--seed", "-1"], "--seed"),
         (["--verify", "both"], "--verify"),
         (["--chaos-kinds", "fire"], "chaos kinds"),
+        (["--sessions", "10000", "--transcript-mb", "100000"], "GiB free"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(

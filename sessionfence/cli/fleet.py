@@ -149,11 +149,26 @@ def _run_dir(args: argparse.Namespace) -> tuple[str, bool]:
     return path, False
 
 
+def _check_space(cfg: Any, run_dir: str, temporary: bool) -> None:
+    """Refuse a run whose transcripts cannot fit, before writing gigabytes of them."""
+    need = cfg.sessions * cfg.padding_bytes
+    free = shutil.disk_usage(run_dir).free
+    # Room for growth, logs and one replaced copy (chaos replaces a transcript by rename).
+    if need + cfg.padding_bytes + (64 << 20) > free:
+        if temporary:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise CliError(
+            f"{cfg.sessions} transcripts of {cfg.transcript_mb:g} MB need "
+            f"{need / 2**30:.1f} GiB; {free / 2**30:.1f} GiB free in {run_dir}"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     from ..fleet import FleetAbortedError, ProgressDisplay, build_report, render_text, run_fleet
 
     run_dir, temporary = _run_dir(args)
+    _check_space(cfg, run_dir, temporary)
     # A temporary run directory goes away after a passing run; a failed or aborted run
     # keeps it, because its logs are the only account of what went wrong.
     keep = not temporary or args.keep
@@ -164,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
         finally:
             display.close()
         report = build_report(cfg, result)
-    except FleetAbortedError as exc:
+    except (FleetAbortedError, OSError) as exc:
         print(f"sessionfence fleet: aborted: {exc}", file=sys.stderr)
         return 1
     except BaseException:  # ^C: nothing worth keeping in a temporary directory
