@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from typing import Any, NoReturn
 
 from ._ffi import ffi, lib
+from ._probe_base import ProbeBase
 from ._types import (
     DEFAULT_MAX_SUFFIX,
     DEFAULT_WINDOW,
@@ -355,21 +356,10 @@ class RollingDigest:
         return digest
 
 
-class FileProbe:
+class FileProbe(ProbeBase):
     """Keeps the file open between checks; follows the path to a new file by itself."""
 
-    __slots__ = (
-        "_closed",
-        "_cpath",
-        "_err",
-        "_last",
-        "_out",
-        "_path",
-        "_probe",
-        "_same",
-        "_view",
-        "_window",
-    )
+    __slots__ = ("_cpath", "_err", "_last", "_out", "_probe", "_same", "_view")
 
     def __init__(self, path: PathArg, *, window: int = DEFAULT_WINDOW) -> None:
         self._window = check_window(window)
@@ -387,24 +377,12 @@ class FileProbe:
         self._closed = False
 
     @property
-    def path(self) -> PathArg:
-        return self._path
-
-    @property
-    def window(self) -> int:
-        return self._window
-
-    @property
     def _racy_ns(self) -> int:
         return int(self._probe.racy_ns)
 
     @_racy_ns.setter
     def _racy_ns(self, value: int) -> None:
         self._probe.racy_ns = value
-
-    def _ensure_open(self) -> None:
-        if self._closed:
-            raise ValueError("operation on a closed FileProbe")
 
     def fingerprint(self) -> Fingerprint:
         if self._closed:
@@ -441,22 +419,7 @@ class FileProbe:
             self._closed = True
             self._last = None
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def __enter__(self) -> FileProbe:
-        self._ensure_open()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __del__(self) -> None:
         probe = getattr(self, "_probe", None)
         if probe is not None and not getattr(self, "_closed", True):
             lib.sf_probe_close(probe)
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
-        return f"<FileProbe {self._path!r} window={self._window} {state}>"

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 import xxhash
 
+from ._probe_base import ProbeBase
 from ._types import (
     DEFAULT_MAX_SUFFIX,
     DEFAULT_WINDOW,
@@ -356,10 +357,10 @@ class RollingDigest:
         return digest
 
 
-class FileProbe:
+class FileProbe(ProbeBase):
     """Keeps the file open between checks; follows the path to a new file by itself."""
 
-    __slots__ = ("_closed", "_fd", "_ident", "_last", "_path", "_racy_ns", "_read_at", "_window")
+    __slots__ = ("_fd", "_ident", "_last", "_racy_ns", "_read_at")
 
     def __init__(self, path: PathArg, *, window: int = DEFAULT_WINDOW) -> None:
         self._window = check_window(window)
@@ -370,18 +371,6 @@ class FileProbe:
         self._closed = False
         self._read_at = 0
         self._racy_ns = RACY_NS
-
-    @property
-    def path(self) -> PathArg:
-        return self._path
-
-    @property
-    def window(self) -> int:
-        return self._window
-
-    def _ensure_open(self) -> None:
-        if self._closed:
-            raise ValueError("operation on a closed FileProbe")
 
     def _drop(self) -> None:
         if self._fd is not None:
@@ -458,23 +447,8 @@ class FileProbe:
         self._closed = True
         self._last = None
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def __enter__(self) -> FileProbe:
-        self._ensure_open()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __del__(self) -> None:
         fd = getattr(self, "_fd", None)
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
-        return f"<FileProbe {self._path!r} window={self._window} {state}>"
