@@ -27,7 +27,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from .. import fingerprint
-from ..controller import SessionFenceController
+from ..controller import SessionFenceController, acquire_session_file_owner
 from ..errors import SessionTakeoverError, SessionWriteLockAcquireError
 from ..lock import acquire_session_write_lock_async
 from ..transcript import SessionManager, guard_session_manager
@@ -157,6 +157,13 @@ class _Attempt:
 
 async def run_attempt(task: Task, cfg: FleetConfig, board: Board, log: LogWriter) -> str:
     """Run one attempt; returns ``completed``, ``takeover`` or ``error``."""
+    # The in-process attempt owner comes first, as in the embedded runner's wiring
+    # (reference §7); the supervisor never runs two attempts on one session anyway.
+    async with await acquire_session_file_owner(task.path, timeout=cfg.lock_timeout):
+        return await _owned_attempt(task, cfg, board, log)
+
+
+async def _owned_attempt(task: Task, cfg: FleetConfig, board: Board, log: LogWriter) -> str:
     att = _Attempt(task, cfg, board, log)
     s = task.session
     started = time.perf_counter()
