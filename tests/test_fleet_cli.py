@@ -255,3 +255,23 @@ def test_an_attempt_that_fails_is_reported_not_hidden(
     assert report["run"]["attempts"] == {"error": 6}
     assert "6 attempts ended in an error" in report["failures"]
     assert "injected I/O error" in report["errors"][0]["error"]
+
+
+def test_a_run_that_stops_moving_is_aborted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import asyncio
+
+    from sessionfence.fleet import supervisor, worker
+
+    async def stuck_attempt(*args: object) -> str:
+        await asyncio.Event().wait()  # never set: a worker wedged in its attempt
+        return "completed"
+
+    monkeypatch.setattr(worker, "run_attempt", stuck_attempt)
+    monkeypatch.setattr(supervisor, "_STALL_SECONDS", 0.5)
+    monkeypatch.setattr(supervisor, "_JOIN_TIMEOUT", 0.5)
+    args = ["--quiet", "--sessions", "1", "--transcript-mb", "0", "--dir", str(tmp_path / "r")]
+    assert main(["fleet", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sessionfence fleet: aborted: no turn and no attempt ended")

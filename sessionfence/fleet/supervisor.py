@@ -40,6 +40,7 @@ _WAIT_SLICE = 0.1
 # A worker that dies on its own is a bug; past this many the run stops rather than respawn
 # a broken worker forever.
 _MAX_CRASHES = 10
+_STALL_SECONDS = 120.0
 _JOIN_TIMEOUT = 20.0
 
 
@@ -312,10 +313,25 @@ class _Supervisor:
                 self.spawn(slot)
             self.start_foreign()
             last_shown = 0.0
+            # A run that stops moving (a wedged lock, a worker stuck in a syscall) must end
+            # with an error, not hang: allow for parsing a large transcript in between.
+            stall_limit = _STALL_SECONDS + cfg.transcript_mb / 10
+            moved_at, last_turns, last_done = time.monotonic(), -1, -1
             while True:
                 self.dispatch()
                 if self.done():
                     break
+                turns = self.board.turns()
+                if (turns, self.progress.attempts_done) != (last_turns, last_done):
+                    moved_at, last_turns, last_done = (
+                        time.monotonic(),
+                        turns,
+                        self.progress.attempts_done,
+                    )
+                elif time.monotonic() - moved_at > stall_limit:
+                    raise FleetAbortedError(
+                        f"no turn and no attempt ended for {stall_limit:.0f} s; see {self.log_dir}"
+                    )
                 now = time.monotonic()
                 deadlines = [s.kill_at - now for s in self.slots if s.kill_at is not None]
                 timeout = max(0.0, min([_WAIT_SLICE, *deadlines]))
