@@ -28,8 +28,9 @@ def register(subparsers: Any) -> None:
         help="simulate an agent fleet on shared transcripts, with chaos; verify every line",
         description="Worker processes run agent attempts on shared JSONL transcripts: each "
         "turn reacquires the session write lock (fence check), appends owned entries "
-        "(sometimes a compaction), and releases the lock for a simulated model call. A "
-        "delivery mirror appends benign lines meanwhile. With --chaos, a chaos process makes "
+        "(sometimes a compaction), and releases the lock for a simulated model call, "
+        "sometimes publishing an owned line meanwhile. A delivery mirror appends benign "
+        "lines in the released windows. With --chaos, a chaos process makes "
         "foreign edits of every kind (appends, disguised appends, truncations, replacement, "
         "same-size rewrites with mtime restored, touch, chmod) in released windows and "
         "workers are SIGKILLed, some half-way through a line. Every event is logged as "
@@ -53,8 +54,10 @@ def register(subparsers: Any) -> None:
         "--chaos",
         metavar="RATE",
         default="0",
-        help="probability per released window of a foreign event; also drives SIGKILLs "
-        "(default 0: owned writes and benign mirror appends only)",
+        help="probability per released window of a foreign event; also the kills: an attempt "
+        "is SIGKILLed at a random point with probability RATE/2 and dies half-way through a "
+        "line with RATE/4 (at most 3 kills per session). Default 0: owned writes and benign "
+        "mirror appends only",
     )
     p.add_argument(
         "--mirror",
@@ -76,7 +79,11 @@ def register(subparsers: Any) -> None:
         metavar="DIR",
         help="run in DIR (created; must be empty) and keep transcripts and logs there",
     )
-    p.add_argument("--keep", action="store_true", help="keep the temporary run directory")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temporary run directory (a failed run always keeps it)",
+    )
     p.add_argument("--quiet", action="store_true", help="no live progress on stderr")
     p.set_defaults(func=run)
 
