@@ -241,7 +241,7 @@ def _change_result(scratch: Any, before: Fingerprint) -> Change:
 
 
 def _check_append(
-    probe: Any, path: PathArg, before: Fingerprint, window: int, max_suffix: int
+    probe: Any, path: PathArg, cpath: bytes, before: Fingerprint, window: int, max_suffix: int
 ) -> Change:
     if type(window) is not int or not 0 <= window <= WINDOW_MAX:
         window = check_window(window)
@@ -250,9 +250,7 @@ def _check_append(
     scratch = _scratch
     _pack_before(scratch.before_view, before)
     err = scratch.err
-    if lib.sf_check_append(
-        probe, _cpath(path), scratch.before, window, max_suffix, scratch.change, err
-    ):
+    if lib.sf_check_append(probe, cpath, scratch.before, window, max_suffix, scratch.change, err):
         _raise(err, path)
     return _change_result(scratch, before)
 
@@ -264,17 +262,17 @@ def check_append(
     window: int = DEFAULT_WINDOW,
     max_suffix: int = DEFAULT_MAX_SUFFIX,
 ) -> Change:
-    return _check_append(ffi.NULL, path, before, window, max_suffix)
+    return _check_append(ffi.NULL, path, _cpath(path), before, window, max_suffix)
 
 
 _alloc_raw = ffi.new_allocator(should_clear_after_alloc=False)
 
 
-def _read_range(probe: Any, path: PathArg, offset: int, length: int) -> bytes:
+def _read_range(probe: Any, path: PathArg, cpath: bytes, offset: int, length: int) -> bytes:
     offset, length = check_range(offset, length)
     buf = _alloc_raw("uint8_t[]", max(length, 1))
     err = _new("sf_err *")
-    if lib.sf_read_range(probe, _cpath(path), offset, length, buf, err) != 0:
+    if lib.sf_read_range(probe, cpath, offset, length, buf, err) != 0:
         if err.code == lib.SF_ESHORT:
             raise past_end(path, offset, length, int(err.detail))
         _raise(err, path)
@@ -283,7 +281,7 @@ def _read_range(probe: Any, path: PathArg, offset: int, length: int) -> bytes:
 
 
 def read_range(path: PathArg, offset: int, length: int) -> bytes:
-    return _read_range(ffi.NULL, path, offset, length)
+    return _read_range(ffi.NULL, path, _cpath(path), offset, length)
 
 
 def _check_size(size: object) -> int:
@@ -407,11 +405,11 @@ class FileProbe(ProbeBase):
     ) -> Change:
         self._ensure_open()
         w = self._window if window is None else window
-        return _check_append(self._probe, self._path, before, w, max_suffix)
+        return _check_append(self._probe, self._path, self._cpath, before, w, max_suffix)
 
     def read_range(self, offset: int, length: int) -> bytes:
         self._ensure_open()
-        return _read_range(self._probe, self._path, offset, length)
+        return _read_range(self._probe, self._path, self._cpath, offset, length)
 
     def close(self) -> None:
         if not self._closed:
