@@ -220,3 +220,23 @@ def test_rewrites_never_break_an_escape(tmp_path: Path) -> None:
     for seed in range(200):
         _apply("rewrite-middle", str(path), seed)
         assert _all_json(str(path))
+
+
+def test_mirror_metadata_records_have_a_valid_entry_base() -> None:
+    from sessionfence.fleet.chaos import _metadata_line
+
+    seen = set()
+    for seed in range(30):
+        entry_id, line = _metadata_line(random.Random(seed), "00000007")
+        entry = json.loads(line)
+        seen.add(entry["type"])
+        assert entry["id"] == entry_id
+        assert entry["parentId"] == "00000007"
+        assert entry["timestamp"].endswith("Z")
+        if entry["type"] == "custom":
+            assert entry["customType"].strip()
+        elif entry["type"] == "label":
+            assert entry["targetId"] == "00000007"  # a target the session knows
+        else:
+            assert isinstance(entry["name"], str)
+    assert seen == {"custom", "label", "session_info"}

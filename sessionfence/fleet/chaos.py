@@ -79,6 +79,9 @@ KINDS: dict[str, Kind] = {
 # Kinds whose net effect stays what it says even after a benign append in the same window.
 _AFTER_APPEND = ("foreign-append", "disguised-append", "replace-same-bytes", "touch", "chmod")
 
+# Share of mirror events that also append a metadata record (custom, label, session_info).
+_METADATA_SHARE = 0.2
+
 # How long a foreign writer keeps trying the lock for one window before giving the window up.
 _LOCK_TRY_SECONDS = 0.05
 _LOCK_TRY_PAUSE = 0.0005
@@ -115,6 +118,26 @@ def mirror_line(rng: random.Random, parent: str | None) -> tuple[str, bytes]:
         "timestamp": int(time.time() * 1000),
     }
     return entry_id, message_line(entry_id, parent, message)
+
+
+def _metadata_line(rng: random.Random, parent: str) -> tuple[str, bytes]:
+    """A ``custom``, ``label`` (of ``parent``, which the session knows) or ``session_info``
+    record with a valid entry base: benign when the controller has a merge callback."""
+    entry_id = foreign_id(rng)
+    entry: dict[str, Any] = {
+        "type": "custom",
+        "id": entry_id,
+        "parentId": parent,
+        "timestamp": now_iso(),
+    }
+    which = rng.randrange(3)
+    if which == 0:
+        entry.update(customType="delivery-receipt", data={"channel": "mirror", "ok": True})
+    elif which == 1:
+        entry.update(type="label", targetId=parent, label=rng.choice(("delivered", "seen")))
+    else:
+        entry.update(type="session_info", name=f"fleet session {rng.randrange(1000)}")
+    return entry_id, (json.dumps(entry, separators=(",", ":")) + "\n").encode()
 
 
 def _foreign_user_line(rng: random.Random, parent: str | None) -> tuple[str, bytes]:
@@ -422,8 +445,16 @@ def mirror_main(
             entry_id, line = mirror_line(rng, parent)
             added.append(entry_id)
             data += line
+            parent = entry_id
+        kind = "mirror"
+        if rng.random() < _METADATA_SHARE:
+            # The other benign kinds a merge callback takes (SPEC §5.3): global metadata.
+            kind = "mirror+metadata"
+            entry_id, line = _metadata_line(rng, added[-1])
+            added.append(entry_id)
+            data += line
         _append(paths[s], data)
-        return {"kind": "mirror", "takeover": False, "content_changing": True, "added": added}
+        return {"kind": kind, "takeover": False, "content_changing": True, "added": added}
 
     stats = _visit_windows(paths, board, rng, rate, act, log, "mirror")
     log.write({"source": "mirror", "stats": stats})
