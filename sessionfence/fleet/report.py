@@ -131,6 +131,7 @@ def _assemble(
             "mirror": cfg.mirror,
             "seed": cfg.seed,
             "verify": cfg.verify_mode,
+            "backend": _backend_name(),
             "chaos_kinds": list(cfg.chaos_kinds) if cfg.chaos_kinds else "all",
         },
         "run": {
@@ -207,6 +208,12 @@ def _assemble(
     return report
 
 
+def _backend_name() -> str:
+    import sessionfence
+
+    return str(sessionfence.BACKEND)
+
+
 def _ms(summary: Mapping[str, Any]) -> str:
     p50, p99 = summary["p50_ms"], summary["p99_ms"]
     if p50 is None:
@@ -249,7 +256,8 @@ def _rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
             "fleet",
             f"{cfg['workers']} workers, {cfg['sessions']} sessions x {cfg['attempts_per_session']}"
             f" attempts x {cfg['turns']} turns, {cfg['transcript_mb']} MB transcripts, "
-            f"verify={cfg['verify']}, chaos {cfg['chaos']}, seed {cfg['seed']}",
+            f"verify={cfg['verify']}, chaos {cfg['chaos']}, seed {cfg['seed']}, "
+            f"{cfg['backend']} backend",
         ),
         ("setup", f"{run['setup_s']:.2f} s to write the transcripts"),
         ("attempts", attempts),
