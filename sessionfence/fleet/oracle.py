@@ -15,9 +15,12 @@ detection with the window and the generation of the lock they held for the check
   broken, and is counted as an ordering anomaly.
 
 Lines. Every id a worker acknowledged (its append returned) must be in its transcript exactly
-once, whole (it parses and its text matches the CRC written with it), unless chaos logged
-that it removed or altered that line. Any line that does not parse, or a file that does not
-end with a newline, is a torn line.
+once and whole (it parses and its text matches the CRC written with it), unless chaos logged
+that it truncated the line away; a line chaos rewrote in place must still be there once (its
+CRC no longer counts). Every line the mirror or chaos added must be there once too, unless
+truncated away. Any line that does not parse, or a file that does not end with a newline, is
+a torn line; every half-line a dying worker left must have been found by the next attempt on
+that session and moved to a quarantine file.
 """
 
 from __future__ import annotations
