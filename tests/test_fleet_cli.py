@@ -45,6 +45,10 @@ LATENCY_KEYS = {
     "attempt_create",
 }
 TAKEOVER_KEYS = {"injected", "detected", "missed", "false", "void", "late", "ordering_anomalies"}
+# The monkeypatches below reach the worker processes only through fork (Linux's start method).
+forked = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="patches reach workers through fork"
+)
 LINE_KEYS = {"acknowledged", "lost", "duplicated", "damaged", "torn", "removed_by_chaos"}
 
 
@@ -220,6 +224,7 @@ def test_long_chaos_run_with_kills(verify: str, seed: str) -> None:
     assert torn["undetected"] == 0
 
 
+@forked
 def test_workers_that_keep_crashing_abort_the_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -240,6 +245,7 @@ def test_workers_that_keep_crashing_abort_the_run(
     assert deaths > 10
 
 
+@forked
 def test_an_attempt_that_fails_is_reported_not_hidden(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -257,6 +263,7 @@ def test_an_attempt_that_fails_is_reported_not_hidden(
     assert "injected I/O error" in report["errors"][0]["error"]
 
 
+@forked
 def test_a_run_that_stops_moving_is_aborted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
