@@ -25,6 +25,7 @@ REPORT_KEYS = {
     "takeovers",
     "benign",
     "workers",
+    "locks",
     "lines",
     "foreign_writers",
     "foreign_exitcodes",
@@ -74,6 +75,8 @@ def assert_clean(report: dict[str, Any]) -> None:
     assert takeovers["missed"] == takeovers["false"] == takeovers["ordering_anomalies"] == 0
     assert lines["lost"] == lines["duplicated"] == lines["damaged"] == lines["torn"] == 0
     assert report["errors"] == []
+    assert report["locks"]["overlapping_holds"] == 0
+    assert report["locks"]["holds_logged"] > 0
 
 
 def test_defaults_pass_with_every_figure_reported(tmp_path: Path) -> None:

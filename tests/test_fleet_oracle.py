@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from sessionfence.fleet.config import FleetConfig
-from sessionfence.fleet.oracle import judge_takeovers, verify_lines
+from sessionfence.fleet.oracle import count_overlaps, judge_takeovers, verify_lines
 from sessionfence.fleet.report import build_report, failures, percentile
 from sessionfence.fleet.supervisor import RunResult
 from sessionfence.fleet.transcripts import checked_text, message_line, owned_message
@@ -343,3 +343,20 @@ def test_mirror_and_chaos_lines_must_survive(run: Run) -> None:
     run.log("chaos.jsonl", source="chaos", gen=5, removed=["9b000002"], **truncate)
     run.detect(attempt=1, window=3, gen=6, reason="truncated")
     assert run.report()["ok"]
+
+
+def test_overlapping_lock_holds_are_counted_per_session() -> None:
+    holds = [(0, 0.0, 2.0), (0, 2.0, 3.0), (1, 0.5, 5.0), (0, 2.5, 4.0), (1, 5.0, 6.0)]
+    assert count_overlaps(holds) == 1  # session 0: [2, 3] and [2.5, 4]
+    assert count_overlaps([(0, 0.0, 10.0), (0, 1.0, 2.0), (0, 3.0, 4.0)]) == 2
+    assert count_overlaps([]) == 0
+
+
+def test_two_holders_at_once_fail_the_run(run: Run) -> None:
+    run.log("worker-000-0001.jsonl", t="hold", s=0, a=1, gen=1, start=1.0, end=2.0)
+    assert run.report()["locks"] == {"holds_logged": 1, "overlapping_holds": 0}
+    mirror = {"kind": "mirror", "takeover": False, "session": 0, "attempt": 1, "window": 1}
+    run.log("mirror.jsonl", source="mirror", gen=2, hold=[1.5, 1.6], **mirror)
+    report = run.report()
+    assert report["locks"]["overlapping_holds"] == 1
+    assert "1 overlapping holds of a session write lock" in report["failures"]

@@ -336,6 +336,7 @@ def _visit_windows(
             if lock is None:
                 stats["lock_busy"] += 1
                 continue
+            held_from = time.monotonic()
             try:
                 now_attempt, now_phase, now_window = board.snapshot(s)
                 if (now_attempt, now_window) != (attempt, window) or now_phase not in (
@@ -353,7 +354,8 @@ def _visit_windows(
                     attempt=attempt,
                     window=window,
                     gen=lock.generation,
-                    t=time.monotonic(),
+                    # Inside the true hold, as the workers log theirs (overlap check).
+                    hold=[held_from, time.monotonic()],
                 )
                 log.write(event)
                 stats["events"] += 1

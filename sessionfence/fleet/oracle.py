@@ -26,6 +26,7 @@ that session and moved to a quarantine file.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
@@ -40,6 +41,7 @@ __all__ = [
     "LineVerdict",
     "TakeoverVerdict",
     "collect_facts",
+    "count_overlaps",
     "judge_takeovers",
     "judge_torn_tails",
     "verify_lines",
@@ -67,6 +69,8 @@ class Facts:
     loop_seconds: float = 0.0  # attempt time after setup (parse + eager lock), summed
     worker_peak_mb: float = 0.0
     kill_phases: dict[str, int] = field(default_factory=dict)  # supervisor kills by phase
+    # (session, start, end) of lock holds, monotonic clock: inside each true hold.
+    holds: list[tuple[int, float, float]] = field(default_factory=list)
     foreign_stats: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def ids_by_session(self, key: str) -> dict[int, set[str]]:
@@ -96,6 +100,8 @@ def collect_facts(log_dir: str) -> Facts:
             facts.torn_injected.append(record)
         elif kind == "torn":
             facts.torn_found.append(record)
+        elif kind == "hold":
+            facts.holds.append((int(record["s"]), float(record["start"]), float(record["end"])))
         elif kind == "stop":
             facts.worker_peak_mb = max(facts.worker_peak_mb, float(record["maxrss_mb"]))
         elif kind == "end":
@@ -108,8 +114,11 @@ def collect_facts(log_dir: str) -> Facts:
         for record in read_log(path):
             if "stats" in record:
                 facts.foreign_stats[str(record["source"])] = dict(record["stats"])
-            else:
-                facts.events.append(record)
+                continue
+            facts.events.append(record)
+            if record.get("hold"):
+                start, end = record["hold"]
+                facts.holds.append((int(record["session"]), float(start), float(end)))
     supervisor = os.path.join(log_dir, "supervisor.jsonl")
     if os.path.exists(supervisor):
         for record in read_log(supervisor):
@@ -216,6 +225,23 @@ def judge_takeovers(
         if len(verdict.false_examples) < examples:
             verdict.false_examples.append(dict(d))
     return verdict
+
+
+def count_overlaps(holds: Iterable[tuple[int, float, float]]) -> int:
+    """Holds of one session's write lock that began before an earlier one ended: two
+    holders at once. Every interval lies inside its true hold, so any overlap is real."""
+    overlaps = 0
+    by_session: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    for session, start, end in holds:
+        by_session[session].append((start, end))
+    for intervals in by_session.values():
+        intervals.sort()
+        busy_until = -math.inf
+        for start, end in intervals:
+            if start < busy_until:
+                overlaps += 1
+            busy_until = max(busy_until, end)
+    return overlaps
 
 
 @dataclass

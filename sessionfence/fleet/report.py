@@ -16,6 +16,7 @@ from .oracle import (
     TakeoverVerdict,
     TornVerdict,
     collect_facts,
+    count_overlaps,
     judge_takeovers,
     judge_torn_tails,
     verify_lines,
@@ -79,6 +80,7 @@ def failures(report: Mapping[str, Any]) -> list[str]:
             max(0, torn["repaired"] - torn["quarantined"]),
             "torn tails repaired without a quarantine copy",
         ),
+        (report["locks"]["overlapping_holds"], "overlapping holds of a session write lock"),
         (lines["foreign_lost"], "mirror or chaos lines lost"),
         (lines["foreign_duplicated"], "mirror or chaos lines duplicated"),
         (report["workers"]["crashed"], "workers crashed"),
@@ -182,6 +184,10 @@ def _assemble(
             "killed_in_phase": dict(sorted(facts.kill_phases.items())),
             "killed_mid_line": len(facts.torn_injected),
             "torn_tails": asdict(torn),
+        },
+        "locks": {
+            "holds_logged": len(facts.holds),
+            "overlapping_holds": count_overlaps(facts.holds),
         },
         "lines": {
             "acknowledged": lines.acknowledged,
@@ -299,6 +305,11 @@ def _rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
                 [f"{n} while {p}" for p, n in workers["killed_in_phase"].items()]
                 + [f"{workers['killed_mid_line']} half-way through a line"]
             ),
+        ),
+        (
+            "lock holds",
+            f"{report['locks']['holds_logged']} logged, "
+            f"{report['locks']['overlapping_holds']} overlapping",
         ),
         (
             "torn tails",

@@ -48,6 +48,25 @@ class Task:
     torn_at_turn: int | None = None
 
 
+class _HeldLock:
+    """The real lock as the controller sees it; its release logs the hold (start after the
+    acquisition returned, end before the release): intervals inside the true hold, so two
+    that overlap prove two holders at once."""
+
+    def __init__(self, lock: Any, att: _Attempt) -> None:
+        self._lock = lock
+        self._att = att
+        self._start = time.monotonic()
+        self._logged = False
+        self.generation = int(lock.generation)
+
+    def release(self) -> None:
+        if not self._logged:
+            self._logged = True
+            self._att.record("hold", gen=self.generation, start=self._start, end=time.monotonic())
+        self._lock.release()
+
+
 class _Attempt:
     """One attempt on one session: state shared by the controller's callbacks."""
 
@@ -74,7 +93,7 @@ class _Attempt:
         finally:
             self.last_wait = time.perf_counter() - start
         self.last_generation = int(lock.generation)
-        return lock
+        return _HeldLock(lock, self)
 
     def merge(self, entries: list[Any]) -> Any:
         assert self.manager is not None
