@@ -334,8 +334,8 @@ def _rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         rows.append(
             (
                 f"{source} windows",
-                f"saw {stats.get('windows_seen', 0)} released windows ({windows} ended in a "
-                f"fence check, the rest in a kill), chose "
+                f"saw {stats.get('windows_seen', 0)} released windows (workers checked "
+                f"{windows} in all), chose "
                 f"{stats.get('chosen', 0)}, acted in {stats.get('events', 0)} (lock busy "
                 f"{stats.get('lock_busy', 0)}, closed {stats.get('closed', 0)})",
             )
