@@ -304,7 +304,9 @@ def _rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
             ", ".join(
                 [f"{n} while {p}" for p, n in workers["killed_in_phase"].items()]
                 + [f"{workers['killed_mid_line']} half-way through a line"]
-            ),
+            )
+            if workers["killed"]
+            else "none",
         ),
         (
             "lock holds",
