@@ -323,9 +323,13 @@ def worker_main(
                 )
                 board.set_phase(task.session, IDLE)
                 outcome = "error"
-            # The guarded manager and the controller sit in reference cycles (callbacks,
-            # the guard's bound methods): free the parsed transcript now, not in a later GC
-            # pass that may come after the next attempt parsed its own (twice the memory).
+            # Free the parsed transcript now, not after the next attempt parsed its own
+            # (twice the memory). First let the loop run the callbacks still queued (a
+            # finished write task's done-callback holds its exception, whose traceback
+            # holds the attempt's frames); then collect the reference cycles (callbacks,
+            # the guard's bound methods) the manager and the controller sit in.
+            for _ in range(3):
+                await asyncio.sleep(0)
             gc.collect()
             conn.send((task.attempt, outcome))
 
