@@ -118,6 +118,8 @@ def test_chaos_run_detects_every_injected_takeover(tmp_path: Path) -> None:
     assert takeovers["injected"] > 0
     assert takeovers["detected"] == takeovers["injected"]
     assert report["run"]["attempts"].get("takeover", 0) > 0
+    # A takeover must not keep the attempt's parsed transcript alive into the next parse.
+    assert report["workers"]["transcripts_kept_between_attempts"] == 0
     for kind, row in takeovers["by_kind"].items():
         assert row.get("detected", 0) == row.get("injected", 0), kind
 

@@ -68,6 +68,7 @@ class Facts:
     outcomes: Counter[str] = field(default_factory=Counter)
     loop_seconds: float = 0.0  # attempt time after setup (parse + eager lock), summed
     worker_peak_mb: float = 0.0
+    transcripts_kept: int = 0  # parsed transcripts still alive between attempts (worst)
     kill_phases: dict[str, int] = field(default_factory=dict)  # supervisor kills by phase
     # (session, start, end) of lock holds, monotonic clock: inside each true hold.
     holds: list[tuple[int, float, float]] = field(default_factory=list)
@@ -102,6 +103,8 @@ def collect_facts(log_dir: str) -> Facts:
             facts.torn_found.append(record)
         elif kind == "hold":
             facts.holds.append((int(record["s"]), float(record["start"]), float(record["end"])))
+        elif kind == "alive":
+            facts.transcripts_kept = max(facts.transcripts_kept, int(record["transcripts"]))
         elif kind == "stop":
             facts.worker_peak_mb = max(facts.worker_peak_mb, float(record["maxrss_mb"]))
         elif kind == "end":

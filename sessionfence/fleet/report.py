@@ -181,6 +181,7 @@ def _assemble(
             "crashed": facts.crashed_workers,
             "respawned": result.respawns,
             "peak_memory_mb": facts.worker_peak_mb,
+            "transcripts_kept_between_attempts": facts.transcripts_kept,
             "killed_in_phase": dict(sorted(facts.kill_phases.items())),
             "killed_mid_line": len(facts.torn_injected),
             "torn_tails": asdict(torn),

@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 import traceback
+import weakref
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -46,6 +47,11 @@ class Task:
     path: str
     # Die half-way through writing a line at this turn (a torn tail), or never.
     torn_at_turn: int | None = None
+
+
+# Every parsed transcript of this process, weakly: between attempts it must be empty, or
+# the next parse would double the worker's memory on a large transcript.
+_PARSED: weakref.WeakSet[SessionManager] = weakref.WeakSet()
 
 
 class _HeldLock:
@@ -101,6 +107,7 @@ class _Attempt:
 
     def reload(self) -> None:
         self.manager = self.guard(SessionManager.open(self.task.path))
+        _PARSED.add(self.manager)
 
     def guard(self, manager: SessionManager) -> SessionManager:
         assert self.ctl is not None
@@ -189,6 +196,7 @@ async def _owned_attempt(task: Task, cfg: FleetConfig, board: Board, log: LogWri
     # Parse before taking the lock: a large transcript's parse must not hold up every other
     # writer. The lock then proves (by fingerprint) that the parse is still the file's state.
     manager = SessionManager.open(task.path)
+    _PARSED.add(manager)
     parsed = time.perf_counter()
     ctl = await SessionFenceController.create(
         task.path,
@@ -206,6 +214,7 @@ async def _owned_attempt(task: Task, cfg: FleetConfig, board: Board, log: LogWri
         reparsed = fingerprint(task.path) != manager.parsed_fingerprint
         if reparsed:
             manager = SessionManager.open(task.path)
+            _PARSED.add(manager)
         manager = att.guard(manager)
         att.manager = manager
         torn = manager.torn_tail
@@ -331,6 +340,8 @@ def worker_main(
             for _ in range(3):
                 await asyncio.sleep(0)
             gc.collect()
+            if _PARSED:  # should never happen; the report shows the worst case
+                log.write({"t": "alive", "a": task.attempt, "transcripts": len(_PARSED)})
             conn.send((task.attempt, outcome))
 
     asyncio.run(serve())
