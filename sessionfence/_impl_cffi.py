@@ -84,6 +84,7 @@ class _Scratch(threading.local):
     threads must not share them, and allocating them per call costs ~1 us."""
 
     def __init__(self) -> None:
+        self.busy = False
         self.fp = _new("sf_fp *")
         self.fp_view = _buffer(self.fp)
         self.err = _new("sf_err *")
@@ -94,6 +95,17 @@ class _Scratch(threading.local):
 
 
 _scratch = _Scratch()
+
+
+def _claim_scratch() -> _Scratch:
+    """This thread's scratch, or fresh structs when a call is already using it: a signal
+    handler or finalizer that re-enters between a C call and the reading of its results
+    must not overwrite them (a clobbered suffix pointer would be freed twice)."""
+    scratch = _scratch
+    if scratch.busy:
+        scratch = _Scratch()
+    scratch.busy = True
+    return scratch
 
 
 def _raise(err: Any, path: PathArg) -> NoReturn:
@@ -124,10 +136,14 @@ def _to_fp(c_fp: Any) -> Fingerprint:
 def fingerprint(path: PathArg, *, window: int = DEFAULT_WINDOW) -> Fingerprint:
     if type(window) is not int or not 0 <= window <= WINDOW_MAX:
         window = check_window(window)
-    scratch = _scratch
-    if lib.sf_fingerprint(_cpath(path), window, scratch.fp, scratch.err) != 0:
-        _raise(scratch.err, path)
-    return _fp_from_view(scratch.fp_view)
+    cpath = _cpath(path)
+    scratch = _claim_scratch()
+    try:
+        if lib.sf_fingerprint(cpath, window, scratch.fp, scratch.err) != 0:
+            _raise(scratch.err, path)
+        return _fp_from_view(scratch.fp_view)
+    finally:
+        scratch.busy = False
 
 
 def _joined_paths(items: list[PathArg]) -> bytes:
@@ -247,12 +263,17 @@ def _check_append(
         window = check_window(window)
     if type(max_suffix) is not int or max_suffix < 0:
         max_suffix = check_max_suffix(max_suffix)
-    scratch = _scratch
-    _pack_before(scratch.before_view, before)
-    err = scratch.err
-    if lib.sf_check_append(probe, cpath, scratch.before, window, max_suffix, scratch.change, err):
-        _raise(err, path)
-    return _change_result(scratch, before)
+    scratch = _claim_scratch()
+    try:
+        _pack_before(scratch.before_view, before)
+        err = scratch.err
+        if lib.sf_check_append(
+            probe, cpath, scratch.before, window, max_suffix, scratch.change, err
+        ):
+            _raise(err, path)
+        return _change_result(scratch, before)
+    finally:
+        scratch.busy = False
 
 
 def check_append(

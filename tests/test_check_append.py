@@ -9,7 +9,7 @@ from types import ModuleType
 import pytest
 import xxhash
 
-from sessionfence import MISSING, ChangeKind, Fingerprint
+from sessionfence import MISSING, Change, ChangeKind, Fingerprint
 
 
 def write(path: Path, data: bytes) -> None:
@@ -258,3 +258,39 @@ def test_backends_agree_on_every_field(tmp_path: Path) -> None:
     assert _impl_cffi.check_append(path, before, window=77) == _impl_py.check_append(
         path, before, window=77
     )
+
+
+@pytest.mark.cffi
+def test_reentrant_call_between_c_and_results_does_not_clobber(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finalizer or signal handler may run another check in this thread after the C call
+    returned and before its results are read; the outer results must survive (and its
+    suffix buffer must be freed exactly once)."""
+    from sessionfence import _impl_cffi
+
+    outer, inner = tmp_path / "outer.jsonl", tmp_path / "inner.jsonl"
+    outer.write_bytes(b"o\n")
+    inner.write_bytes(b"i\n")
+    outer_before = _impl_cffi.fingerprint(outer)
+    inner_before = _impl_cffi.fingerprint(inner)
+    with open(outer, "ab") as f:
+        f.write(b"outer line\n")
+    with open(inner, "ab") as f:
+        f.write(b"inner line, longer\n")
+    real = _impl_cffi._change_result
+    nested: list[Change] = []
+    entered = False
+
+    def reenter(scratch: object, before: Fingerprint) -> Change:
+        nonlocal entered
+        if not entered:
+            entered = True
+            nested.append(_impl_cffi.check_append(inner, inner_before))
+        return real(scratch, before)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_impl_cffi, "_change_result", reenter)
+    change = _impl_cffi.check_append(outer, outer_before)
+    assert change.appended == b"outer line\n"
+    assert change.after == _impl_cffi.fingerprint(outer)
+    assert nested[0].appended == b"inner line, longer\n"
