@@ -381,8 +381,7 @@ class FileProbe(ProbeBase):
     __slots__ = ("_cpath", "_err", "_last", "_out", "_probe", "_same", "_view")
 
     def __init__(self, path: PathArg, *, window: int = DEFAULT_WINDOW) -> None:
-        self._window = check_window(window)
-        self._path = path
+        self._init_base(path, check_window(window))
         self._cpath = _cpath(path)
         probe = _new("sf_probe *")
         lib.sf_probe_init(probe)
@@ -393,7 +392,6 @@ class FileProbe(ProbeBase):
         self._err = _new("sf_err *")
         self._same = _new("int32_t *")
         self._last: Fingerprint | None = None
-        self._closed = False
 
     @property
     def _racy_ns(self) -> int:
@@ -403,7 +401,7 @@ class FileProbe(ProbeBase):
     def _racy_ns(self, value: int) -> None:
         self._probe.racy_ns = value
 
-    def fingerprint(self) -> Fingerprint:
+    def _do_fingerprint(self) -> Fingerprint:
         if self._closed:
             self._ensure_open()
         if lib.sf_probe_fingerprint(
@@ -417,22 +415,16 @@ class FileProbe(ProbeBase):
         self._last = fp
         return fp
 
-    def check_append(
-        self,
-        before: Fingerprint,
-        *,
-        window: int | None = None,
-        max_suffix: int = DEFAULT_MAX_SUFFIX,
-    ) -> Change:
+    def _do_check_append(self, before: Fingerprint, window: int | None, max_suffix: int) -> Change:
         self._ensure_open()
         w = self._window if window is None else window
         return _check_append(self._probe, self._path, self._cpath, before, w, max_suffix)
 
-    def read_range(self, offset: int, length: int) -> bytes:
+    def _do_read_range(self, offset: int, length: int) -> bytes:
         self._ensure_open()
         return _read_range(self._probe, self._path, self._cpath, offset, length)
 
-    def close(self) -> None:
+    def _do_close(self) -> None:
         if not self._closed:
             lib.sf_probe_close(self._probe)
             self._closed = True

@@ -363,12 +363,10 @@ class FileProbe(ProbeBase):
     __slots__ = ("_fd", "_ident", "_last", "_racy_ns", "_read_at")
 
     def __init__(self, path: PathArg, *, window: int = DEFAULT_WINDOW) -> None:
-        self._window = check_window(window)
-        self._path = path
+        self._init_base(path, check_window(window))
         self._fd: int | None = None
         self._ident: tuple[int, int] = (0, 0)
         self._last: Fingerprint | None = None
-        self._closed = False
         self._read_at = 0
         self._racy_ns = RACY_NS
 
@@ -403,7 +401,7 @@ class FileProbe(ProbeBase):
         self._ident = (st.st_dev, st.st_ino)
         return self._fd, st
 
-    def fingerprint(self) -> Fingerprint:
+    def _do_fingerprint(self) -> Fingerprint:
         started = time.time_ns()
         attached = self._attach()
         last = self._last
@@ -419,13 +417,7 @@ class FileProbe(ProbeBase):
         self._last = fp
         return fp
 
-    def check_append(
-        self,
-        before: Fingerprint,
-        *,
-        window: int | None = None,
-        max_suffix: int = DEFAULT_MAX_SUFFIX,
-    ) -> Change:
+    def _do_check_append(self, before: Fingerprint, window: int | None, max_suffix: int) -> Change:
         w = self._window if window is None else check_window(window)
         max_suffix = check_max_suffix(max_suffix)
         before = check_before(before)
@@ -434,7 +426,7 @@ class FileProbe(ProbeBase):
             return _missing_change(before)
         return _check_append_fd(*attached, before, w, max_suffix, self._path)
 
-    def read_range(self, offset: int, length: int) -> bytes:
+    def _do_read_range(self, offset: int, length: int) -> bytes:
         offset, length = check_range(offset, length)
         attached = self._attach()
         if attached is None:
@@ -442,7 +434,7 @@ class FileProbe(ProbeBase):
         fd, st = attached
         return _read_range_fd(fd, st.st_size, offset, length, self._path)
 
-    def close(self) -> None:
+    def _do_close(self) -> None:
         self._drop()
         self._closed = True
         self._last = None

@@ -2,19 +2,65 @@
 
 from __future__ import annotations
 
+import threading
 from typing import TypeVar
 
-from ._types import PathArg
+from ._types import DEFAULT_MAX_SUFFIX, Change, Fingerprint, PathArg
 
 _P = TypeVar("_P", bound="ProbeBase")
 
 
 class ProbeBase:
-    __slots__ = ("_closed", "_path", "_window")
+    """Public methods take the probe's lock: the C calls run without the GIL, and one
+    thread must not re-open the held file while another reads through it. Reentrant, so a
+    finalizer that re-enters on the same thread cannot deadlock."""
+
+    __slots__ = ("_closed", "_lock", "_path", "_window")
 
     _closed: bool
+    _lock: threading.RLock
     _path: PathArg
     _window: int
+
+    def _init_base(self, path: PathArg, window: int) -> None:
+        self._path = path
+        self._window = window
+        self._closed = False
+        self._lock = threading.RLock()
+
+    def fingerprint(self) -> Fingerprint:
+        with self._lock:
+            return self._do_fingerprint()
+
+    def check_append(
+        self,
+        before: Fingerprint,
+        *,
+        window: int | None = None,
+        max_suffix: int = DEFAULT_MAX_SUFFIX,
+    ) -> Change:
+        with self._lock:
+            return self._do_check_append(before, window, max_suffix)
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        with self._lock:
+            return self._do_read_range(offset, length)
+
+    def close(self) -> None:
+        with self._lock:
+            self._do_close()
+
+    def _do_fingerprint(self) -> Fingerprint:
+        raise NotImplementedError
+
+    def _do_check_append(self, before: Fingerprint, window: int | None, max_suffix: int) -> Change:
+        raise NotImplementedError
+
+    def _do_read_range(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def _do_close(self) -> None:
+        raise NotImplementedError
 
     @property
     def path(self) -> PathArg:
@@ -31,9 +77,6 @@ class ProbeBase:
     def _ensure_open(self) -> None:
         if self._closed:
             raise ValueError("operation on a closed FileProbe")
-
-    def close(self) -> None:
-        raise NotImplementedError
 
     def __enter__(self: _P) -> _P:
         self._ensure_open()

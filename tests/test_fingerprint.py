@@ -343,3 +343,47 @@ def rewrite_keep_size(path: Path) -> None:
         f.seek(st.st_size - 10)
         f.write(b"0123456789")
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime restored; ctime moves
+
+
+def test_probe_shared_between_threads_while_the_file_is_replaced(
+    impl: ModuleType, tmp_path: Path
+) -> None:
+    """The probe's lock keeps one thread from re-opening the held file while another reads
+    through it (the C calls run without the GIL)."""
+    path = tmp_path / "t.jsonl"
+    versions = [os.urandom(5000 + 100 * i) for i in range(8)]
+    hashes = {xxhash.xxh3_64_intdigest(v[-4096:]) for v in versions}
+    path.write_bytes(versions[0])
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    seen: list[Fingerprint] = []
+
+    def replacer() -> None:
+        n = 0
+        while not stop.is_set() and n < 2000:
+            tmp = tmp_path / f"v{n % 2}.tmp"
+            tmp.write_bytes(versions[n % len(versions)])
+            os.replace(tmp, path)
+            n += 1
+
+    with impl.FileProbe(path) as probe:
+
+        def reader() -> None:
+            try:
+                for _ in range(300):
+                    seen.append(probe.fingerprint())
+            except BaseException as exc:  # surfaced by the assertion below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=replacer)] + [
+            threading.Thread(target=reader) for _ in range(3)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads[1:]:
+            t.join()
+        stop.set()
+        threads[0].join()
+    assert errors == []
+    assert len(seen) == 900
+    assert all(fp.exists and fp.tail_hash in hashes for fp in seen)
