@@ -197,8 +197,16 @@ class SessionFenceController(WriteScopes):
         if validate_append is not None and not before.exists:
             # As the original: a validated append needs the file it appends to.
             raise FileNotFoundError(2, "session file does not exist", self._session_file)
+        trusted = (
+            self._fence_active and same_stat(self._fence.fingerprint, before)
+        ) or REGISTRY.is_trusted(self._key, before)
         reference: FenceSnapshot | None = None
-        if self._full:
+        if not trusted:
+            # A touch, chmod or ctime drift since the fence is judged by content, as the
+            # fence check judges any same-size change (no false takeover for metadata).
+            reference = self._identical_content(before)
+            trusted = reference is not None
+        if reference is None and self._full:
             reference = self._snapshot_for(before)
             if reference.digest is None and before.exists:
                 reference = self._io.fresh_digest(before)
@@ -209,9 +217,6 @@ class SessionFenceController(WriteScopes):
         after = change.after
         if change.kind is ChangeKind.UNCHANGED:
             return result
-        trusted = (
-            self._fence_active and same_stat(self._fence.fingerprint, before)
-        ) or REGISTRY.is_trusted(self._key, before)
         if not trusted:
             return result
         prev = reference if reference is not None else self._snapshot_for(before)
@@ -231,6 +236,19 @@ class SessionFenceController(WriteScopes):
             self._fence = self._roll(prev, change, need_digest=True, proven=proven)
             self._set_fence_generation(generation)
         return result
+
+    def _identical_content(self, before: Fingerprint) -> FenceSnapshot | None:
+        """The fence's content under ``before``'s stat, when ``before`` is the fenced file at
+        the same size with a content digest equal to the fence's (one whole-file read, only
+        after a metadata-only change); else None."""
+        fence = self._fence
+        fp = fence.fingerprint
+        if not (self._fence_active and fp.exists and before.exists and fence.digest is not None):
+            return None
+        if (fp.dev, fp.ino, fp.size) != (before.dev, before.ino, before.size):
+            return None
+        snap = FenceSnapshot(before, fence.digest)
+        return snap if self._io.prefix_unchanged(snap) else None
 
     # synchronous helpers ---------------------------------------------------------------------
 

@@ -320,14 +320,6 @@ def test_slow_5000_schedules() -> None:
     print(_summary("slow schedules (injected acquire, verify=full)", counts))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="false takeover: a touch or chmod (metadata only) in a prompt window makes the "
-    "next synchronous owned write (owned_file_write, e.g. a compaction) start from an "
-    "untrusted state (its before-fingerprint differs from the fence by mtime/ctime), so it "
-    "is not published and the reacquire rejects the compaction line as a foreign append, "
-    "although verify='full' could prove the content unchanged",
-)
 @pytest.mark.parametrize("harmless", HARMLESS)
 def test_metadata_only_change_before_a_compaction_is_not_a_takeover(harmless: str) -> None:
     assert play([[(harmless, 0.0), ("compaction", 0.0)]], real_lock=False) is None
