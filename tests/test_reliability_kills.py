@@ -9,7 +9,7 @@ which it dies: either the victim stops at exactly that step (blocked on a pipe t
 never written) or it runs on and the kill lands wherever it is by then (possibly inside
 a large ``write``, which the kernel may cut short). After each kill:
 
-- the next acquire succeeds within a few polls, with a larger generation;
+- the next acquire succeeds on its first attempt (``timeout=0``), with a larger generation;
 - the bytes before the victim's are untouched, and every acknowledged line is present,
   whole and in order (plus at most the one line whose ack the kill cut off);
 - a last line without its newline is reported by ``SessionManager.open(...).torn_tail``,
@@ -56,10 +56,9 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning"),
 ]
 
-# A dead holder's flock is gone when the kernel closes its descriptors; the next acquire
-# must not wait for any staleness period. Three polls of 50 ms is "at once" with room for
-# a loaded CI machine.
-ACQUIRE_BOUND = 0.15
+# A dead holder's flock is gone when the kernel closes its descriptors: the next acquire
+# must succeed on its first non-blocking attempt (timeout=0), with no staleness period.
+# The wall time is reported, not asserted, so a loaded CI machine cannot fail the test.
 
 
 @dataclass(frozen=True)
@@ -236,7 +235,7 @@ def kill_lane(directory: str, lane: int, seed: int, points: int) -> dict[str, An
         tokens = run_victim(path, plan)
         counts["acked_lines"] += tokens.count(b"A")
         began = time.monotonic()
-        lock = acquire_session_write_lock(path, timeout=1.0)
+        lock = acquire_session_write_lock(path, timeout=0)
         latencies.append(time.monotonic() - began)
         # each holder's generation is larger than every earlier one, the victim's included
         assert lock.generation >= generation + (2 if b"L" in tokens else 1)
@@ -290,14 +289,13 @@ def run_kill_points(directory: str, seed: int, lanes: int, per_lane: int) -> dic
 
 def _report(result: dict[str, Any]) -> None:
     counts = result["counts"]
-    assert result["max_latency"] <= ACQUIRE_BOUND, result["max_latency"]
     print(
         f"\nkills: {counts['kills']} kill points ({counts.get('exact', 0)} exact, "
         f"{counts.get('racy', 0)} racy), {counts.get('acked_lines', 0)} acknowledged lines "
         f"intact, {counts.get('torn', 0)} torn tails detected and quarantined "
         f"({counts.get('torn_in_single_write', 0)} inside a single write); last step seen: "
         + ", ".join(f"{k[6:]}={v}" for k, v in sorted(counts.items()) if k.startswith("after_"))
-        + f"; next acquire <= {result['max_latency'] * 1000:.1f} ms"
+        + f"; next acquire: first attempt, <= {result['max_latency'] * 1000:.1f} ms"
     )
 
 
