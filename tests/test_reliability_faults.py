@@ -138,16 +138,16 @@ def injected(
     injector = Injector(fault)
     proxy = FaultyOS(injector, sites)
     real_flock = fcntl.flock
-    saved = [(m, m.os) for m in modules]  # type: ignore[attr-defined]
+    saved = [(m, m.os) for m in modules]
     for module in modules:
-        module.os = proxy  # type: ignore[attr-defined]
-    fcntl.flock = injector.wrap("flock", real_flock)  # type: ignore[assignment]
+        setattr(module, "os", proxy)  # noqa: B010 (a module attribute mypy cannot see)
+    fcntl.flock = injector.wrap("flock", real_flock)
     try:
         yield injector
     finally:
-        fcntl.flock = real_flock  # type: ignore[assignment]
+        fcntl.flock = real_flock
         for module, real in saved:
-            module.os = real  # type: ignore[attr-defined]
+            setattr(module, "os", real)  # noqa: B010
 
 
 def cases(

@@ -40,13 +40,13 @@ from hypothesis import strategies as st
 
 from sessionfence import SessionTakeoverError
 from sessionfence.controller import SessionFenceController, reset_for_tests
+from sessionfence.transcript import is_expected_compaction_append as is_expected_compaction
 
 from .test_controller_helpers import (
     Locks,
     append_entries,
     compaction,
     compaction_append,
-    is_expected_compaction,
     line,
     mirror_message,
     rewrite_in_place,
