@@ -54,9 +54,10 @@ def test_8_processes_x_500_appends_no_overlap_no_lost_or_torn_line(tmp_path: Pat
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_slow_16_processes_x_1000_appends(tmp_path: Path) -> None:
-    _assert_exclusive_and_whole(tmp_path, writers=16, cycles=1000, big_every=40)
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize(("writers", "cycles"), [(16, 1000), (32, 2000)])
+def test_slow_many_processes_x_many_appends(tmp_path: Path, writers: int, cycles: int) -> None:
+    _assert_exclusive_and_whole(tmp_path, writers=writers, cycles=cycles, big_every=40)
 
 
 # The oracles themselves must be able to fail: fed broken inputs, each one says so.

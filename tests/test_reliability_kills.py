@@ -317,7 +317,7 @@ def test_240_sigkill_points_lose_no_acknowledged_line_and_never_append_after_a_t
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_slow_1000_sigkill_points(tmp_path: Path) -> None:
-    result = run_kill_points(str(tmp_path), seed=7, lanes=10, per_lane=100)
-    assert result["counts"]["kills"] == 1000
+def test_slow_2000_sigkill_points(tmp_path: Path) -> None:
+    result = run_kill_points(str(tmp_path), seed=7, lanes=20, per_lane=100)
+    assert result["counts"]["kills"] == 2000
     _report(result)
