@@ -188,6 +188,18 @@ def test_directory_at_transcript_path_is_a_clear_error(tmp_path: Path) -> None:
     assert (path / "keep").read_bytes() == b"x"
 
 
+def test_fifo_at_transcript_path_is_a_clear_error_not_a_hang(tmp_path: Path) -> None:
+    # Opening a FIFO for reading would block until a writer appears; the stat first
+    # refuses anything that is not a regular file.
+    path = tmp_path / "session.jsonl"
+    os.mkfifo(path)
+    fds = open_fds()
+    with pytest.raises(OSError) as refused:
+        SessionManager.open(path)
+    assert refused.value.errno == errno.EINVAL
+    assert open_fds() == fds
+
+
 def test_missing_transcript_is_created_with_a_header(tmp_path: Path) -> None:
     path = tmp_path / "new" / "session.jsonl"
     manager = SessionManager.open(path)
