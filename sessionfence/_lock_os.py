@@ -109,6 +109,12 @@ def fstat_regular(fd: int, lock_path: str) -> os.stat_result:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise OSError(errno.EINVAL, "lock path is not a regular file", lock_path)
+    if st.st_nlink > 1:
+        # A hard link shares its content with another name (O_NOFOLLOW does not see it):
+        # writing the owner record into it would overwrite that file, e.g. a transcript.
+        raise OSError(
+            errno.EMLINK, "lock file has other hard links; refusing to write into it", lock_path
+        )
     return st
 
 
