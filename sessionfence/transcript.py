@@ -639,6 +639,7 @@ class SessionManager:
         except FileNotFoundError:
             self._torn = None
             return None
+        truncated = False
         try:
             size, clean = _io.settled_end(fd)
             if clean:
@@ -655,11 +656,14 @@ class SessionManager:
                     f"the copy is kept at {target}: {self._path}"
                 )
             os.ftruncate(fd, offset)
+            truncated = True
             os.fsync(fd)
         finally:
             os.close(fd)
-        self._torn = None
-        self._rewind_digest(offset)
+            if truncated:
+                # The file is cut even when fsync then fails: describe it as it is.
+                self._torn = None
+                self._rewind_digest(offset)
         return target
 
     def _rewind_digest(self, offset: int) -> None:

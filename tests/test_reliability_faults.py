@@ -390,14 +390,6 @@ def test_release_faults_still_free_the_lock(tmp_path: Path) -> None:
     print(f"\nrelease faults: {sum(states.values())} cases {dict(states)}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="repair_torn_tail truncates, then fails (fsync EIO): the transcript is repaired "
-    "and the quarantine copy is on disk, but the manager keeps torn_tail set and its digest "
-    "still covers the cut bytes; after the next append, digest no longer equals the digest "
-    "of the file's bytes [0, digest_size) that the module notes promise (a fence seeded from "
-    "it would see a false change; no bytes are lost)",
-)
 def test_repair_failing_after_truncate_keeps_the_manager_digest_true(tmp_path: Path) -> None:
     path = tmp_path / "session.jsonl"
     path.write_bytes(BASE + TORN)
