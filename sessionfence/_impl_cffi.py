@@ -129,10 +129,6 @@ def _fp_from_view(view: Any) -> Fingerprint:
     return existing_fingerprint(dev, ino, size, mtime, ctime, tail_len, tail_hash)
 
 
-def _to_fp(c_fp: Any) -> Fingerprint:
-    return _fp_from_view(_buffer(c_fp))
-
-
 def fingerprint(path: PathArg, *, window: int = DEFAULT_WINDOW) -> Fingerprint:
     if type(window) is not int or not 0 <= window <= WINDOW_MAX:
         window = check_window(window)
@@ -193,9 +189,15 @@ def fingerprint_many(
     return result
 
 
-_SLOT_SETTERS = tuple(
-    Fingerprint.__dict__[name].__set__
-    for name in ("exists", "dev", "ino", "size", "mtime_ns", "ctime_ns", "tail_len", "tail_hash")
+def _set_slots(cls: type, names: tuple[str, ...]) -> tuple[Any, ...]:
+    """The slot descriptors' setters: a frozen dataclass built through them skips its
+    per-field ``object.__setattr__`` (see _types.existing_fingerprint)."""
+    return tuple(cls.__dict__[name].__set__ for name in names)
+
+
+_SLOT_SETTERS = _set_slots(
+    Fingerprint,
+    ("exists", "dev", "ino", "size", "mtime_ns", "ctime_ns", "tail_len", "tail_hash"),
 )
 
 
@@ -228,10 +230,6 @@ def _pack_before(view: Any, before: Fingerprint) -> None:
     if not ok:
         check_before(before)
         raise ValueError(f"before does not describe a file: {before!r}")
-
-
-def _set_slots(cls: type, names: tuple[str, ...]) -> tuple[Any, ...]:
-    return tuple(cls.__dict__[name].__set__ for name in names)
 
 
 _CHANGE_SETTERS = _set_slots(Change, ("kind", "before", "after", "appended"))
