@@ -14,6 +14,7 @@ from ._probe_base import ProbeBase
 from ._types import (
     DEFAULT_MAX_SUFFIX,
     DEFAULT_WINDOW,
+    FINGERPRINT_SETTERS,
     MISSING,
     STABLE_TRIES,
     WINDOW_MAX,
@@ -28,6 +29,7 @@ from ._types import (
     existing_fingerprint,
     past_end,
     shorter_than,
+    slot_setters,
 )
 from ._version import __version__
 from .errors import UnstableFileError
@@ -168,7 +170,7 @@ def fingerprint_many(
     # Python-side cost of a batch.
     new = object.__new__
     cls = Fingerprint
-    slots = _SLOT_SETTERS
+    slots = FINGERPRINT_SETTERS
     set_exists, set_dev, set_ino, set_size, set_mtime, set_ctime, set_tl, set_th = slots
     result: list[Fingerprint] = []
     append = result.append
@@ -187,18 +189,6 @@ def fingerprint_many(
         set_th(fp, tail_hash)
         append(fp)
     return result
-
-
-def _set_slots(cls: type, names: tuple[str, ...]) -> tuple[Any, ...]:
-    """The slot descriptors' setters: a frozen dataclass built through them skips its
-    per-field ``object.__setattr__`` (see _types.existing_fingerprint)."""
-    return tuple(cls.__dict__[name].__set__ for name in names)
-
-
-_SLOT_SETTERS = _set_slots(
-    Fingerprint,
-    ("exists", "dev", "ino", "size", "mtime_ns", "ctime_ns", "tail_len", "tail_hash"),
-)
 
 
 def _pack_before(view: Any, before: Fingerprint) -> None:
@@ -232,7 +222,7 @@ def _pack_before(view: Any, before: Fingerprint) -> None:
         raise ValueError(f"before does not describe a file: {before!r}")
 
 
-_CHANGE_SETTERS = _set_slots(Change, ("kind", "before", "after", "appended"))
+_CHANGE_SETTERS = slot_setters(Change, ("kind", "before", "after", "appended"))
 
 
 def _change_result(scratch: Any, before: Fingerprint) -> Change:

@@ -6,12 +6,13 @@ import enum
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 __all__ = [
     "DEFAULT_MAX_SUFFIX",
     "DEFAULT_WINDOW",
     "EMPTY_TAIL_HASH",
+    "FINGERPRINT_SETTERS",
     "MISSING",
     "RACY_NS",
     "SPIN_TRIES",
@@ -28,6 +29,7 @@ __all__ = [
     "existing_fingerprint",
     "racy_clean",
     "same_stat",
+    "slot_setters",
 ]
 
 PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
@@ -67,23 +69,32 @@ class Fingerprint:
 MISSING = Fingerprint(exists=False)
 
 
-def _fast_constructor() -> Callable[[int, int, int, int, int, int, int], Fingerprint]:
-    """Builds existing-file fingerprints without the dataclass ``__init__``.
+def slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Any, ...]:
+    """The slot descriptors' setters of a slots dataclass. A frozen dataclass assigns each
+    field through ``object.__setattr__``; calling the descriptors directly builds the same
+    object in about half the time, and every hot-path call builds one."""
+    return tuple(cls.__dict__[name].__set__ for name in names)
 
-    A frozen dataclass assigns each field through ``object.__setattr__``; calling the slot
-    descriptors directly makes the same object in about half the time, and every hot-path
-    call builds one.
-    """
-    slots = Fingerprint.__dict__
+
+FINGERPRINT_SETTERS = slot_setters(
+    Fingerprint,
+    ("exists", "dev", "ino", "size", "mtime_ns", "ctime_ns", "tail_len", "tail_hash"),
+)
+
+
+def _fast_constructor() -> Callable[[int, int, int, int, int, int, int], Fingerprint]:
+    """Builds existing-file fingerprints without the dataclass ``__init__``."""
     new = object.__new__
-    set_exists = slots["exists"].__set__
-    set_dev = slots["dev"].__set__
-    set_ino = slots["ino"].__set__
-    set_size = slots["size"].__set__
-    set_mtime = slots["mtime_ns"].__set__
-    set_ctime = slots["ctime_ns"].__set__
-    set_tail_len = slots["tail_len"].__set__
-    set_tail_hash = slots["tail_hash"].__set__
+    (
+        set_exists,
+        set_dev,
+        set_ino,
+        set_size,
+        set_mtime,
+        set_ctime,
+        set_tail_len,
+        set_tail_hash,
+    ) = FINGERPRINT_SETTERS
 
     def existing(
         dev: int,
