@@ -40,7 +40,9 @@ from typing import Any, Final
 
 from . import _jsonl
 from . import _transcript_io as _io
+from ._controller_registry import session_file_key
 from ._merge import MergeResult, PublishedEntry
+from ._ownership import LIVE_MANAGERS, OWN_WRITES
 from ._transcript_guard import guard_session_manager, is_expected_compaction_append
 from ._types import DEFAULT_WINDOW, MISSING, Fingerprint, PathArg
 from .errors import TornTranscriptError, UnstableFileError
@@ -126,6 +128,9 @@ class SessionManager:
         self._chunk = chunk_size
         self._cwd = cwd
         self._load()
+        # The fence asks open managers whether an id exists (a foreign line reusing one
+        # is refused), and recognises the lines they wrote as this process's own.
+        LIVE_MANAGERS.register(session_file_key(self._path), self)
 
     @classmethod
     def open(
@@ -558,7 +563,12 @@ class SessionManager:
             else:
                 data = line
             _io.write_all(fd, data)
-            after = os.fstat(fd).st_size
+            # Where the bytes landed, read back from the O_APPEND descriptor (exact even
+            # when another process appended first): the fence adopts these bytes only.
+            end = os.lseek(fd, 0, os.SEEK_CUR)
+            st = os.fstat(fd)
+            after = st.st_size
+            OWN_WRITES.record(st.st_dev, st.st_ino, end - len(data), data)
         finally:
             os.close(fd)
         if header is not None:
