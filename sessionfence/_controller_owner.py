@@ -3,6 +3,12 @@
 Separate from the cross-process lock and held for a whole attempt, so two attempts in one
 process cannot interleave their fences. Symlinked paths share an owner (same key as the
 registry).
+
+Attempts may run on different event loops in different threads. The table is guarded by a
+thread lock, and a waiter parked on another loop is woken through that loop's
+``call_soon_threadsafe`` (an asyncio future may only be completed from its own loop's
+thread; completing it from elsewhere does not wake the loop). A waiter whose loop is
+closed can never run again and is skipped.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import contextlib
 import math
 import os
 import secrets
+import threading
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -30,6 +37,8 @@ class _Entry:
 
 
 _OWNERS: dict[str, _Entry] = {}
+# Guards _OWNERS and every entry's waiters list; held only for dict and list operations.
+_OWNERS_LOCK = threading.Lock()
 
 
 def clamp_timeout_ms(timeout_ms: float) -> float | None:
@@ -47,13 +56,15 @@ class SessionFileOwner:
         self._owner_id = owner_id
 
     def release(self) -> None:
-        entry = _OWNERS.get(self.session_file_key)
-        if entry is None or entry.owner_id != self._owner_id:
-            return
-        del _OWNERS[self.session_file_key]
-        for waiter in entry.waiters:  # all wake; the first to run takes the owner
-            if not waiter.done():
-                waiter.set_result(None)
+        """Give the owner up and wake every waiter, whichever loop or thread it is on."""
+        with _OWNERS_LOCK:
+            entry = _OWNERS.get(self.session_file_key)
+            if entry is None or entry.owner_id != self._owner_id:
+                return
+            del _OWNERS[self.session_file_key]
+            waiters = list(entry.waiters)
+        for waiter in waiters:  # all wake; the first to run takes the owner
+            _complete(waiter, None)
 
     def __enter__(self) -> SessionFileOwner:
         return self
@@ -82,13 +93,14 @@ async def acquire_session_file_owner(
     delay_ms = clamp_timeout_ms(timeout_ms)
     loop = asyncio.get_running_loop()
     while True:
-        entry = _OWNERS.get(key)
-        if entry is None:
-            owner_id = secrets.token_hex(8)
-            _OWNERS[key] = _Entry(owner_id)
-            return SessionFileOwner(key, owner_id)
         waiter: asyncio.Future[None] = loop.create_future()
-        entry.waiters.append(waiter)
+        with _OWNERS_LOCK:
+            entry = _OWNERS.get(key)
+            if entry is None:
+                owner_id = secrets.token_hex(8)
+                _OWNERS[key] = _Entry(owner_id)
+                return SessionFileOwner(key, owner_id)
+            entry.waiters.append(waiter)
         timer = None
         if delay_ms is not None:
             timer = loop.call_later(
@@ -102,8 +114,9 @@ async def acquire_session_file_owner(
         finally:
             if timer is not None:
                 timer.cancel()
-            if waiter in entry.waiters:
-                entry.waiters.remove(waiter)
+            with _OWNERS_LOCK:
+                if waiter in entry.waiters:
+                    entry.waiters.remove(waiter)
 
 
 def _expire(waiter: asyncio.Future[None], error: BaseException) -> None:
@@ -111,13 +124,39 @@ def _expire(waiter: asyncio.Future[None], error: BaseException) -> None:
         waiter.set_exception(error)
 
 
+def _settle(waiter: asyncio.Future[None], outcome: BaseException | None) -> None:
+    """Complete ``waiter`` on its own loop's thread (a no-op if it is done already)."""
+    if waiter.done():
+        return
+    if outcome is None:
+        waiter.set_result(None)
+    else:
+        waiter.set_exception(outcome)
+
+
+def _complete(waiter: asyncio.Future[None], outcome: BaseException | None) -> None:
+    """Wake ``waiter`` from any thread: directly on its own running loop, else through
+    ``call_soon_threadsafe``; a waiter whose loop is closed cannot run and is skipped."""
+    loop = waiter.get_loop()
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        _settle(waiter, outcome)
+        return
+    # Closed between the check and the call: call_soon_threadsafe raises RuntimeError.
+    with contextlib.suppress(RuntimeError):
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(_settle, waiter, outcome)
+
+
 def reset_owners() -> None:
     """Forget every owner; waiters fail with RuntimeError (test reset hook)."""
-    entries = list(_OWNERS.values())
-    _OWNERS.clear()
-    for entry in entries:
-        for waiter in entry.waiters:
-            # A waiter of a test whose event loop is already closed cannot be woken.
-            with contextlib.suppress(RuntimeError):
-                if not waiter.done():
-                    waiter.set_exception(RuntimeError("session file owners reset"))
+    with _OWNERS_LOCK:
+        entries = list(_OWNERS.values())
+        _OWNERS.clear()
+        waiters = [waiter for entry in entries for waiter in entry.waiters]
+    for waiter in waiters:
+        # A waiter of a test whose event loop is already closed cannot be woken.
+        _complete(waiter, RuntimeError("session file owners reset"))
