@@ -1008,11 +1008,14 @@ static int classify_once(sf_handle h, const sf_stat *st, const sf_fp *before, in
 
     if (before->exists && st->dev == before->dev && st->ino == before->ino) {
         if (size == before->size) {
-            if (st->mtime_ns != before->mtime_ns || st->ctime_ns != before->ctime_ns) {
-                const uint8_t *old = buf + (span - before->tail_len);
-                out->kind = XXH3_64bits(old, (size_t)before->tail_len) == before->tail_hash
-                                ? SF_TOUCHED : SF_REWRITTEN;
-            }
+            /* The old window is always re-hashed: on a filesystem whose timestamps are
+             * coarser than the writes (jiffies, NFS, FAT) a same-size rewrite can leave
+             * mtime and ctime equal, and only the bytes tell. */
+            const uint8_t *old = buf + (span - before->tail_len);
+            if (XXH3_64bits(old, (size_t)before->tail_len) != before->tail_hash)
+                out->kind = SF_REWRITTEN;
+            else if (st->mtime_ns != before->mtime_ns || st->ctime_ns != before->ctime_ns)
+                out->kind = SF_TOUCHED;
         } else if (size > before->size && size - before->size <= max_suffix) {
             const uint8_t *old = buf + (before->size - before->tail_len - lo);
             out->kind = XXH3_64bits(old, (size_t)before->tail_len) == before->tail_hash

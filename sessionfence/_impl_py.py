@@ -203,12 +203,14 @@ def _classify(
         if len(data) != span:
             return None
         after = _fp(st, aw, _xxh3_64(data[span - aw :]))
-        if st.st_mtime_ns == before.mtime_ns and st.st_ctime_ns == before.ctime_ns:
-            kind = ChangeKind.UNCHANGED
-        elif _xxh3_64(data[span - tl :]) == before.tail_hash:
-            kind = ChangeKind.TOUCHED
-        else:
+        # The old window is always re-hashed: with coarse timestamps (jiffies, NFS, FAT) a
+        # same-size rewrite can leave mtime and ctime equal, and only the bytes tell.
+        if _xxh3_64(data[span - tl :]) != before.tail_hash:
             kind = ChangeKind.REWRITTEN
+        elif st.st_mtime_ns == before.mtime_ns and st.st_ctime_ns == before.ctime_ns:
+            kind = ChangeKind.UNCHANGED
+        else:
+            kind = ChangeKind.TOUCHED
         return Change(kind, before, after)
     suffix_len = size - before.size
     old_lo = before.size - tl
