@@ -9,7 +9,7 @@ takeover here (SPEC §5.2 item 5). JSON is compared the way the original's
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +53,9 @@ def parse_json(text: str) -> tuple[bool, Any]:
     """(True, value) for text JSON.parse accepts (no NaN/Infinity), else (False, None)."""
     try:
         return True, json.loads(text, parse_constant=_reject_constant)
-    except ValueError:
+    except (ValueError, RecursionError):
+        # RecursionError: nesting deeper than the interpreter's stack (a hostile line of
+        # 200 KB of "[["). It is not an entry any reader can use: unparseable.
         return False, None
 
 
@@ -307,10 +309,16 @@ def classify_lines(
     policy: BenignPolicy | None,
     expected: Sequence[PublishedEntry] | None = None,
     initial_parent: Any = None,
+    known_id: Callable[[str], bool] | None = None,
 ) -> Classified | Rejected:
     """Classify appended lines. ``policy`` None means owned mode (any valid line), else
     unowned mode through the policy. With ``expected``, every line must match one declared
-    descriptor and every descriptor one line."""
+    descriptor and every descriptor one line.
+
+    In unowned mode a line whose ``id`` repeats an id of the batch, or one ``known_id``
+    says the transcript already has, is refused whatever its type: ids are unique in a
+    transcript, and a reader keeps one entry per id, so the line would shadow another."""
+    seen_ids: set[str] = set()
     if not lines:
         return Rejected("nothing was appended")
     remaining = None if expected is None else [dict(e) for e in expected]
@@ -326,6 +334,14 @@ def classify_lines(
         )
         if kind is None:
             return Rejected(f"{_describe(line)} is not a benign entry", line.offset)
+        if policy is not None and isinstance(line.value, dict):
+            line_id = line.value.get("id")
+            if isinstance(line_id, str):
+                if line_id in seen_ids or (known_id is not None and known_id(line_id)):
+                    return Rejected(
+                        f"{_describe(line)} reuses the entry id {line_id!r}", line.offset
+                    )
+                seen_ids.add(line_id)
         if remaining is None:
             line_id = line.value.get("id") if isinstance(line.value, dict) else None
             if _nonblank(line_id):

@@ -8,6 +8,8 @@ controller's own writes into the process-wide registry.
 
 from __future__ import annotations
 
+import asyncio
+
 from ._controller_classify import (
     Classified,
     Rejected,
@@ -24,6 +26,7 @@ from ._controller_scope import (
 from ._controller_snapshot import FenceSnapshot
 from ._controller_state import REASON_BY_KIND, ControllerState
 from ._merge import MergeResult, PublishedEntry
+from ._ownership import LIVE_MANAGERS
 from ._types import (
     Change,
     ChangeKind,
@@ -72,7 +75,7 @@ class FenceChecks(ControllerState):
 
     def _capture_write_start(self) -> FenceSnapshot:
         fp = self._io.fingerprint()
-        if same_stat(self._fence.fingerprint, fp):
+        if self._fence.fingerprint == fp:
             return self._fence
         snap = FenceSnapshot(fp, REGISTRY.lookup_digest(self._key, fp))
         if self._full and not snap.has_digest:
@@ -84,6 +87,8 @@ class FenceChecks(ControllerState):
     def _classify(
         self, prev: FenceSnapshot, change: Change, expected: list[PublishedEntry] | None
     ) -> Classified | Rejected:
+        """Owned mode (lines must match ``expected``) when ``expected`` is given, else
+        unowned mode through the benign policy."""
         policy = None if expected is not None else self._policy
         prev_fp = prev.fingerprint
         initializing = (
@@ -110,7 +115,12 @@ class FenceChecks(ControllerState):
         if initializing:
             assert expected is not None
             return classify_initialization(lines, expected)
-        return classify_lines(lines, policy=policy, expected=expected)
+
+        def known_id(entry_id: str) -> bool:
+            # Ids in the fenced prefix, as far as an open SessionManager can tell.
+            return LIVE_MANAGERS.knows_id(self._key, entry_id, prev_fp.size)
+
+        return classify_lines(lines, policy=policy, expected=expected, known_id=known_id)
 
     async def _merge_change(
         self,
@@ -131,6 +141,8 @@ class FenceChecks(ControllerState):
             return Rejected("the written entries differ from the declared ones")
         try:
             outcome = await call_maybe_async(self._merge_cb, list(classified.entries))
+        except asyncio.CancelledError:
+            raise  # the caller was cancelled: nothing was decided, nothing is marked
         except BaseException as exc:
             self._change_takeover(
                 change, phase, f"merge callback failed: {exc!r}", "merge-rejected"
@@ -144,14 +156,16 @@ class FenceChecks(ControllerState):
         reported = outcome.session_file_snapshot if outcome is not None else None
         if reported is None:
             now = self._io.fingerprint()
-            if not same_stat(now, change.after):
+            if now != change.after:
                 raise self._change_takeover(
                     change, phase, "the transcript changed during the merge", "merge-rejected"
                 )
             snapshot = base
         else:
             moved = self._io.observe(change.after)
-            if not (reported.exists and same_stat(moved.after, reported)):
+            # The callback may have rewritten the file (declared by requires_reload); it
+            # must report the state it left: same stat, and same tail where comparable.
+            if not (reported.exists and _same_state(moved.after, reported)):
                 raise self._record_takeover(
                     "merge-rejected",
                     phase,
@@ -176,16 +190,23 @@ class FenceChecks(ControllerState):
         way this controller does not own? Raises SessionTakeoverError when it did."""
         if not self._fence_active:
             return
+        await self._judge(self._io.observe_quiet(self._fence.fingerprint), phase)
+
+    async def _judge(self, change: Change, phase: str) -> None:
+        """Accept ``change`` of the fenced file (owned, benign, metadata-only with the
+        content proven) and move the fence to it, or record and raise a takeover."""
         fence = self._fence
-        change = self._io.observe_quiet(fence.fingerprint)
         if change.kind is ChangeKind.UNCHANGED:
+            if self._full and not fence.quiet:
+                # Racy fence: the stat cannot prove the content, the digest must.
+                self._prove_racy_fence(change, phase)
             return
         current = change.after
         last = REGISTRY.latest_owned_write(self._key)
         if (
             last is not None
             and last.generation > self._fence_generation
-            and same_stat(last.fingerprint, current)
+            and last.fingerprint == current
         ):
             await self._accept_owned_writes(change, last.generation, phase)
             return
@@ -227,6 +248,23 @@ class FenceChecks(ControllerState):
             )
         )
 
+    def _prove_racy_fence(self, change: Change, phase: str) -> None:
+        """verify="full", equal fingerprint, racy fence: prove the whole content by digest
+        (one read at C speed, at most once per quiet period of the file)."""
+        fence = self._fence
+        if not fence.fingerprint.exists:
+            return
+        proven = self._io.prove_unchanged(fence)
+        if proven is None:
+            raise self._change_takeover(
+                change,
+                phase,
+                "same-size rewrite with equal stat (within one timestamp granule): "
+                "the content digest differs",
+                "rewritten",
+            )
+        self._fence = proven
+
     def _accept_identical_content(self, change: Change, phase: str) -> None:
         """Same file, same size, times moved: accepted only when the content digest is
         unchanged, for any size (no 32 MiB cliff: SPEC §5.2 item 2)."""
@@ -236,7 +274,7 @@ class FenceChecks(ControllerState):
                 change, phase, "same-size change and no content digest to compare", "rewritten"
             )
         now = self._io.fresh_digest(change.after)
-        if now.digest is None or not same_stat(now.fingerprint, change.after):
+        if now.digest is None or now.fingerprint != change.after:
             raise self._change_takeover(
                 change, phase, "the transcript kept changing while its content was hashed"
             )
@@ -261,7 +299,7 @@ class FenceChecks(ControllerState):
                 self._change_takeover(change, phase, f"reload failed: {exc!r}", "reload-failed")
                 raise
             now = self._io.fingerprint()
-            if not same_stat(now, current):
+            if now != current:
                 raise self._record_takeover(
                     "reload-failed",
                     phase,
@@ -290,7 +328,7 @@ class FenceChecks(ControllerState):
             raise self._change_takeover(change, phase, _detail(merged), reason)
         fp = merged.snapshot.fingerprint
         generation = last_generation
-        if not same_stat(fp, current):  # the callback itself wrote (e.g. a leaf control)
+        if fp != current:  # the callback itself wrote (e.g. a leaf control)
             generation = REGISTRY.record_owned_write(
                 self._key, fp, merged.post_merge_published, merged.requires_reload
             )
@@ -300,6 +338,10 @@ class FenceChecks(ControllerState):
     async def _publish_owned_fence(
         self, before: FenceSnapshot, expected: list[PublishedEntry] | None
     ) -> None:
+        """Record what a publishing write scope wrote as owned (reference §5.7), if it is a
+        proven append (or the declared creation of the transcript) of exactly the declared
+        entries. Own entries are not fed to the merge callback: the writer already has them
+        (a peer controller merges them at its own fence check)."""
         if self._takeover is not None:
             return
         change = self._io.observe(before.fingerprint)
@@ -307,40 +349,57 @@ class FenceChecks(ControllerState):
             return
         current = change.after
         trusted_before = (
-            self._fence_active and same_stat(self._fence.fingerprint, before.fingerprint)
+            self._fence_active and self._fence.fingerprint == before.fingerprint
         ) or REGISTRY.is_trusted(self._key, before.fingerprint)
         if not trusted_before:
             return  # the next fence check judges the change as unowned
+        prev_fp = before.fingerprint
+        initializing = (
+            expected is not None
+            and current.exists
+            and (not prev_fp.exists or prev_fp.size == 0)
+            and change.kind in (ChangeKind.CREATED, ChangeKind.APPENDED)
+        )
+        if change.kind is not ChangeKind.APPENDED and not initializing:
+            raise self._change_takeover(change, "fence_check")
         if not self._prove_prefix(before, change):
             raise self._change_takeover(
                 change, "fence_check", "content before the owned append changed", "rewritten"
             )
-        if self._merge_cb is not None:
-            merged = await self._merge_change(before, change, expected, "fence_check")
-            if isinstance(merged, Rejected):
+        published = expected
+        if expected is not None:
+            classified = self._classify(before, change, expected)
+            if isinstance(classified, Rejected):
                 raise self._change_takeover(
-                    change, "fence_check", _detail(merged), "merge-rejected"
+                    change, "fence_check", _detail(classified), "merge-rejected"
                 )
-            generation = REGISTRY.record_owned_write(
-                self._key,
-                merged.snapshot.fingerprint,
-                merged.published_entries,
-                merged.requires_reload,
-            )
-            snapshot = merged.snapshot
-        else:
-            generation = REGISTRY.record_owned_write(self._key, current, expected)
-            snapshot = self._roll(before, change, need_digest=self._fence_active, proven=True)
+            if not same_published_entries(classified.published, expected):
+                raise self._change_takeover(
+                    change,
+                    "fence_check",
+                    "the written entries differ from the declared ones",
+                    "merge-rejected",
+                )
+            published = list(classified.published)
+        generation = REGISTRY.record_owned_write(self._key, current, published)
+        snapshot = self._roll(before, change, need_digest=self._fence_active, proven=True)
         if self._fence_active:
             self._fence = snapshot
             self._set_fence_generation(generation)
 
     def _snapshot_for(self, fp: Fingerprint) -> FenceSnapshot:
-        if same_stat(self._fence.fingerprint, fp):
+        if self._fence.fingerprint == fp:
             return self._fence
         return FenceSnapshot(fp, REGISTRY.lookup_digest(self._key, fp))
 
     async def _release_held_lock_with_fence(self) -> None:
+        """Release the held lock and leave the fence on the file as it is now.
+
+        An active fence judges what happened while the lock was held exactly as it judges
+        a prompt window (SPEC §5.2 item 6): nothing is adopted, and a lock lost while held
+        is a takeover (``lock-lost``). The takeover is recorded, the lock released, and the
+        error raised. Before the first release the fence is inactive: the state at release
+        becomes its baseline (reference §5.1)."""
         if self._held is None:
             await self._wait_drain()
             return
@@ -353,12 +412,20 @@ class FenceChecks(ControllerState):
             if lock is None:
                 return
             try:
+                if self._fence_active:
+                    self._raise_if_lock_lost(lock, "fence_check")
+                    await self._judge(
+                        self._io.observe_quiet(self._fence.fingerprint), "fence_check"
+                    )
+                    if not self._fence.has_digest:
+                        self._fence = self._io.fresh_digest(self._fence.fingerprint)
+                    return
                 change = self._io.observe_quiet(self._fence.fingerprint)
                 fp = change.after
                 last = REGISTRY.latest_owned_write(self._key)
                 trusted_generation = REGISTRY.trust_state(self._key, fp)
                 self._fence = self._roll(self._fence, change, need_digest=True)
-                if last is not None and same_stat(last.fingerprint, fp):
+                if last is not None and last.fingerprint == fp:
                     generation = last.generation
                 elif trusted_generation is not None:
                     generation = trusted_generation
@@ -369,6 +436,11 @@ class FenceChecks(ControllerState):
                 await release_lock(lock)
         finally:
             self._finish_drain()
+
+
+def _same_state(a: Fingerprint, b: Fingerprint) -> bool:
+    """Equal stat, and equal tail hash when both cover the same window."""
+    return same_stat(a, b) and (a.tail_len != b.tail_len or a.tail_hash == b.tail_hash)
 
 
 def _detail(rejected: Rejected) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ._merge import PublishedEntry
-from ._types import Fingerprint, same_stat
+from ._types import Fingerprint
 
 __all__ = ["REGISTRY", "OwnedWrite", "Registry", "session_file_key"]
 
@@ -55,7 +55,10 @@ class _Trusted(NamedTuple):
 
 
 class Registry:
-    """Trust registry, owned-write history, generation counter and digest cache."""
+    """Trust registry, owned-write history, generation counter and digest cache.
+
+    States are compared as whole fingerprints (stat *and* tail-window hash), never by stat
+    alone: with coarse timestamps a same-size rewrite can keep the stat (SPEC §5.2 item 6)."""
 
     def __init__(self) -> None:
         self.reset()
@@ -103,11 +106,11 @@ class Registry:
         trusted = self._trusted.get(key)
         if trusted is None:
             return self.record_trusted(key, fp)
-        return trusted.generation if same_stat(trusted.fingerprint, fp) else None
+        return trusted.generation if trusted.fingerprint == fp else None
 
     def is_trusted(self, key: str, fp: Fingerprint) -> bool:
         trusted = self._trusted.get(key)
-        return trusted is not None and same_stat(trusted.fingerprint, fp)
+        return trusted is not None and trusted.fingerprint == fp
 
     def trusted_fingerprint(self, key: str) -> Fingerprint | None:
         trusted = self._trusted.get(key)
@@ -168,7 +171,7 @@ class Registry:
     def lookup_digest(self, key: str, fp: Fingerprint) -> Any | None:
         """The cached digest of ``fp``'s content, if known (shared: do not mutate it)."""
         cached = self._digests.get(key)
-        if cached is None or not fp.exists or not same_stat(cached[0], fp):
+        if cached is None or not fp.exists or cached[0] != fp:
             return None
         self._digests.move_to_end(key)
         return cached[1]

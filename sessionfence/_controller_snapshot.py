@@ -10,12 +10,13 @@ is the only whole-file read on the hot path (SPEC §5.2 item 1).
 
 from __future__ import annotations
 
+import time
 from types import ModuleType
 from typing import Any, NamedTuple
 
 from . import _backend
 from ._controller_registry import REGISTRY
-from ._types import MISSING, Change, ChangeKind, Fingerprint, same_stat
+from ._types import MISSING, RACY_NS, Change, ChangeKind, Fingerprint, same_stat
 
 __all__ = ["FenceSnapshot", "SnapshotIO", "hot_path"]
 
@@ -28,14 +29,29 @@ _STABLE_DIGEST_TRIES = 4
 
 
 class FenceSnapshot(NamedTuple):
-    """What the fence last saw: a fingerprint and, when known, the digest of its content."""
+    """What the fence last saw: a fingerprint and, when known, the digest of its content.
+
+    ``quiet``: the digest was proven against the file by a read that started more than one
+    timestamp granule (``RACY_NS``) after the file's mtime and ctime. Only then does an equal
+    stat prove the whole content unchanged (git's racy-clean rule): a write after that read
+    stamps a later time. A snapshot of a file written within the granule is *racy*: a
+    same-size rewrite in the same tick leaves the stat equal, so ``verify="full"`` proves the
+    content by digest at the next check instead (SPEC §5.2 item 6)."""
 
     fingerprint: Fingerprint
     digest: Any | None = None  # RollingDigest of [0, fingerprint.size); shared, never mutated
+    quiet: bool = False
 
     @property
     def has_digest(self) -> bool:
         return self.digest is not None or not self.fingerprint.exists
+
+
+def quiet_since(fp: Fingerprint, read_started_ns: int) -> bool:
+    """Whether a read that started at ``read_started_ns`` (wall clock) saw ``fp``'s file
+    already quiet for a granule: any later write would move its mtime or ctime."""
+    horizon = read_started_ns - RACY_NS
+    return fp.exists and fp.mtime_ns < horizon and fp.ctime_ns < horizon
 
 
 class SnapshotIO:
@@ -79,10 +95,12 @@ class SnapshotIO:
         return self.probe.check_append(before)  # type: ignore[no-any-return]
 
     def observe_quiet(self, before: Fingerprint) -> Change:
-        """``observe`` for where no change is the common case: a fingerprint (one stat on
-        a quiet file) first, the full check only when the stat moved."""
+        """``observe`` for where no change is the common case: a fingerprint first (one
+        stat on a file quiet for a granule, else stat + tail window), the full check only
+        when it differs. Equal stat is not enough: the probe re-reads the tail window of a
+        racy file, and a different tail hash is a change whatever the times say."""
         fp = self.fingerprint()
-        if same_stat(fp, before):
+        if fp == before:
             return Change(ChangeKind.UNCHANGED, before, fp)
         return self.observe(before)
 
@@ -122,6 +140,20 @@ class SnapshotIO:
             return False
         return bool(actual == snap.digest.intdigest())
 
+    def prove_unchanged(self, snap: FenceSnapshot) -> FenceSnapshot | None:
+        """``snap`` again, marked quiet when it now is, if the file still has exactly its
+        content (whole-content digest, the stat unchanged around the read); None when the
+        content differs or cannot be proven. The racy case of ``verify="full"``."""
+        fp = snap.fingerprint
+        if not fp.exists or snap.digest is None:
+            return None
+        started = time.time_ns()
+        if not self.prefix_unchanged(snap):
+            return None
+        if self.fingerprint() != fp:
+            return None
+        return FenceSnapshot(fp, snap.digest, quiet_since(fp, started))
+
     def fresh_digest(self, fp: Fingerprint) -> FenceSnapshot:
         """Snapshot of ``fp`` with a digest from the cache or, failing that, from the file.
 
@@ -134,14 +166,15 @@ class SnapshotIO:
             return FenceSnapshot(fp, cached)
         current = fp
         for _ in range(_STABLE_DIGEST_TRIES):
+            started = time.time_ns()
             try:
                 digest = self.hot.RollingDigest.from_file(self.path, current.size)
             except (OSError, ValueError):
                 digest = None
             post = self.fingerprint()
-            if digest is not None and same_stat(post, current):
+            if digest is not None and post == current:
                 REGISTRY.remember_digest(self.key, current, digest)
-                return FenceSnapshot(current, digest)
+                return FenceSnapshot(current, digest, quiet_since(current, started))
             if not same_stat(post, fp):
                 # The file is no longer the state we were asked about: no digest for it.
                 return FenceSnapshot(fp)
@@ -154,8 +187,8 @@ class SnapshotIO:
         ``need_digest``: compute a digest from the file when it cannot be rolled forward
         (an active fence must always be able to judge a later same-size change)."""
         after = change.after
-        if same_stat(prev.fingerprint, after) and (prev.has_digest or not need_digest):
-            return FenceSnapshot(after, prev.digest)
+        if prev.fingerprint == after and (prev.has_digest or not need_digest):
+            return prev
         if not after.exists:
             return FenceSnapshot(MISSING)
         rollable = (change.kind is ChangeKind.APPENDED and prev.digest is not None) or (

@@ -205,6 +205,33 @@ class ControllerState:
 
     # lock plumbing ---------------------------------------------------------------------------
 
+    def _raise_if_lock_lost(self, lock: Any, phase: str | None) -> None:
+        """A held lock that was force-released (max hold) or whose lock file was replaced
+        is a takeover (``lock-lost``): someone else may hold the lock now."""
+        if lock_lost(lock):
+            fence = self._fence.fingerprint
+            try:
+                now: Fingerprint | None = self._io.fingerprint()
+            except OSError:
+                now = None
+            raise self._record_takeover(
+                "lock-lost",
+                phase,
+                before=fence,
+                after=now,
+                detail="the held write lock was force-released or its lock file replaced",
+            )
+
+    def _held_lock_lost(self) -> bool:
+        """Whether the retained lock is held but lost; records the takeover if so."""
+        if self._held is None or self._takeover is not None:
+            return False
+        try:
+            self._raise_if_lock_lost(self._held, "fence_check")
+        except SessionTakeoverError:
+            return True
+        return False
+
     async def _acquire(self, phase: str) -> Any:
         try:
             return await call_maybe_async(
@@ -278,6 +305,16 @@ class ControllerState:
             return lock
         finally:
             self._finish_drain()
+
+
+def lock_lost(lock: Any) -> bool:
+    """For the package's ``SessionWriteLock`` (and injected locks that offer the same
+    ``held`` / ``is_intact()``): whether this hold no longer guards the file."""
+    held = getattr(lock, "held", None)
+    if held is False:
+        return True
+    intact = getattr(lock, "is_intact", None)
+    return bool(callable(intact) and not intact())
 
 
 def _describe_change(change: Change) -> str:

@@ -25,10 +25,8 @@ from ._controller_scope import (
 )
 from ._controller_state import Resolver
 from ._merge import PublishedEntry
-from ._types import (
-    ChangeKind,
-    same_stat,
-)
+from ._types import ChangeKind
+from .errors import SessionTakeoverError
 
 __all__ = ["WriteScope", "WriteScopes"]
 
@@ -161,8 +159,11 @@ class WriteScopes(FenceChecks):
         error: BaseException | None = None
         try:
             try:
+                self._raise_if_lock_lost(lock, "fence_check")
                 await self._assert_fence("fence_check")
                 yield state
+                if self._takeover is None:
+                    self._raise_if_lock_lost(lock, "fence_check")
             except BaseException as exc:
                 error = exc
             await drain(state.scope.pending)
@@ -190,16 +191,28 @@ class WriteScopes(FenceChecks):
 
     @contextlib.asynccontextmanager
     async def _refreshing(self) -> AsyncIterator[None]:
-        """An ordinary write: afterwards this controller's fence adopts what it wrote
-        (even when the write failed half-way); the registry records nothing."""
-        before = self._io.fingerprint()
+        """An ordinary write: afterwards this controller's fence moves over what the block
+        appended (even a line torn by a failed write), the old content proven a prefix; the
+        registry records nothing. Any other change is judged at once like any fence check:
+        a truncation or rewrite inside a scope is a takeover, never adopted."""
+        failed = False
         try:
             yield
+        except BaseException:
+            failed = True
+            raise
         finally:
             if self._takeover is None and self._fence_active:
-                change = self._io.observe_quiet(self._fence.fingerprint)
-                if change.kind is not ChangeKind.UNCHANGED and not same_stat(change.after, before):
-                    self._fence = self._roll(self._fence, change, need_digest=True)
+                fence = self._fence
+                change = self._io.observe_quiet(fence.fingerprint)
+                if change.kind is ChangeKind.APPENDED and self._prove_prefix(fence, change):
+                    self._fence = self._roll(fence, change, need_digest=True, proven=True)
+                elif change.kind is not ChangeKind.UNCHANGED:
+                    try:
+                        await self._judge(change, "fence_check")
+                    except SessionTakeoverError:
+                        if not failed:  # the block's own error wins (it is recorded)
+                            raise
 
     @contextlib.asynccontextmanager
     async def _publication(self, parent: ScopeState, handle: WriteScope) -> AsyncIterator[None]:

@@ -87,6 +87,9 @@ class OwnWrites:
 
 
 class _KnowsIds(Protocol):
+    @property
+    def digest_size(self) -> int: ...
+
     def get_entry(self, entry_id: str) -> Any: ...
 
 
@@ -104,11 +107,15 @@ class LiveManagers:
                 managers = self._by_key[key] = weakref.WeakSet()
             managers.add(manager)
 
-    def knows_id(self, key: str, entry_id: str) -> bool:
-        """Whether an open manager of ``key`` has an entry ``entry_id``."""
+    def knows_id(self, key: str, entry_id: str, within: int) -> bool:
+        """Whether an open manager of ``key`` that knows no more than the file's first
+        ``within`` bytes has an entry ``entry_id``. Managers that read or wrote past that
+        point are not asked: the id might come from the very lines being judged."""
         with self._lock:
             managers = list(self._by_key.get(key, ()))
-        return any(m.get_entry(entry_id) is not None for m in managers)
+        return any(
+            m.digest_size <= within and m.get_entry(entry_id) is not None for m in managers
+        )
 
     def reset(self) -> None:
         with self._lock:

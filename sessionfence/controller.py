@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import inspect
 import os
+import threading
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any, TypeVar
@@ -58,12 +59,13 @@ from ._controller_state import CREATE, MergeCallback, ReloadCallback, Verify
 from ._controller_write import WriteScope, WriteScopes
 from ._lock_record import resolve_settings as resolve_lock_settings
 from ._merge import MergeResult
+from ._ownership import LIVE_MANAGERS, OWN_WRITES
 from ._types import (
     DEFAULT_WINDOW,
+    Change,
     ChangeKind,
     Fingerprint,
     check_window,
-    same_stat,
 )
 from .errors import (
     SessionTakeoverError,
@@ -87,8 +89,11 @@ T = TypeVar("T")
 
 def reset_for_tests() -> None:
     """Forget all process-wide fence state: trust registry, owned-write history, the
-    generation counter, content digests and in-process owners (waiters fail)."""
+    generation counter, content digests, the record of own appends, the open-manager
+    registry and in-process owners (waiters fail)."""
     REGISTRY.reset()
+    OWN_WRITES.reset()
+    LIVE_MANAGERS.reset()
     reset_owners()
 
 
@@ -98,22 +103,60 @@ class NoopCleanupLock:
     def release(self) -> None:
         return None
 
+    async def arelease(self) -> None:
+        return None
+
+
+def _finish_awaitable(value: Any) -> None:
+    """Run an awaitable to completion from synchronous code, blocking until it is done."""
+
+    async def wait() -> None:
+        await value
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(wait())
+        return
+    # A loop runs in this thread and cannot be re-entered: finish on a loop of its own.
+    failure: list[BaseException] = []
+
+    def runner() -> None:
+        try:
+            asyncio.run(wait())
+        except BaseException as exc:  # re-raised in the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=runner, name="sessionfence-cleanup-release")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+
 
 class CleanupLock:
     """The lock handed to cleanup; ``release()`` is synchronous and idempotent."""
 
     def __init__(self, lock: Any) -> None:
         self._lock: Any | None = lock
-        self._pending: asyncio.Future[Any] | None = None
 
     def release(self) -> None:
+        """Release the lock; when this returns, it is released. An injected lock whose
+        ``release()`` is a coroutine is driven to completion here: on a fresh event loop
+        when none runs in this thread, else on one in a helper thread (prefer ``await
+        arelease()`` from async code, which awaits it on the running loop)."""
         lock, self._lock = self._lock, None
         if lock is None:
             return
         value = lock.release()
         if inspect.isawaitable(value):
-            # An injected lock with an async release: finish it on the running loop.
-            self._pending = asyncio.ensure_future(value)
+            _finish_awaitable(value)
+
+    async def arelease(self) -> None:
+        """``release()`` for async code: an async ``release()`` is awaited here."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            await release_lock(lock)
 
     def __enter__(self) -> CleanupLock:
         return self
@@ -189,17 +232,21 @@ class SessionFenceController(WriteScopes):
     ) -> T:
         """Run ``run()`` (which appends to the transcript without the lock, e.g. a
         compaction) and publish the result as owned when the state before it was trusted,
-        the old content is still a prefix of the new (tail window, or the whole content
-        with verify="full") and ``validate_append(result, appended_text)`` accepts exactly
-        what was appended. Costs O(appended bytes); never raises for a refused
-        publication (the next fence check judges the change)."""
+        the change is an append whose old content is still a prefix of the new (tail
+        window, or the whole content with verify="full") and, when given,
+        ``validate_append(result, appended_text)`` accepts exactly what was appended.
+        Anything else (a truncation, a rewrite, a refused validation) is not published:
+        the next fence check judges it. Costs O(appended bytes) in tail mode; never raises
+        for a refused publication."""
         before = self._io.fingerprint()
         if validate_append is not None and not before.exists:
             # As the original: a validated append needs the file it appends to.
             raise FileNotFoundError(2, "session file does not exist", self._session_file)
-        trusted = (
-            self._fence_active and same_stat(self._fence.fingerprint, before)
-        ) or REGISTRY.is_trusted(self._key, before)
+        if self._held_lock_lost():
+            return run()  # recorded as lock-lost; nothing this run writes is published
+        trusted = (self._fence_active and self._fence.fingerprint == before) or REGISTRY.is_trusted(
+            self._key, before
+        )
         reference: FenceSnapshot | None = None
         if not trusted:
             # A touch, chmod or ctime drift since the fence is judged by content, as the
@@ -215,19 +262,17 @@ class SessionFenceController(WriteScopes):
             return result
         change = self._io.observe(before)
         after = change.after
-        if change.kind is ChangeKind.UNCHANGED:
+        if change.kind is ChangeKind.UNCHANGED or not trusted:
             return result
-        if not trusted:
-            return result
+        if change.kind is not ChangeKind.APPENDED:
+            return result  # only a proven append is published (SPEC §5.1)
         prev = reference if reference is not None else self._snapshot_for(before)
         proven = False
-        if validate_append is not None:
-            if change.kind is not ChangeKind.APPENDED:
+        if self._full:
+            if not self._io.prefix_unchanged(prev):
                 return result
-            if self._full:
-                if not self._io.prefix_unchanged(prev):
-                    return result
-                proven = True
+            proven = True
+        if validate_append is not None:
             data = self._io.suffix(change)
             if data is None or not validate_append(result, data.decode("utf-8", errors="replace")):
                 return result
@@ -252,38 +297,76 @@ class SessionFenceController(WriteScopes):
 
     # synchronous helpers ---------------------------------------------------------------------
 
-    def refresh_after_owned_write(self) -> None:
-        """The session manager persisted a message: adopt the new state (and, before the
-        first release, make it the trusted state for the next attempt)."""
-        if self._takeover is not None:
+    def refresh_after_owned_write(self, written: bytes | None = None) -> None:
+        """This process appended to the transcript (``guard_session_manager`` calls this
+        after every message a ``SessionManager`` persisted): move the fence over it.
+
+        Only an append whose bytes are exactly what this process wrote is taken: the
+        ``written`` bytes when given, else the lines ``SessionManager`` objects of this
+        process recorded as they wrote them; with ``verify="full"`` the old content is
+        proven a prefix too. Anything else (a foreign line before or after ours, a
+        truncation, a rewrite) is left for the fence check to judge, never adopted.
+        Before the first release this also makes the new state the trusted one for the
+        next attempt."""
+        if self._takeover is not None or self._held_lock_lost():
             return
-        before = self._fence.fingerprint
+        fence = self._fence
+        before = fence.fingerprint
         change = self._io.observe(before)
+        if change.kind is ChangeKind.UNCHANGED:
+            return
+        if not self._own_append(change, written):
+            return
+        proven = False
+        if self._full and change.kind is ChangeKind.APPENDED:
+            if not self._io.prefix_unchanged(fence):
+                return
+            proven = True
         fp = change.after
         if not self._fence_active:
             self._set_fence_generation(REGISTRY.record_trusted(self._key, fp))
-        elif not same_stat(fp, before) and REGISTRY.is_trusted(self._key, before):
+        elif REGISTRY.is_trusted(self._key, before):
             self._set_fence_generation(REGISTRY.record_owned_write(self._key, fp))
-        self._fence = self._roll(self._fence, change, need_digest=self._fence_active)
+        self._fence = self._roll(fence, change, need_digest=self._fence_active, proven=proven)
+
+    def _own_append(self, change: Change, written: bytes | None) -> bool:
+        """Whether ``change`` appended (or created the file with) exactly own bytes."""
+        if change.kind is ChangeKind.APPENDED:
+            offset = change.before.size
+        elif change.kind is ChangeKind.CREATED:
+            offset = 0
+        else:
+            return False
+        data = self._io.suffix(change)
+        if not data:
+            return False
+        if written is not None:
+            return bytes(written) == data
+        after = change.after
+        return OWN_WRITES.covers(after.dev, after.ino, offset, data)
 
     def can_advance_entry_cache(self, fp: Fingerprint) -> bool:
         """May a transcript cache reuse a parse made at exactly ``fp``?"""
         if self._takeover is not None or not self._inside_active_scope():
             return False
-        return (self._fence_active and same_stat(self._fence.fingerprint, fp)) or (
+        return (self._fence_active and self._fence.fingerprint == fp) or (
             REGISTRY.is_trusted(self._key, fp)
         )
 
     def publish_owned_snapshot(self, fp: Fingerprint) -> bool:
-        """Record ``fp`` (the current state, written inside this scope) as owned."""
+        """Record ``fp`` (the current state, appended inside this scope) as owned. Only an
+        append over the fence (old content proven a prefix) can be published."""
         if self._takeover is not None or not self._inside_active_scope():
             return False
-        change = self._io.observe(self._fence.fingerprint)
-        if not same_stat(change.after, fp):
+        fence = self._fence
+        change = self._io.observe(fence.fingerprint)
+        if change.after != fp or change.kind not in (ChangeKind.APPENDED, ChangeKind.UNCHANGED):
+            return False
+        if not self._prove_prefix(fence, change):
             return False
         generation = REGISTRY.record_owned_write(self._key, change.after)
         if self._fence_active:
-            self._fence = self._roll(self._fence, change, need_digest=True)
+            self._fence = self._roll(fence, change, need_digest=True, proven=True)
             self._set_fence_generation(generation)
         return True
 
@@ -291,8 +374,10 @@ class SessionFenceController(WriteScopes):
         """Trust ``fp`` after a repair pass validated it under the retained lock."""
         if self._takeover is not None or self._held is None or self._draining:
             return False
+        if self._held_lock_lost():
+            return False
         change = self._io.observe(self._fence.fingerprint)
-        if not same_stat(change.after, fp):
+        if change.after != fp:
             return False
         self._set_fence_generation(REGISTRY.record_trusted(self._key, change.after))
         if self._fence_active:
@@ -313,7 +398,7 @@ class SessionFenceController(WriteScopes):
             return
         own = digest.copy()
         REGISTRY.remember_digest(self._key, fp, own)
-        if same_stat(self._fence.fingerprint, fp) and self._fence.digest is None:
+        if self._fence.fingerprint == fp and self._fence.digest is None:
             self._fence = FenceSnapshot(self._fence.fingerprint, own)
 
     def trusted_snapshot(self) -> Fingerprint | None:
@@ -324,13 +409,20 @@ class SessionFenceController(WriteScopes):
     # prompt release and reacquire ------------------------------------------------------------
 
     async def release_for_prompt(self) -> None:
-        """Release the held lock for the model call; the fence remembers the file."""
+        """Release the held lock for the model call; the fence remembers the file.
+
+        Once the fence is active, what happened while the lock was held is judged first
+        (owned appends pass; a foreign change or a lost lock does not): on a takeover the
+        lock is still released, and ``SessionTakeoverError`` is raised, so no model call
+        starts on a transcript that is no longer ours."""
         await self._release_held_lock_with_fence()
 
     async def release_for_abort(self) -> None:
-        """Same as ``release_for_prompt``; deferred to the end of the scope when called
-        from inside a write."""
-        await self._release_held_lock_with_fence()
+        """Same as ``release_for_prompt``, but a takeover found on the way is only recorded
+        (``takeover``), not raised: an abort must not fail. Deferred to the end of the
+        scope when called from inside a write."""
+        with contextlib.suppress(SessionTakeoverError):
+            await self._release_held_lock_with_fence()
 
     async def reacquire_after_prompt(self) -> None:
         """Take the lock back and check the fence (phase ``prompt_reacquire``)."""

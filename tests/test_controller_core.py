@@ -58,8 +58,8 @@ async def test_02_does_not_trust_session_file_changed_after_previous_prompt_rele
 
 async def test_03_publishes_known_owned_append_for_next_attempt(session_file: Path) -> None:
     first = await make(session_file)
-    append_entries(session_file, user_message("mine"))
-    first.refresh_after_owned_write()  # fence inactive: the new state becomes trusted
+    written = append_entries(session_file, user_message("mine"))
+    first.refresh_after_owned_write(written)  # fence inactive: the new state becomes trusted
     await first.release_for_prompt()
     await first.dispose()
     second = await make(session_file)

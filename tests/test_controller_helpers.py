@@ -96,10 +96,13 @@ def line(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":")) + "\n"
 
 
-def append_entries(path: Path, *entries: Any) -> None:
-    """An external writer: one write of whole lines, as a delivery mirror would."""
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write("".join(line(e) for e in entries))
+def append_entries(path: Path, *entries: Any) -> bytes:
+    """An external writer: one write of whole lines, as a delivery mirror would. Returns
+    the bytes written (what ``refresh_after_owned_write(written)`` is told it wrote)."""
+    data = "".join(line(e) for e in entries).encode("utf-8")
+    with open(path, "ab") as handle:
+        handle.write(data)
+    return data
 
 
 def append_raw(path: Path, data: bytes) -> None:

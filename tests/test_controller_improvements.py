@@ -82,8 +82,7 @@ async def _hot_path_cycles(path: Path, cycles: int) -> int:
         await ctl.reacquire_after_prompt()
         await ctl.with_write_lock(lambda: append_entries(path, user_message("ordinary")))
         ctl.owned_file_write(compaction_append(path), is_expected_compaction)
-        append_entries(path, user_message("persisted"))
-        ctl.refresh_after_owned_write()
+        ctl.refresh_after_owned_write(append_entries(path, user_message("persisted")))
     read = bytes_read() - start
     assert not ctl.has_takeover
     await ctl.dispose()

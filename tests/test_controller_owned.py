@@ -44,6 +44,21 @@ def ids_of(entries: list[Any]) -> list[str]:
     return [e["id"] for e in entries]
 
 
+async def watching_peer(path: Path) -> tuple[Any, MergeSpy]:
+    """Another controller of the same file, released: at its next fence check its merge
+    callback receives every published owned write it has not seen, in file order."""
+    spy = MergeSpy()
+    peer = await make(path, merge_foreign_entries=spy)
+    await peer.release_for_prompt()
+    return peer, spy
+
+
+async def peer_merged_ids(peer: Any, spy: MergeSpy) -> list[str]:
+    await peer.with_write_lock(lambda: None)
+    assert not peer.has_takeover
+    return [i for call in spy.calls for i in ids_of(call)]
+
+
 # -- ordinary writes ----------------------------------------------------------------------------
 
 
@@ -94,8 +109,7 @@ async def test_44_keeps_post_provider_writes_owned_after_prompt_returns(session_
     ctl = await make(session_file)
     await ctl.release_for_prompt()
     await ctl.reacquire_after_prompt()
-    append_entries(session_file, user_message("final answer"))
-    ctl.refresh_after_owned_write()
+    ctl.refresh_after_owned_write(append_entries(session_file, user_message("final answer")))
     lock = await ctl.acquire_for_cleanup()
     lock.release()
     assert not ctl.has_takeover
@@ -342,6 +356,7 @@ async def test_68b_owned_initialization_of_a_missing_transcript_after_release(
     merge = MergeSpy()
     ctl = await make(path, merge_foreign_entries=merge)
     await ctl.release_for_prompt()  # the fence holds "absent", which is trusted
+    peer, spy = await watching_peer(path)
     header = {"type": "session", "version": 3, "id": "0190", "timestamp": "t", "cwd": "/"}
     first = user_message("hi")
     await ctl.with_write_lock(
@@ -352,7 +367,9 @@ async def test_68b_owned_initialization_of_a_missing_transcript_after_release(
             {"kind": "id", "id": first["id"]},
         ],
     )
-    assert [ids_of(c) for c in merge.calls] == [[first["id"]]]
+    # Own published entries are never merged back into the writer (issue 10 §3).
+    assert merge.calls == []
+    assert await peer_merged_ids(peer, spy) == [first["id"]]
     await ctl.reacquire_after_prompt()
     assert not ctl.has_takeover
 
@@ -379,6 +396,7 @@ async def test_69_serializes_concurrent_nested_owned_publications(session_file: 
     merge = MergeSpy()
     ctl = await make(session_file, merge_foreign_entries=merge)
     await ctl.release_for_prompt()
+    peer, spy = await watching_peer(session_file)
     first, second = user_message("owned-first"), user_message("owned-second")
     gate = asyncio.Event()
 
@@ -397,7 +415,8 @@ async def test_69_serializes_concurrent_nested_owned_publications(session_file: 
         await asyncio.gather(a, b)
 
     await ctl.with_write_lock(outer)
-    assert [ids_of(c) for c in merge.calls] == [[first["id"]], [second["id"]]]
+    assert merge.calls == []
+    assert await peer_merged_ids(peer, spy) == [first["id"], second["id"]]
     assert not ctl.has_takeover
 
 
@@ -407,6 +426,7 @@ async def test_70_drains_unawaited_nested_publications_before_publishing_the_par
     merge = MergeSpy()
     ctl = await make(session_file, merge_foreign_entries=merge)
     await ctl.release_for_prompt()
+    peer, spy = await watching_peer(session_file)
     parent, nested = user_message("parent"), user_message("nested")
     gate = asyncio.Event()
     started: list[asyncio.Task[None]] = []
@@ -425,7 +445,8 @@ async def test_70_drains_unawaited_nested_publications_before_publishing_the_par
     assert not publication.done() and merge.calls == []
     gate.set()
     await publication
-    assert [ids_of(c) for c in merge.calls] == [[parent["id"], nested["id"]]]
+    assert merge.calls == []
+    assert await peer_merged_ids(peer, spy) == [parent["id"], nested["id"]]
     await ctl.with_write_lock(lambda: None)
     assert not ctl.has_takeover
 
@@ -436,6 +457,7 @@ async def test_71_drains_unawaited_publications_started_from_an_ordinary_scope(
     merge = MergeSpy()
     ctl = await make(session_file, merge_foreign_entries=merge)
     await ctl.release_for_prompt()
+    peer, spy = await watching_peer(session_file)
     entry = user_message("published")
     gate = asyncio.Event()
 
@@ -450,22 +472,26 @@ async def test_71_drains_unawaited_publications_started_from_an_ordinary_scope(
     assert not scope.done()
     gate.set()
     await scope
-    assert [ids_of(c) for c in merge.calls] == [[entry["id"]]]
+    assert merge.calls == []
+    assert await peer_merged_ids(peer, spy) == [entry["id"]]
     assert not ctl.has_takeover
 
 
-async def test_72_reacquires_the_lock_for_publications_started_during_fence_merge(
+async def test_72_publications_started_during_a_fence_merge_run_after_it_in_order(
     session_file: Path,
 ) -> None:
+    # The merge runs for a benign foreign append at the fence check (own publications are
+    # never merged back: the original's variant of this test merged the parent's own
+    # entries). A publication the merge starts joins the scope running that check.
     locks = Locks()
     order: list[list[str]] = []
     late_tasks: list[asyncio.Task[None]] = []
-    parent, late = user_message("parent"), user_message("late")
+    mirrored, late = mirror_message("delivered"), user_message("late")
     ctl: Any = None
 
     def merge(entries: list[Any]) -> None:
         order.append(ids_of(entries))
-        if len(order) == 1:  # while the parent's merge runs, a late publication starts
+        if len(order) == 1:  # while the fence merge runs, a late publication starts
             late_tasks.append(
                 ctl.with_write_lock(
                     lambda: append_entries(session_file, late), **_publish_one(session_file, late)
@@ -474,13 +500,14 @@ async def test_72_reacquires_the_lock_for_publications_started_during_fence_merg
 
     ctl = await make(session_file, locks, merge_foreign_entries=merge)
     await ctl.release_for_prompt()
-    await ctl.with_write_lock(
-        lambda: append_entries(session_file, parent), **_publish_one(session_file, parent)
-    )
+    append_entries(session_file, mirrored)  # benign, while released
+    await ctl.with_write_lock(lambda: None)
     await late_tasks[0]
-    assert order == [[parent["id"]], [late["id"]]]
-    assert locks.acquisitions == 3  # prep, the parent's lock, the late publication's own
+    assert order == [[mirrored["id"]]]
+    assert locks.acquisitions == 2  # prep, and the scope's lock, shared with the publication
+    await ctl.with_write_lock(lambda: None)
     assert not ctl.has_takeover
+    assert session_file.read_text().rstrip("\n").endswith(line(late).rstrip("\n"))
 
 
 async def test_73_rejects_interleaved_rows_and_stops_already_queued_publications(
@@ -678,6 +705,7 @@ async def test_write_lock_context_manager_publishes_declared_entries(session_fil
     merge = MergeSpy()
     ctl = await make(session_file, merge_foreign_entries=merge)
     await ctl.release_for_prompt()
+    peer, spy = await watching_peer(session_file)
     entry = user_message("published from a block")
     async with ctl.write_lock(
         publish_owned_write=True,
@@ -685,7 +713,8 @@ async def test_write_lock_context_manager_publishes_declared_entries(session_fil
     ) as scope:
         append_entries(session_file, entry)
         scope.result = entry["id"]
-    assert [ids_of(c) for c in merge.calls] == [[entry["id"]]]
+    assert merge.calls == []
+    assert await peer_merged_ids(peer, spy) == [entry["id"]]
     await ctl.reacquire_after_prompt()
     assert not ctl.has_takeover
 

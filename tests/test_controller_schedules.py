@@ -104,8 +104,7 @@ async def owned_step(ctl: Any, path: Path, step: str) -> None:
     elif step == "ordinary":
         await ctl.with_write_lock(lambda: append_entries(path, user_message("mine")))
     elif step == "refresh":
-        append_entries(path, user_message("persisted"))
-        ctl.refresh_after_owned_write()
+        ctl.refresh_after_owned_write(append_entries(path, user_message("persisted")))
 
 
 async def run_schedule(

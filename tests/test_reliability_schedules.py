@@ -141,8 +141,7 @@ async def owned(ctl: SessionFenceController, path: Path, kind: str) -> None:
     elif kind == "ordinary":
         await ctl.with_write_lock(lambda: append_entries(path, user_message("mine")))
     elif kind == "refresh":
-        append_entries(path, user_message("persisted"))
-        ctl.refresh_after_owned_write()
+        ctl.refresh_after_owned_write(append_entries(path, user_message("persisted")))
     else:  # pragma: no cover
         raise AssertionError(kind)
 
