@@ -36,17 +36,18 @@ class LockInfo:
 
 def _inspect_lock_file(lock_path: str, stale: float) -> LockInfo:
     try:
-        fd = _os.open_lock_file(lock_path, create=False, write=False)
+        fd = _reg.open_tracked(lock_path, create=False, write=False)
     except FileNotFoundError:
         return LockInfo(held=False, lock_path=lock_path, owner=None, age=None)
     try:
         size = _os.fstat_regular(fd, lock_path).st_size
         raw = _os.read_at(fd, size) if size <= _os.MAX_RECORD_BYTES else b""
         # A shared probe conflicts only with an exclusive holder, so inspectors never
-        # block each other, and closing the descriptor drops it at once.
+        # block each other, and closing the descriptor drops it at once (tracked, so a
+        # fork meanwhile does not leave the child holding the probe).
         held = _reg.held_here(lock_path) is not None or not _os.try_lock(fd, shared=True)
     finally:
-        _os.close_quietly(fd)
+        _reg.close_tracked(fd)
     record = _rec.parse_record(raw)
     reasons = _rec.stale_reasons(record, stale) if held else []
     age = _rec.record_age(record) if record is not None else None
@@ -92,7 +93,7 @@ def _remove_if_free(lock_path: str) -> bool:
     and retries on a fresh file, so removal cannot split the lock in two.
     """
     try:
-        fd = _os.open_lock_file(lock_path, create=False)
+        fd = _reg.open_tracked(lock_path, create=False)
     except FileNotFoundError:
         return False
     try:
@@ -110,7 +111,7 @@ def _remove_if_free(lock_path: str) -> bool:
         # keeps it open, which makes the unlink fail rather than split the lock.
         _os.unlock(fd)
     finally:
-        _os.close_quietly(fd)
+        _reg.close_tracked(fd)
     try:
         os.unlink(lock_path)
     except (PermissionError, FileNotFoundError):

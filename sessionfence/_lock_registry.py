@@ -2,6 +2,16 @@
 
 Every field of an ``Entry`` that can change (``refcount``, ``closed``) and the tables below
 are guarded by ``registry_lock``, which is only held for short non-blocking work.
+
+Fork hygiene: ``flock`` belongs to the open file description, which a forked child shares.
+A child must therefore close every lock-file descriptor it inherits, including one another
+thread has just opened and locked but not yet registered in ``held`` (an acquisition in
+progress, an inspection's shared probe, a clean's exclusive lock): otherwise the child's
+copy keeps the lock alive after the parent releases it without ``LOCK_UN`` (a close, or a
+SIGKILL). Such descriptors are opened with ``open_tracked``, which records them in
+``unregistered`` under ``fork_guard`` in the same step as the open, and they leave that set
+only when closed (``close_tracked``) or moved into ``held`` (``register``). The at-fork
+hooks take both locks, so a fork never sees a descriptor in neither place.
 """
 
 from __future__ import annotations
@@ -21,12 +31,17 @@ __all__ = [
     "Entry",
     "claimed",
     "close_entry",
+    "close_tracked",
+    "fork_guard",
     "held",
     "held_here",
     "join_reentrant",
     "last_generation",
     "note_generation",
+    "open_tracked",
+    "register",
     "registry_lock",
+    "unregistered",
     "watchdog",
 ]
 
@@ -62,6 +77,34 @@ claimed: set[str] = set()
 # The highest generation this process has seen per lock path: a lock file deleted or
 # overwritten with garbage must not make the next generation go backwards here.
 last_generation: dict[str, int] = {}
+
+# Lock-file descriptors that may carry an OS lock but are not (or not yet) in ``held``;
+# guarded by ``fork_guard``. Lock order: ``registry_lock`` before ``fork_guard``; nothing
+# takes ``registry_lock`` while holding ``fork_guard``.
+fork_guard = threading.Lock()
+unregistered: set[int] = set()
+
+
+def open_tracked(lock_path: str, *, create: bool = True, write: bool = True) -> int:
+    """``open_lock_file``, atomically with recording the descriptor for the fork hooks."""
+    with fork_guard:
+        fd = _os.open_lock_file(lock_path, create=create, write=write)
+        unregistered.add(fd)
+    return fd
+
+
+def close_tracked(fd: int) -> None:
+    """Close a descriptor from ``open_tracked`` that was never registered (or failed to be)."""
+    with fork_guard:
+        unregistered.discard(fd)
+        _os.close_quietly(fd)
+
+
+def register(entry: Entry) -> None:
+    """Move a freshly locked descriptor from ``unregistered`` into ``held``, in one step."""
+    with registry_lock, fork_guard:
+        held.setdefault(entry.lock_path, []).append(entry)
+        unregistered.discard(entry.fd)
 
 
 def close_entry(entry: Entry) -> None:
@@ -106,9 +149,11 @@ watchdog: Watchdog[Entry] = Watchdog(lambda e: e.closed, _expire)
 
 def _before_fork() -> None:
     registry_lock.acquire()
+    fork_guard.acquire()
 
 
 def _after_fork_parent() -> None:
+    fork_guard.release()
     registry_lock.release()
 
 
@@ -116,18 +161,24 @@ def _after_fork_child() -> None:
     """The child holds nothing: close inherited descriptors without unlocking.
 
     ``flock`` belongs to the open file description shared with the parent; LOCK_UN here
-    would release the parent's lock, while closing our copy leaves it alone. The registry
-    lock was taken before the fork by the forking thread, whose copy runs this, so no
-    other thread of the parent can have left it locked.
+    would release the parent's lock, while closing our copy leaves it alone. That covers
+    the registered holds and every descriptor another thread had opened for locking but
+    not registered yet. Both locks were taken before the fork by the forking thread, whose
+    copy runs this, so no other thread of the parent can have left them locked.
     """
+    fds = set(unregistered)
     for entries in held.values():
         for entry in entries:
             if not entry.closed:
                 entry.closed = True
-                _os.close_quietly(entry.fd)
+                fds.add(entry.fd)
+    for fd in fds:
+        _os.close_quietly(fd)
+    unregistered.clear()
     held.clear()
     claimed.clear()
     watchdog.reset()
+    fork_guard.release()
     registry_lock.release()
 
 

@@ -33,10 +33,12 @@ from ._lock_record import resolve_settings as _settings
 from ._lock_registry import Entry as _Entry
 from ._lock_registry import claimed as _claimed
 from ._lock_registry import close_entry as _close_entry
-from ._lock_registry import held as _held
+from ._lock_registry import close_tracked as _close_tracked
 from ._lock_registry import join_reentrant as _join_reentrant
 from ._lock_registry import last_generation as _last_generation
 from ._lock_registry import note_generation as _note_generation
+from ._lock_registry import open_tracked as _open_tracked
+from ._lock_registry import register as _register
 from ._lock_registry import registry_lock as _registry_lock
 from ._lock_registry import watchdog as _watchdog
 from .errors import SessionWriteLockStaleError, SessionWriteLockTimeoutError
@@ -240,25 +242,27 @@ def _peek_record(lock_path: str) -> _rec.OwnerRecord | None:
 def _attempt_os_lock(
     lock_path: str, max_hold: float, reentrant_owner: str | None
 ) -> _Entry | _Busy | object:
+    # Opened through the registry so a fork from another thread, at any point from here
+    # until the entry is registered, leaves the child without a copy of the descriptor.
     try:
-        fd = _os.open_lock_file(lock_path)
+        fd = _open_tracked(lock_path)
     except FileNotFoundError:
         # The transcript's folder does not exist yet; its writer is about to create it.
         os.makedirs(os.path.dirname(lock_path), exist_ok=True)
-        fd = _os.open_lock_file(lock_path)
+        fd = _open_tracked(lock_path)
     try:
         if not _os.try_lock(fd):
             size = _os.fstat_regular(fd, lock_path).st_size
             raw = _os.read_at(fd, size) if size <= _os.MAX_RECORD_BYTES else b""
             record = _rec.parse_record(raw)
             _note_generation(lock_path, record)
-            _os.close_quietly(fd)
+            _close_tracked(fd)
             return _Busy(record)
         st = _os.still_names(fd, lock_path)
         if st is None:
             # We locked an inode that was unlinked or replaced while we waited; whoever
             # locks the file the path names now would hold the "same" lock. Start over.
-            _os.close_quietly(fd)
+            _close_tracked(fd)
             return _RETRY_NOW
         # Only the winner rewrites the file: a contender truncating it would wipe the
         # holder's record.
@@ -284,10 +288,9 @@ def _attempt_os_lock(
             pid=os.getpid(),
         )
     except BaseException:
-        _os.close_quietly(fd)
+        _close_tracked(fd)
         raise
-    with _registry_lock:
-        _held.setdefault(lock_path, []).append(entry)
+    _register(entry)
     _watchdog.add(acquired_at + min(max_hold, _rec.MAX_TIMER_SECONDS), entry)
     return entry
 
