@@ -36,6 +36,7 @@ __all__ = [
     "encode_record",
     "env_seconds",
     "hostname",
+    "is_owner_record",
     "parse_record",
     "pid_alive",
     "process_starttime",
@@ -268,6 +269,41 @@ def parse_record(raw: bytes) -> OwnerRecord | None:
     except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
+
+
+# The fields every record sessionfence writes has (SPEC §3), with their JSON types.
+_RECORD_FIELDS: tuple[tuple[str, type], ...] = (
+    ("pid", int),
+    ("host", str),
+    ("created_at", str),
+    ("max_hold_ms", int),
+    ("generation", int),
+    ("token", str),
+)
+
+
+def is_owner_record(record: OwnerRecord | None) -> bool:
+    """Whether ``record`` is an owner record as sessionfence writes it.
+
+    Tells a session lock file apart from other ``*.lock`` files (``poetry.lock``,
+    ``composer.lock``, another program's JSON lock file): every field of SPEC §3 present
+    with its type, a positive pid, a parseable ``created_at`` and, if there is a
+    ``state``, one of ours.
+    """
+    if record is None:
+        return False
+    for key, kind in _RECORD_FIELDS:
+        value = record.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return False
+    if record["pid"] <= 0 or not record["token"]:
+        return False
+    if _parse_created_at(record["created_at"]) is None:
+        return False
+    starttime = record.get("starttime")
+    if starttime is not None and (not isinstance(starttime, int) or isinstance(starttime, bool)):
+        return False
+    return record.get("state", STATE_HELD.decode()) in (STATE_HELD.decode(), STATE_FREE.decode())
 
 
 def _int_field(record: OwnerRecord, key: str) -> int | None:

@@ -14,7 +14,8 @@ with the process) and the lock file is never removed on release:
   by a dead holder is just a stale diagnostic, overwritten by the next winner (tested
   here as garbage / empty / huge records and in the SIGKILL tests).
 - 10, 34, 40: cleanup-sweep grace for payload-less or orphan-self files: a sweep removes
-  only files it can lock itself, whatever their content.
+  only session lock files (an owner record, or empty beside a session transcript) that it
+  can lock itself; see ``test_lock_clean.py``.
 - 21, 42, 49-53: exit and signal handlers removing lock files: the kernel releases the
   lock on any exit, and no handler is installed (so none can accumulate or mask others).
 - 33, 35-39: owner argv checks ("non-OpenClaw owner") and their memoisation: a live
@@ -859,10 +860,9 @@ def test_clean_stale_locks_removes_only_unheld_files(tmp_path: Path) -> None:  #
     old = {"pid": os.getppid(), "created_at": _iso(time.time() - 7200), "max_hold_ms": 1}
     with raw_holder(str(foreign) + ".lock", json.dumps(old).encode()):
         removed = clean_stale_locks(tmp_path)
-        assert sorted(removed) == [
-            str(tmp_path / "free.jsonl.lock"),
-            str(tmp_path / "garbage.jsonl.lock"),
-        ]
+        # Garbage is not a session lock (issue 10: it could be anyone's *.lock file).
+        assert removed == [str(tmp_path / "free.jsonl.lock")]
+        assert (tmp_path / "garbage.jsonl.lock").read_bytes() == b"\xff"
         # Held files stay, however old or past max hold their holder is.
         assert os.path.exists(str(foreign) + ".lock")
         assert os.path.exists(held.lock_path) and probe_held(held.lock_path)

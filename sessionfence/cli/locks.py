@@ -13,12 +13,17 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "locks",
         help="list session lock files and their state; --clean removes unheld ones",
-        description="List the *.lock files directly in DIR: held or free, owner pid, host, "
-        "liveness, record age, generation and stale reasons. With --clean, remove the lock "
-        "files no process holds (held ones are never touched).",
+        description="List the session lock files directly in DIR: held or free, owner pid, "
+        "host, liveness, record age, generation and stale reasons. A session lock file is a "
+        "<transcript>.lock carrying a sessionfence owner record (or empty, beside a session "
+        "transcript); other *.lock files (poetry.lock, Cargo.lock, ...) are listed as not a "
+        "session lock and never touched. With --clean, remove the session lock files no "
+        "process holds (held ones are never touched).",
     )
     parser.add_argument("directory", metavar="DIR", help="sessions directory")
-    parser.add_argument("--clean", action="store_true", help="remove lock files nobody holds")
+    parser.add_argument(
+        "--clean", action="store_true", help="remove session lock files nobody holds"
+    )
     parser.add_argument(
         "--stale",
         type=_positive_seconds,
@@ -60,8 +65,13 @@ def _row(info: Any, removed: set[str]) -> list[str]:
     ]
 
 
+def _other_row(other: Any) -> list[str]:
+    return [os.path.basename(other.path), "not a session lock", other.reason, "-", "-"]
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..lock import clean_stale_locks, list_locks
+    from .._lock_inspect import scan_locks
+    from ..lock import clean_stale_locks
 
     directory = args.directory
     if not os.path.exists(directory):
@@ -69,15 +79,17 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.isdir(directory):
         raise CliError(f"not a directory: {directory}")
     try:
-        infos = list_locks(directory, stale=args.stale)
+        infos, others = scan_locks(directory, stale=args.stale)
         removed = set(clean_stale_locks(directory)) if args.clean else set()
     except PermissionError as exc:
         raise CliError(f"permission denied: {exc.filename or directory}") from None
     headers = ["lock file", "state", "owner", "generation", "stale"]
-    rows = [_row(info, removed) for info in infos]
+    rows = sorted([_row(info, removed) for info in infos] + [_other_row(other) for other in others])
     summary = f"{len(infos)} lock file(s), {sum(i.held for i in infos)} held"
     if args.clean:
         summary += f", {len(removed)} removed"
+    if others:
+        summary += f"; {len(others)} other *.lock file(s) left alone"
     if not args.plain:
         try:
             from rich.console import Console
