@@ -1,10 +1,19 @@
-"""``sessionfence inspect FILE...``: fingerprint, lock state and transcript summary."""
+"""``sessionfence inspect FILE...``: fingerprint, lock state and transcript summary.
+
+Each argument is reported on its own: a bad one (missing, a directory, a FIFO or other
+non-regular file, unreadable, not a transcript, a lock path that cannot be inspected) gets
+one ``sessionfence inspect: error: ...`` line on stderr and the others are still reported;
+the exit status is 2 if any argument was bad. Nothing is opened in a way that can block:
+a FIFO is opened non-blocking and refused after ``fstat``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import stat
+import sys
 from typing import Any
 
 from . import CliError
@@ -21,23 +30,77 @@ def register(sub: Any) -> None:
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="JSONL transcript(s)")
     parser.add_argument("--window", type=int, default=4096, help="tail window in bytes")
-    parser.add_argument("--json", action="store_true", help="print one JSON object per file")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per transcript on stdout (errors stay on stderr)",
+    )
     parser.set_defaults(func=run)
 
 
+_OPEN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NONBLOCK", 0)  # a FIFO must not block the open
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_BINARY", 0)
+)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    return "not a file"
+
+
+def _read_head(path: str) -> bytes:
+    """The first ``_HEADER_PROBE`` bytes of a regular file; bad files as ``CliError``."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        raise CliError(f"no such file: {path}") from None
+    except IsADirectoryError:
+        raise CliError(f"is a directory, not a transcript: {path}") from None
+    except PermissionError:
+        raise CliError(f"permission denied: {path}") from None
+    except OSError as exc:
+        raise CliError(f"cannot open {path}: {exc.strerror or exc}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise CliError(f"is a directory, not a transcript: {path}")
+        if not stat.S_ISREG(mode):
+            raise CliError(f"not a regular file ({_kind(mode)}): {path}")
+        chunks: list[bytes] = []
+        left = _HEADER_PROBE
+        while left > 0:
+            chunk = os.read(fd, left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except PermissionError:
+        raise CliError(f"permission denied: {path}") from None
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
 def _check_transcript(path: str) -> None:
-    if not os.path.exists(path):
-        raise CliError(f"no such file: {path}")
-    if os.path.isdir(path):
-        raise CliError(f"is a directory, not a transcript: {path}")
-    with open(path, "rb") as f:
-        head = f.read(_HEADER_PROBE)
+    head = _read_head(path)
     first = head.split(b"\n", 1)[0].strip()
     if not first:
         return  # an empty transcript is valid: the first append writes the header
     try:
         record = json.loads(first)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CliError(f"not a transcript (first line is not JSON): {path}") from None
     if not isinstance(record, dict) or record.get("type") != "session":
         raise CliError(f'not a transcript (no {{"type":"session"}} header): {path}')
@@ -93,8 +156,17 @@ def inspect_one(path: str, window: int) -> dict[str, Any]:
             "tail_hash": f"{fp.tail_hash:016x}",
         },
     }
-    report["lock"] = _lock_part(path)
-    report["transcript"] = _transcript_part(path)
+    try:
+        report["lock"] = _lock_part(path)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise CliError(f"cannot inspect the lock of {path}: {exc.strerror or exc}{where}") from None
+    try:
+        report["transcript"] = _transcript_part(path)
+    except PermissionError:
+        raise CliError(f"permission denied: {path}") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CliError(f"cannot read the transcript {path}: {exc}") from None
     return report
 
 
@@ -126,12 +198,20 @@ def _print_text(report: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Report every argument in order; one stderr line per bad one, exit 2 if any was bad."""
     if not 0 <= args.window <= 1 << 20:
         raise CliError(f"--window must be between 0 and 1048576, got {args.window}")
-    reports = [inspect_one(path, args.window) for path in args.files]
-    for report in reports:
+    bad = 0
+    for path in args.files:
+        try:
+            report = inspect_one(path, args.window)
+        except CliError as exc:
+            bad += 1
+            sys.stdout.flush()  # keep the order when both streams go to one terminal
+            print(f"sessionfence {args.command}: error: {exc}", file=sys.stderr, flush=True)
+            continue
         if args.json:
             print(json.dumps(report, ensure_ascii=False, default=str))
         else:
             _print_text(report)
-    return 0
+    return 2 if bad else 0
