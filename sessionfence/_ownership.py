@@ -113,9 +113,7 @@ class LiveManagers:
         point are not asked: the id might come from the very lines being judged."""
         with self._lock:
             managers = list(self._by_key.get(key, ()))
-        return any(
-            m.digest_size <= within and m.get_entry(entry_id) is not None for m in managers
-        )
+        return any(m.digest_size <= within and m.get_entry(entry_id) is not None for m in managers)
 
     def reset(self) -> None:
         with self._lock:

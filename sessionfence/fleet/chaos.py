@@ -12,7 +12,10 @@ mirror append, an owned publication) only appends, replacement or metadata event
 or rewriting what was just appended could leave a net change that is benign, owned or nil,
 which is no takeover. In ``verify="tail"`` mode it never
 combines an edit outside the tail window with an append in the same window (the mirror skips
-such a window too): tail mode by design cannot see that combination (SPEC §2.2, §5).
+such a window too): tail mode by design cannot see that combination (SPEC §2.2, §5). For the
+same reason an edit outside the tail window that leaves the stat exactly as it was (same
+timestamp tick on a coarse-timestamp filesystem) is logged as ``unseen`` in tail mode, not as
+a takeover to detect: only ``verify="full"`` proves content outside the tail window.
 """
 
 from __future__ import annotations
@@ -86,6 +89,15 @@ _METADATA_SHARE = 0.2
 _LOCK_TRY_SECONDS = 0.05
 _LOCK_TRY_PAUSE = 0.0005
 _SCAN_PAUSE = 0.001
+
+
+def _stat_key(path: str) -> tuple[int, int, int, int, int] | None:
+    """What a stat-based fence compares: dev, ino, size, mtime and ctime."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _last_id(path: str) -> str | None:
@@ -414,6 +426,7 @@ def chaos_main(
             kind = rng.choice(after_append)
         else:
             kind = rng.choices(kinds, weights)[0]
+        before = _stat_key(paths[s])
         result = apply_event(kind, paths[s], rng)
         if "skipped" in result:
             return None
@@ -421,7 +434,14 @@ def chaos_main(
         board.mark(s, EDITED_OUT_OF_WINDOW if spec.out_of_window else 0)
         if result.get("added"):
             board.mark(s, APPENDED)
-        result.update(kind=result.pop("applied"), takeover=spec.takeover)
+        takeover = spec.takeover
+        if verify == "tail" and spec.out_of_window and _stat_key(paths[s]) == before:
+            # Same tick on a coarse-timestamp filesystem: the stat did not move, and tail
+            # mode proves only the tail window, so this edit is invisible by design (the
+            # fence sees an unchanged file). Logged as such, not as a takeover to detect.
+            takeover = False
+            result["unseen"] = "same-size edit outside the tail window within one timestamp tick"
+        result.update(kind=result.pop("applied"), takeover=takeover)
         result["content_changing"] = spec.content_changing
         return result
 

@@ -10,6 +10,9 @@ detection with the window and the generation of the lock they held for the check
 - a detection with no expected takeover before it in its window is a *false takeover*
   (the window held nothing, or only benign events: mirror appends, touch, chmod);
 - a benign event in a window that passed its check is *accepted*;
+- an *unseen* event is invisible to the verify mode by design (tail mode, an edit outside
+  the tail window in the same timestamp tick: see chaos); it is neither to be detected nor
+  benign, and a later detection of it in the same attempt is not a false takeover;
 - an event made after the window's check (generation above it) is *late*: it was never
   the check's business. Outside the race of a detection it would mean the ground truth is
   broken, and is counted as an ordering anomaly.
@@ -151,6 +154,8 @@ class TakeoverVerdict:
     void_events: int = 0
     late_events: int = 0
     ordering_anomalies: int = 0
+    unseen_events: int = 0  # invisible to the verify mode by design (see chaos)
+    unseen_detected_later: int = 0
     by_kind: dict[str, dict[str, int]] = field(default_factory=dict)
     reasons: dict[str, dict[str, int]] = field(default_factory=dict)
     missed_examples: list[dict[str, Any]] = field(default_factory=list)
@@ -181,6 +186,7 @@ def judge_takeovers(
         detection_at.setdefault(_key(d, "s", "a", "w"), d)
     checked_gen: dict[Key, int] = {_key(t, "s", "a", "w"): int(t.get("gen") or 0) for t in turns}
     by_window: dict[Key, list[Mapping[str, Any]]] = defaultdict(list)
+    unseen_at: dict[tuple[int, int], int] = {}  # (session, attempt) -> first unseen window
     for e in events:
         if int(e["attempt"]) in dead_attempts:
             verdict.void_events += 1
@@ -198,6 +204,14 @@ def judge_takeovers(
                 verdict.late_events += 1
                 if detection is None:
                     verdict.ordering_anomalies += 1
+                continue
+            if e.get("unseen"):
+                # Invisible to this verify mode by design (tail mode, same tick): neither
+                # a takeover to detect nor a benign event. A later detection of it in the
+                # same attempt is not a false alarm.
+                verdict.unseen_events += 1
+                verdict.count(kind, "unseen")
+                unseen_at[key[:2]] = min(unseen_at.get(key[:2], key[2]), key[2])
                 continue
             if e.get("takeover"):
                 verdict.injected += 1
@@ -223,7 +237,11 @@ def judge_takeovers(
         if detection is not None and caused:
             detection_at.pop(key)
     # Detections left over had no expected takeover before them in their window.
-    for d in detection_at.values():
+    for key, d in detection_at.items():
+        first_unseen = unseen_at.get(key[:2])
+        if first_unseen is not None and first_unseen <= key[2]:
+            verdict.unseen_detected_later += 1
+            continue
         verdict.false_takeovers += 1
         if len(verdict.false_examples) < examples:
             verdict.false_examples.append(dict(d))

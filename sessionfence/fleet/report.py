@@ -170,6 +170,8 @@ def _assemble(
             "void": takeovers.void_events,
             "late": takeovers.late_events,
             "ordering_anomalies": takeovers.ordering_anomalies,
+            "unseen": takeovers.unseen_events,
+            "unseen_detected_later": takeovers.unseen_detected_later,
             "by_kind": dict(sorted(takeovers.by_kind.items())),
             "reasons": dict(sorted(takeovers.reasons.items())),
             "missed_examples": takeovers.missed_examples,
@@ -289,7 +291,9 @@ def _rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         (
             "takeovers",
             f"injected {tk['injected']}, detected {tk['detected']}, missed {tk['missed']}, "
-            f"false {tk['false']}  (void {tk['void']}, late {tk['late']})",
+            f"false {tk['false']}  (void {tk['void']}, late {tk['late']}"
+            + (f", unseen by design {tk['unseen']}" if tk.get("unseen") else "")
+            + ")",
         ),
         (
             "benign events",
