@@ -238,9 +238,9 @@ def test_full_mode_proves_a_racy_fence_once_then_trusts_a_quiet_file(tmp_path: P
 def _fleet(directory: Path, seed: int, verify: str) -> subprocess.CompletedProcess[str]:
     run_dir = directory / f"fleet-{verify}-{seed}"
     run_dir.mkdir()
+    argv = ["fleet", "--chaos", "0.3", "--seed", str(seed), "--verify", verify]
     return subprocess.run(
-        [sys.executable, "-m", "sessionfence", "fleet", "--chaos", "0.3", "--seed", str(seed)]
-        + ["--verify", verify, "--dir", str(run_dir), "--quiet", "--json"],
+        [sys.executable, "-m", "sessionfence", *argv, "--dir", str(run_dir), "--quiet", "--json"],
         capture_output=True,
         text=True,
         timeout=600,
