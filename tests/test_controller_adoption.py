@@ -100,7 +100,7 @@ async def test_refresh_after_owned_write_never_adopts_a_foreign_edit_made_before
 
 
 async def test_refresh_after_owned_write_adopts_exactly_own_bytes(session_file: Path) -> None:
-    ctl, manager = await _guarded(session_file, "tail")
+    ctl, _ = await _guarded(session_file, "tail")
     await ctl.release_for_prompt()  # own appends while held: no takeover
     await ctl.reacquire_after_prompt()
     ours = append_entries(session_file, user_message("written by hand"))
@@ -115,13 +115,13 @@ async def test_refresh_after_owned_write_adopts_exactly_own_bytes(session_file: 
 
 async def test_a_foreign_line_between_two_own_lines_is_not_adopted(session_file: Path) -> None:
     ctl, manager = await _guarded(session_file, "tail")
-    write = manager._write  # noqa: SLF001 - inject a foreign line between two own writes
+    write = manager._write  # inject a foreign line between two own writes
 
     def racing_write(entry: Any) -> None:
         append_entries(session_file, user_message("foreign, just before ours"))
         write(entry)
 
-    manager._write = racing_write  # type: ignore[method-assign]  # noqa: SLF001
+    manager._write = racing_write  # type: ignore[method-assign]
     manager.append_message({"role": "user", "content": "ours"})
     with pytest.raises(SessionTakeoverError) as caught:
         await ctl.release_for_prompt()
@@ -266,7 +266,7 @@ async def test_a_write_after_the_lock_was_force_released_raises_lock_lost(
 
 async def test_refresh_after_the_lock_was_lost_records_lock_lost(session_file: Path) -> None:
     ctl, manager = await _guarded(session_file, "tail")
-    held = ctl._held  # noqa: SLF001 - replace the lock file under the held lock
+    held = ctl._held  # replace the lock file under the held lock
     lock_path = held.lock_path
     os.replace(session_file, session_file.with_suffix(".keep"))
     os.replace(session_file.with_suffix(".keep"), session_file)
