@@ -22,21 +22,33 @@ import pytest
 SKIP_REASON = "mounting a coarse-timestamp filesystem (ramfs, ext2 loop image) needs root"
 
 
+_SBIN = "/usr/local/sbin:/usr/sbin:/sbin:/usr/bin:/bin"
+
+
+def _tool(name: str) -> str | None:
+    """``name`` on PATH, or in the sbin folders a non-login root shell may lack."""
+    return shutil.which(name) or shutil.which(name, path=_SBIN)
+
+
 def can_mount() -> bool:
-    return hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount") is not None
+    return hasattr(os, "geteuid") and os.geteuid() == 0 and _tool("mount") is not None
 
 
 def _run(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, timeout=60)
+    tool = _tool(argv[0])
+    if tool is None:
+        raise RuntimeError(f"{argv[0]} is missing (CI installs e2fsprogs and mount)")
+    subprocess.run([tool, *argv[1:]], check=True, capture_output=True, timeout=60)
 
 
 def _umount(mnt: str) -> None:
+    umount = _tool("umount") or "umount"
     for _ in range(50):
-        done = subprocess.run(["umount", mnt], capture_output=True, timeout=60)
+        done = subprocess.run([umount, mnt], capture_output=True, timeout=60)
         if done.returncode == 0:
             return
         time.sleep(0.1)  # a child that had the mount as its cwd may still be exiting
-    subprocess.run(["umount", "-l", mnt], capture_output=True, timeout=60)
+    subprocess.run([umount, "-l", mnt], capture_output=True, timeout=60)
 
 
 @contextlib.contextmanager
@@ -62,7 +74,7 @@ def ext2_image(size_mb: int = 64) -> Iterator[Path]:
     """A loop-mounted ext2 image with 128-byte inodes: timestamps in whole seconds."""
     if not can_mount():
         pytest.skip(SKIP_REASON)
-    if shutil.which("mkfs.ext2") is None:
+    if _tool("mkfs.ext2") is None:
         raise RuntimeError("mkfs.ext2 is missing: install e2fsprogs")
     work = tempfile.mkdtemp(prefix="sf-ext2-")
     image = os.path.join(work, "fs.img")
