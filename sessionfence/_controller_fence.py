@@ -192,12 +192,15 @@ class FenceChecks(ControllerState):
             return
         await self._judge(self._io.observe_quiet(self._fence.fingerprint), phase)
 
-    async def _judge(self, change: Change, phase: str) -> None:
+    async def _judge(self, change: Change, phase: str, *, prove_racy: bool = True) -> None:
         """Accept ``change`` of the fenced file (owned, benign, metadata-only with the
-        content proven) and move the fence to it, or record and raise a takeover."""
+        content proven) and move the fence to it, or record and raise a takeover.
+
+        ``prove_racy=False`` (at release) leaves the whole-content proof of a racy fence to
+        the next fence check, which makes it anyway: one digest per prompt window."""
         fence = self._fence
         if change.kind is ChangeKind.UNCHANGED:
-            if self._full and not fence.quiet:
+            if prove_racy and self._full and not fence.quiet:
                 # Racy fence: the stat cannot prove the content, the digest must.
                 self._prove_racy_fence(change, phase)
             return
@@ -415,7 +418,9 @@ class FenceChecks(ControllerState):
                 if self._fence_active:
                     self._raise_if_lock_lost(lock, "fence_check")
                     await self._judge(
-                        self._io.observe_quiet(self._fence.fingerprint), "fence_check"
+                        self._io.observe_quiet(self._fence.fingerprint),
+                        "fence_check",
+                        prove_racy=False,
                     )
                     if not self._fence.has_digest:
                         self._fence = self._io.fresh_digest(self._fence.fingerprint)
