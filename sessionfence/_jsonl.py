@@ -14,9 +14,34 @@ differ from ``json`` is handed to ``json``:
   with ``bytes.translate`` and ``bytes.find``; rare in transcripts) goes to ``json`` too.
   ``msgspec`` keeps such integers exact and needs no such check.
 
-Writing always uses ``json.dumps`` (compact separators, ``ensure_ascii=False``,
-``allow_nan=False``): its float text is Python's ``repr``, so the bytes written do not depend
-on which parser is installed.
+Writing (``dumps_line``, ``dumps_js``) produces exactly the bytes JavaScript's
+``JSON.stringify`` writes for the same value, so a line sessionfence appends, or a file it
+migrates, is byte for byte what pi-mono's and openclaw's writers would have written
+(``JSON.stringify(entry)`` in pi-mono ``SessionManager._persist``/``_rewriteFile`` and openclaw
+``serializeJsonlLine`` in ``src/config/sessions/transcript-jsonl.ts``). The rules, from the
+ECMAScript specification (``Number::toString``, ``SerializeJSONProperty``, ``QuoteJSONString``,
+``OrdinaryOwnPropertyKeys``):
+
+- numbers: the shortest digits that round-trip (Python's ``repr`` computes the same digits),
+  laid out as ``Number::toString`` does: plain notation for 1e-7 <= |x| < 1e21
+  (``0.00008375``, ``100000000000000000000``), exponent form outside it (``1e+21``,
+  ``1.5e-7``, exponent without leading zeros); a float that holds an integer has no ``.0``;
+  ``-0`` is ``0``. Python ``int`` values are written exactly (a JavaScript number cannot hold
+  an integer beyond 2**53 exactly, so JavaScript never writes one that Python reads back
+  differently). NaN and infinities are refused (``JSON.stringify`` would write ``null`` and
+  silently change the value);
+- strings: non-ASCII characters raw (UTF-8), ``"`` and ``\\`` escaped, ``\\b \\f \\n \\r \\t``
+  short escapes, other control characters as lowercase ``\\u00XX``; U+2028/U+2029 and ``/``
+  raw; a lone surrogate (possible in a Python ``str`` and in a JavaScript string) as a
+  lowercase ``\\udXXX`` escape, while a high and a low surrogate next to each other are one
+  character, written raw, as JavaScript's UTF-16 strings see them;
+- object keys in JavaScript's property order: keys that are array indices (``"0"``,
+  ``"17"``: canonical decimal integers below 2**32 - 1) first, in ascending numeric order,
+  then the other keys in insertion (file) order. Non-string keys become strings as
+  ``json.dumps`` makes them, numbers in JavaScript notation.
+
+The bytes written never depend on which parser is installed: every parser yields the same
+values (above), and the writer is this module's alone.
 """
 
 from __future__ import annotations
@@ -24,14 +49,19 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import json.encoder
+import math
+import re
 from collections.abc import Callable
 from typing import Any
 
 __all__ = [
     "JS_WHITESPACE",
     "available_fast_parsers",
+    "dumps_js",
     "dumps_line",
     "fast_parser",
+    "js_number",
     "js_trim",
     "loads_line",
     "loads_text",
@@ -169,24 +199,206 @@ def loads_line(line: bytes | memoryview) -> tuple[Any, bool]:
     return _decode(text), replaced
 
 
-def _dumps(value: Any, ascii_only: bool) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=ascii_only, allow_nan=False)
+# ------------------------------------------------------------------------------------------
+# Writing: JSON.stringify, byte for byte.
+# ------------------------------------------------------------------------------------------
+
+
+def js_number(value: float | int) -> str:
+    """``Number::toString(value)`` (ECMAScript 2024 §6.1.6.1.20), as ``JSON.stringify``
+    writes a finite number. ``ValueError`` for NaN and infinities.
+
+    A Python ``int`` (not ``bool``) is written exactly; a ``float`` gets the shortest digits
+    that round-trip (``repr``) in JavaScript's layout.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int.__repr__(value)
+    x = float(value)
+    if not math.isfinite(x):
+        raise ValueError(f"{x!r} is not valid JSON")
+    if x == 0.0:
+        return "0"  # -0 too
+    if x < 0.0:
+        return "-" + _js_positive(-x)
+    return _js_positive(x)
+
+
+def _js_positive(x: float) -> str:
+    # repr gives the shortest round-trip digits (k of them) and the decimal exponent; only
+    # the layout differs from JavaScript's. With the digits s1..sk and n such that
+    # x = 0.s1..sk * 10**n, the layout rules of Number::toString follow.
+    text = float.__repr__(x)
+    mantissa, _, exponent = text.partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    digits = (whole + fraction).lstrip("0")
+    leading = len(whole) + len(fraction) - len(digits)
+    digits = digits.rstrip("0")
+    n = len(whole) - leading + (int(exponent) if exponent else 0)
+    k = len(digits)
+    if k <= n <= 21:
+        return digits + "0" * (n - k)
+    if 0 < n <= 21:
+        return digits[:n] + "." + digits[n:]
+    if -6 < n <= 0:
+        return "0." + "0" * -n + digits
+    e = n - 1
+    sign = "+" if e >= 0 else "-"
+    if k == 1:
+        return f"{digits}e{sign}{abs(e)}"
+    return f"{digits[0]}.{digits[1:]}e{sign}{abs(e)}"
+
+
+# The C accelerated string quoter: with ensure_ascii=False it escapes exactly what
+# QuoteJSONString escapes (``"``, ``\``, control characters, lowercase hex), except lone
+# surrogates, which it leaves raw; those are handled below.
+_quote = json.encoder.encode_basestring
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_MAX_INDEX = 2**32 - 2  # the largest array index
+
+
+def _quote_js(text: str) -> str:
+    """``QuoteJSONString`` for a string that may hold surrogate code points."""
+    if _SURROGATE.search(text) is None:
+        return _quote(text)
+    # JavaScript strings are UTF-16: a high and a low surrogate side by side are one
+    # character there, written raw; only lone ones are escaped.
+    text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", _quote(text))
+
+
+def _is_array_index(key: str) -> bool:
+    return (
+        key.isascii()
+        and key.isdigit()
+        and (key == "0" or key[0] != "0")
+        and (len(key) < 10 or int(key) <= _MAX_INDEX)
+    )
+
+
+def _key_text(key: object) -> str:
+    if isinstance(key, str):
+        return key
+    if key is True:
+        return "true"
+    if key is False:
+        return "false"
+    if key is None:
+        return "null"
+    if isinstance(key, (int, float)):
+        return js_number(key)
+    raise TypeError(f"keys must be str, int, float, bool or None, not {type(key).__name__}")
+
+
+class _Writer:
+    """One ``JSON.stringify`` run: recursion over the value, pieces joined at the end."""
+
+    __slots__ = ("markers", "out", "quote")
+
+    def __init__(self, quote: Callable[[str], str]) -> None:
+        self.out: list[str] = []
+        self.markers: set[int] = set()
+        self.quote = quote
+
+    def value(self, o: Any) -> None:
+        out = self.out
+        t = type(o)
+        if t is str:
+            out.append(self.quote(o))
+        elif o is None:
+            out.append("null")
+        elif o is True:
+            out.append("true")
+        elif o is False:
+            out.append("false")
+        elif t is int:
+            out.append(int.__repr__(o))
+        elif t is float:
+            out.append(js_number(o))
+        elif isinstance(o, dict):
+            self.mapping(o)
+        elif isinstance(o, (list, tuple)):
+            self.sequence(o)
+        elif isinstance(o, str):
+            out.append(self.quote(str.__str__(o)))
+        elif isinstance(o, (int, float)):  # subclasses (IntEnum, ...); bool is handled above
+            out.append(js_number(o))
+        else:
+            raise TypeError(f"Object of type {t.__name__} is not JSON serializable")
+
+    def _enter(self, o: object) -> int:
+        marker = id(o)
+        if marker in self.markers:
+            raise ValueError("Circular reference detected")
+        self.markers.add(marker)
+        return marker
+
+    def sequence(self, items: list[Any] | tuple[Any, ...]) -> None:
+        out = self.out
+        if not items:
+            out.append("[]")
+            return
+        marker = self._enter(items)
+        out.append("[")
+        first = True
+        for item in items:
+            if not first:
+                out.append(",")
+            first = False
+            self.value(item)
+        out.append("]")
+        self.markers.discard(marker)
+
+    def mapping(self, obj: dict[Any, Any]) -> None:
+        out = self.out
+        if not obj:
+            out.append("{}")
+            return
+        marker = self._enter(obj)
+        pairs = [(k if type(k) is str else _key_text(k), v) for k, v in obj.items()]
+        if any(_is_array_index(k) for k, _ in pairs if k[:1].isdigit()):
+            # OrdinaryOwnPropertyKeys: array indices first, ascending; then the rest
+            index = sorted(((int(k), k, v) for k, v in pairs if _is_array_index(k)))
+            rest = [(k, v) for k, v in pairs if not _is_array_index(k)]
+            pairs = [(k, v) for _, k, v in index] + rest
+        quote = self.quote
+        out.append("{")
+        first = True
+        for key, item in pairs:
+            if not first:
+                out.append(",")
+            first = False
+            out.append(quote(key))
+            out.append(":")
+            self.value(item)
+        out.append("}")
+        self.markers.discard(marker)
+
+
+def dumps_js(value: Any) -> str:
+    """``JSON.stringify(value)`` (see the module notes). ``ValueError`` for NaN/Infinity and
+    circular structures, ``TypeError`` for values JSON cannot hold, ``RecursionError`` for
+    nesting deeper than the interpreter's recursion limit."""
+    writer = _Writer(_quote)
+    writer.value(value)
+    text = "".join(writer.out)
+    if _SURROGATE.search(text) is not None:
+        # rare: some string holds surrogate code points; quote every string again
+        writer = _Writer(_quote_js)
+        writer.value(value)
+        text = "".join(writer.out)
+    return text
 
 
 def dumps_line(value: Any) -> bytes:
-    """One compact JSON line, newline included.
+    """One compact JSON line as ``JSON.stringify`` writes it, UTF-8, newline included.
 
     ``ValueError`` for NaN/Infinity (``JSON.stringify`` would write ``null`` and silently
     change the value) and for circular structures; ``TypeError`` for values JSON cannot
-    hold. A string with a lone surrogate cannot be UTF-8; such a value is written with
-    ``\\uXXXX`` escapes instead, as ``JSON.stringify`` does, so it still round-trips.
+    hold. A lone surrogate is written as a ``\\uXXXX`` escape, as ``JSON.stringify`` does,
+    so it still round-trips.
     """
     try:
-        text = _dumps(value, False)
+        text = dumps_js(value)
     except ValueError as exc:
         raise ValueError(f"entry cannot be written as JSON: {exc}") from exc
-    try:
-        data = text.encode("utf-8")
-    except UnicodeEncodeError:
-        data = _dumps(value, True).encode("ascii")
-    return data + b"\n"
+    return text.encode("utf-8") + b"\n"
