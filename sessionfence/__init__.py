@@ -14,12 +14,15 @@ from . import _backend
 from ._types import MISSING, Change, ChangeKind, Fingerprint, same_stat
 from ._version import __version__
 from .errors import (
+    NotASessionError,
     SessionFileOwnerTimeoutError,
     SessionTakeoverError,
     SessionWriteLockAcquireError,
     SessionWriteLockStaleError,
     SessionWriteLockTimeoutError,
     TornTranscriptError,
+    TranscriptFormatError,
+    TranscriptNeedsMigrationError,
     UnstableFileError,
 )
 
@@ -46,10 +49,12 @@ _LAZY = {
         "clean_stale_locks",
     ),
     "transcript": (
+        "MigrationResult",
         "SessionManager",
         "TranscriptChangedError",
         "guard_session_manager",
         "is_expected_compaction_append",
+        "migrate_transcript",
     ),
     "controller": (
         "SessionFenceController",
@@ -86,6 +91,7 @@ __all__ = [
     "ChangeKind",
     "FileProbe",
     "Fingerprint",
+    "NotASessionError",
     "RollingDigest",
     "SessionFileOwnerTimeoutError",
     "SessionTakeoverError",
@@ -93,6 +99,8 @@ __all__ = [
     "SessionWriteLockStaleError",
     "SessionWriteLockTimeoutError",
     "TornTranscriptError",
+    "TranscriptFormatError",
+    "TranscriptNeedsMigrationError",
     "UnstableFileError",
     "__version__",
     "check_append",

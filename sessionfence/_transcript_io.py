@@ -1,6 +1,18 @@
-"""File work of the transcript model: the streaming parse, appends, torn-tail quarantine.
+"""File work of the transcript model: the streaming parse, appends, torn-tail quarantine,
+and the rewrite of a pre-tree (v1) session into the current format.
 
 Kept apart from ``transcript.py`` so the tree logic there reads without the byte juggling.
+
+The last line of a file is *complete* when it parses as a JSON object, whether or not its
+newline was written; only a last line that does not (a crashed writer's half line) is
+*torn*. This is openclaw's reading (its loader parses every line of ``content.trim()``, and
+``sessionFileNeedsAppendSeparator`` in ``src/agents/sessions/session-manager-file.ts`` makes
+the next append start with a separating ``\n``) and pi-mono's (``loadEntriesFromFile`` in
+``packages/coding-agent/src/core/session-manager.ts`` parses it the same way). A JSON object
+cannot continue after its closing brace, so a line that parses is either finished or only
+lacks trailing whitespace: whatever its writer still adds can only be a newline, and an
+append that starts with its own ``\n`` can at worst leave a blank line, which every reader
+skips, never two records on one line.
 """
 
 from __future__ import annotations
@@ -8,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import math
 import os
 import time
 import uuid
@@ -26,12 +39,15 @@ __all__ = [
     "Loaded",
     "append_flags",
     "clean_end",
+    "discard",
     "gc_paused",
     "iso_now",
+    "last_line",
     "new_entry_id",
     "parse_fd",
     "pread",
     "quarantine_bytes",
+    "read_exact",
     "settled_end",
     "uuid7",
     "write_all",
@@ -61,6 +77,43 @@ else:  # pragma: no cover - Windows has no pread; the descriptor is ours alone
     def pread(fd: int, length: int, offset: int) -> bytes:
         os.lseek(fd, offset, os.SEEK_SET)
         return os.read(fd, length)
+
+
+def read_exact(fd: int, length: int, offset: int) -> bytes:
+    """``length`` bytes at ``offset`` (positional reads); ``EIO`` if the file ends first."""
+    parts: list[bytes] = []
+    while length > 0:
+        block = pread(fd, length, offset)
+        if not block:
+            raise OSError(errno.EIO, "file shrank while reading its last line")
+        parts.append(block)
+        offset += len(block)
+        length -= len(block)
+    return b"".join(parts)
+
+
+def parse_last_line(line: bytes, at_start: bool) -> tuple[dict[str, Any] | None, bool]:
+    """``(entry, had_invalid_utf8)`` for a last line without its newline: the parsed object
+    when the line is complete (parses as a JSON object), else ``(None, False)`` (torn).
+    ``at_start``: the line starts the file, so a UTF-8 BOM before it is dropped."""
+    if at_start and line[: len(_UTF8_BOM)] == _UTF8_BOM:
+        line = line[len(_UTF8_BOM) :]
+    try:
+        value, replaced = _jsonl.loads_line(line)
+    except (ValueError, RecursionError):
+        return None, False
+    if type(value) is not dict:
+        return None, False
+    return value, replaced
+
+
+def last_line(fd: int, size: int) -> tuple[int, bytes, bool]:
+    """``(offset, bytes, complete)`` of the file's last line, ``[offset, size)``, for a file
+    that does not end in a newline: ``complete`` when it parses as a JSON object."""
+    offset = clean_end(fd, size)
+    data = read_exact(fd, size - offset, offset)
+    entry, _ = parse_last_line(data, offset == 0)
+    return offset, data, entry is not None
 
 
 def clean_end(fd: int, size: int) -> int:
@@ -162,34 +215,59 @@ def uuid7() -> str:
     return str(uuid.UUID(int=value))
 
 
+def utc_stamp() -> str:
+    """``20260101T120000.123Z``: UTC with milliseconds, safe in a file name."""
+    ns = time.time_ns()
+    seconds, rest = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(seconds)) + f".{rest // 1_000_000:03d}Z"
+
+
 def quarantine_bytes(path: str, data: bytes, mode: int = 0o600) -> str:
     """Writes ``data`` to a new ``<path>.torn-<UTC time>`` file, durably; returns its path.
 
     Never replaces an existing file (``O_EXCL``, then ``-1``, ``-2``, ... suffixes). The
     file and its directory entry are fsynced before returning, because the caller truncates
-    the transcript next and a crash in between must not lose the bytes.
+    the transcript next and a crash in between must not lose the bytes. If anything fails
+    (a full disk, a short write, an fsync error) the new file is removed again before the
+    error propagates: no empty or partial copy is left behind.
     """
-    ns = time.time_ns()
-    seconds, rest = divmod(ns, 1_000_000_000)
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(seconds)) + f".{rest // 1_000_000:03d}Z"
-    base = f"{path}.torn-{stamp}"
+    return durable_new_file(f"{path}.torn-{utc_stamp()}", data, mode)
+
+
+def durable_new_file(base: str, data: bytes, mode: int = 0o600) -> str:
+    """Creates ``base`` (or ``base-1``, ``base-2``, ...: never an existing file) holding
+    ``data``, fsyncs it and its directory, returns its path; removes it again on failure."""
     for attempt in range(10_000):
         target = base if attempt == 0 else f"{base}-{attempt}"
         try:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, mode)
         except FileExistsError:
             continue
+        written = False
         try:
-            write_all(fd, data)
-            os.fsync(fd)
+            try:
+                write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            written = True
         finally:
-            os.close(fd)
-        _fsync_dir(os.path.dirname(os.path.abspath(target)))
+            if not written:
+                # A copy that is not known to be whole and durable is worth nothing (the
+                # caller keeps the original as it is): leave no partial or empty file.
+                discard(target)
+        fsync_dir(os.path.dirname(os.path.abspath(target)))
         return target
-    raise FileExistsError(errno.EEXIST, "no free quarantine name", base)  # pragma: no cover
+    raise FileExistsError(errno.EEXIST, "no free file name", base)  # pragma: no cover
 
 
-def _fsync_dir(directory: str) -> None:
+def discard(path: str) -> None:
+    """Removes a file this module created, if it is still there; never raises."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def fsync_dir(directory: str) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # pragma: no cover - Windows cannot open a directory; nothing to sync
@@ -212,6 +290,12 @@ class Loaded:
     size: int = 0
     torn: tuple[int, int] | None = None
     clean_digest: DigestT | None = None  # digest of [0, torn offset) when there is a torn tail
+    # The first line that parses as JSON, whatever its kind: what pi-mono's
+    # loadEntriesFromFile checks for a session header (malformed lines before it are skipped)
+    first: Any = None
+    seen_first: bool = False
+    # the last line is a complete entry whose newline was never written
+    unterminated: bool = False
 
 
 @contextlib.contextmanager
@@ -288,9 +372,21 @@ def parse_fd(fd: int, digest: DigestT, chunk: int = DEFAULT_CHUNK) -> Loaded:
     out.size = total
     if pending:
         tail = b"".join(pending)
-        out.clean_digest = digest.copy()
-        digest.update(tail)
-        out.torn = (total - len(tail), len(tail))
+        offset = total - len(tail)
+        entry, replaced = parse_last_line(tail, offset == 0)
+        if entry is not None:
+            # complete, only its newline is missing: an entry like any other (the next
+            # append writes the separating newline first)
+            digest.update(tail)
+            out.values.append(entry)
+            out.invalid_utf8 += replaced
+            out.unterminated = True
+            if not out.seen_first:
+                out.first, out.seen_first = entry, True
+        else:
+            out.clean_digest = digest.copy()
+            digest.update(tail)
+            out.torn = (offset, len(tail))
     return out
 
 
@@ -304,6 +400,8 @@ def _parse_lines(lines: list[bytes | memoryview], out: Loaded) -> None:
             if not _blank_after_js_trim(line):
                 out.malformed += 1
             continue
+        if not out.seen_first:
+            out.first, out.seen_first = value, True
         if replaced:
             out.invalid_utf8 += 1
         if type(value) is dict:
@@ -316,3 +414,264 @@ def _blank_after_js_trim(line: bytes | memoryview) -> bool:
     # Only reached for lines JSON refused (blank ones included), so the decode cost never
     # hits the fast path.
     return not _jsonl.js_trim(str(line, "utf-8", "replace"))
+
+
+# ------------------------------------------------------------------------------------------
+# Pre-tree (v1) sessions and their migration.
+# ------------------------------------------------------------------------------------------
+
+CURRENT_VERSION = 3  # pi-mono CURRENT_SESSION_VERSION, openclaw CURRENT_SESSION_VERSION
+
+
+def reference_version(header: dict[str, Any]) -> float:
+    """The format version a reference reader sees in a header: ``header.version ?? 1``
+    (pi-mono ``migrateToCurrentVersion``), compared as JavaScript compares numbers. A value
+    no number can be made of is NaN, which is neither old nor current there (no migration)."""
+    value = header.get("version")
+    if value is None:
+        return 1.0
+    if isinstance(value, (bool, int, float)):
+        return float(value)
+    if isinstance(value, str):
+        text = _jsonl.js_trim(value)
+        if not text:
+            return 0.0  # Number("") is 0
+        try:
+            number = float(text)
+        except ValueError:
+            return math.nan
+        # float() also takes "nan", "inf" and "1_0", which Number() does not
+        lowered = text.lower()
+        if "_" in text or "n" in lowered.replace("infinity", ""):
+            return math.nan
+        return number
+    return math.nan
+
+
+def is_session_header(value: Any) -> bool:
+    return type(value) is dict and value.get("type") == "session"
+
+
+def describe_not_a_session(first: Any, seen: bool, malformed: int) -> str | None:
+    """What a file looks like when its first JSON line is not a session header (None when
+    it is one, or when the file holds no complete line yet). The references check exactly
+    this line: pi-mono ``loadEntriesFromFile`` (``entries[0]`` must be ``type: "session"``,
+    or the file is replaced by a fresh session on the next open) and openclaw
+    ``hasReadableSessionHeader`` (a rewrite, keeping a ``.corrupt`` backup)."""
+    if not seen:
+        if malformed:
+            return f"no line is JSON ({malformed} line(s) of other text)"
+        return None
+    if is_session_header(first):
+        return None
+    if type(first) is not dict:
+        kind = {list: "an array", str: "a string", bool: "a boolean"}.get(type(first))
+        if first is None:
+            kind = "null"
+        return f"its first JSON line is {kind or 'a number'}, not a session header object"
+    keys = list(first)
+    shown = ", ".join(repr(k) for k in keys[:6]) + (", ..." if len(keys) > 6 else "")
+    kind = first.get("type")
+    if {"uuid", "parentUuid", "leafUuid"} & set(keys) or (
+        "sessionId" in first and kind in ("user", "assistant", "system", "summary")
+    ):
+        return (
+            f"a Claude Code log, not a session transcript (first record: type {kind!r} "
+            f"with keys {shown})"
+        )
+    if "role" in first and "content" in first:
+        return f"a plain chat log (first record: role {first['role']!r}, keys {shown})"
+    if isinstance(kind, str):
+        return f"its first record is a {kind!r} entry, not a session header (keys {shown})"
+    return f"its first record is a JSON object without a session type (keys {shown})"
+
+
+@dataclass
+class MigrationPlan:
+    """The new bytes of a session rewritten in the current format (``None``: it is current,
+    nothing to do), and what changed."""
+
+    data: bytes | None
+    from_version: float
+    entries: int = 0  # entries that were given an id and a parent (v1 -> v2)
+    kept_lines: int = 0  # lines kept byte for byte (not JSON objects)
+    blank_lines: int = 0  # blank lines dropped
+    id_map: dict[str, str] = field(default_factory=dict)  # an entry's old id -> its new id
+
+
+class TornTail(Exception):
+    """The file ends in a torn line: ``args = (offset, length)``."""
+
+
+class NotASession(Exception):
+    """The file's first JSON line is not a session header: ``args = (description,)``."""
+
+
+_BAD: Any = object()  # a line that is not JSON
+
+
+def plan_migration(raw: bytes) -> MigrationPlan:
+    """What pi-mono's ``migrateToCurrentVersion`` makes of the file ``raw`` (``data`` is
+    ``None`` when it is current already). Raises ``NotASession`` and ``TornTail``.
+
+    pi-mono ``migrateV1ToV2`` (``packages/coding-agent/src/core/session-manager.ts``), in file
+    order: every header (``type: "session"``) gets ``version`` 2; every other entry object
+    gets a new 8-hex-digit ``id`` (unique in the file) and ``parentId`` = the previous
+    entry's id (``null`` for the first), so the file becomes the linear chain it always
+    was; a compaction's ``firstKeptEntryIndex`` (an index into the file's parsed lines,
+    the header being 0) becomes ``firstKeptEntryId`` and is deleted. ``migrateV2ToV3``:
+    headers get ``version`` 3, a message with role ``hookMessage`` gets role ``custom``.
+    New keys go last, as JavaScript assigns them; each migrated line is written as
+    ``JSON.stringify`` writes it (``_jsonl.dumps_js``), the lines joined by ``\\n`` with a
+    final ``\\n``, as pi-mono's ``_rewriteFile`` writes them.
+
+    Where this differs from pi-mono, on purpose: lines that are not JSON objects (pi-mono
+    drops unparseable lines, and crashes on a bare number) are kept byte for byte and are
+    not part of the chain; blank lines are dropped as pi-mono drops them. A torn last line
+    is refused (repair it first) rather than silently dropped.
+    """
+    parts = raw.split(b"\n")
+    tail = parts.pop()
+    if tail:
+        offset = len(raw) - len(tail)
+        entry, _ = parse_last_line(tail, offset == 0)
+        if entry is None:
+            raise TornTail(offset, len(tail))
+        parts.append(tail)
+    lines: list[tuple[bytes, Any]] = []
+    values: list[Any] = []  # pi-mono's fileEntries: every line JSON.parse accepts
+    blank = 0
+    for number, line in enumerate(parts):
+        if number == 0 and line[: len(_UTF8_BOM)] == _UTF8_BOM:
+            line = line[len(_UTF8_BOM) :]
+        if _blank_after_js_trim(line):
+            blank += 1
+            continue
+        try:
+            value, _ = _jsonl.loads_line(line)
+        except (ValueError, RecursionError):
+            lines.append((line, _BAD))
+            continue
+        lines.append((line, value))
+        values.append(value)
+    first = values[0] if values else None
+    description = describe_not_a_session(first, bool(values), len(lines) - len(values))
+    if description is not None:
+        raise NotASession(description)
+    header = next(v for v in values if is_session_header(v))
+    version = reference_version(header)
+    if not version < CURRENT_VERSION:  # NaN included: the references do not migrate it
+        return MigrationPlan(None, version)
+    plan = MigrationPlan(b"", version, blank_lines=blank)
+    if version < 2:
+        _v1_to_v2(values, plan)
+    for value in values:
+        if type(value) is not dict:
+            continue
+        if value.get("type") == "session":
+            value["version"] = 3
+        elif value.get("type") == "message":
+            message = value.get("message")
+            if type(message) is dict and message.get("role") == "hookMessage":
+                message["role"] = "custom"
+    out: list[bytes] = []
+    for line, value in lines:
+        if type(value) is dict:
+            out.append(_jsonl.dumps_js(value).encode("utf-8"))
+        else:
+            plan.kept_lines += 1
+            out.append(bytes(line))
+    plan.data = b"\n".join(out) + b"\n" if out else b""
+    return plan
+
+
+def _v1_to_v2(values: list[Any], plan: MigrationPlan) -> None:
+    taken: set[str] = set()
+    previous: str | None = None
+    for value in values:
+        if type(value) is not dict:
+            continue
+        if value.get("type") == "session":
+            value["version"] = 2
+            continue
+        old = value.get("id")
+        ident = new_entry_id(taken.__contains__)
+        taken.add(ident)
+        if isinstance(old, str) and old and old not in plan.id_map:
+            plan.id_map[old] = ident
+        value["id"] = ident
+        value["parentId"] = previous
+        previous = ident
+        plan.entries += 1
+        if value.get("type") != "compaction":
+            continue
+        index = value.get("firstKeptEntryIndex")
+        if isinstance(index, bool) or not isinstance(index, (int, float)):
+            continue  # typeof !== "number": left as it is
+        target = (
+            values[int(index)] if float(index).is_integer() and 0 <= index < len(values) else None
+        )
+        if type(target) is dict:
+            if target.get("type") != "session":
+                if "id" in target:
+                    value["firstKeptEntryId"] = target["id"]
+                else:  # undefined: JSON.stringify leaves the key out
+                    value.pop("firstKeptEntryId", None)
+        elif target:  # a truthy non-object line: its .id is undefined
+            value.pop("firstKeptEntryId", None)
+        del value["firstKeptEntryIndex"]
+
+
+def replace_file(path: str, data: bytes, original: os.stat_result) -> None:
+    """Atomically replaces ``path`` (whose state was ``original`` when it was read) by a file
+    holding ``data``: temp file in the same directory, fsync, rename, directory fsync.
+
+    Refused with ``ChangedWhileReplacing`` (nothing replaced, temp file removed) when the
+    path no longer names the file that was read, or it changed since (size, modification
+    time). The window between that check and the rename is closed only by the session write
+    lock, which the caller holds.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    mode = original.st_mode & 0o777
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{base}.migrate-{os.urandom(4).hex()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, mode)
+        except FileExistsError:
+            continue
+        break
+    else:  # pragma: no cover - 100 random names taken
+        raise FileExistsError(errno.EEXIST, "no free temporary name", directory)
+    done = False
+    try:
+        try:
+            with contextlib.suppress(OSError):  # keep the owner when allowed to
+                os.fchown(fd, original.st_uid, original.st_gid)
+            with contextlib.suppress(OSError):  # the umask may have narrowed the mode
+                os.fchmod(fd, mode)
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        now = os.stat(path)
+        if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) != (
+            original.st_dev,
+            original.st_ino,
+            original.st_size,
+            original.st_mtime_ns,
+        ):
+            raise ChangedWhileReplacing(path)
+        os.replace(tmp, path)
+        done = True
+    finally:
+        if not done:
+            discard(tmp)
+    fsync_dir(directory)
+
+
+class ChangedWhileReplacing(OSError):
+    """The file changed between its read and its replacement; nothing was replaced."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(errno.EAGAIN, "file changed while it was being rewritten", path)

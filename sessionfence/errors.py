@@ -9,12 +9,15 @@ if TYPE_CHECKING:
     from ._types import Fingerprint
 
 __all__ = [
+    "NotASessionError",
     "SessionFileOwnerTimeoutError",
     "SessionTakeoverError",
     "SessionWriteLockAcquireError",
     "SessionWriteLockStaleError",
     "SessionWriteLockTimeoutError",
     "TornTranscriptError",
+    "TranscriptFormatError",
+    "TranscriptNeedsMigrationError",
     "UnstableFileError",
 ]
 
@@ -117,3 +120,53 @@ class SessionFileOwnerTimeoutError(Exception):
         )
         self.timeout_ms = timeout_ms
         self.session_file = session_file
+
+
+class TranscriptFormatError(Exception):
+    """Base of the errors raised when a file is not in a format sessionfence may append to.
+
+    Nothing was written when one is raised.
+    """
+
+
+class NotASessionError(TranscriptFormatError):
+    """The file's first JSON line is not a session header (``{"type":"session",...}``): it is
+    another kind of JSONL file, such as a Claude Code log or a plain chat log.
+
+    pi-mono replaces such a file with a fresh session when it next opens it, and openclaw
+    rewrites it, so appending session entries to it would only feed that rewrite.
+    ``looks_like`` describes the file (e.g. ``a Claude Code log ...``).
+    """
+
+    def __init__(self, session_file: str, looks_like: str) -> None:
+        super().__init__(
+            f"not a session transcript: {looks_like}; nothing was written: {session_file}"
+        )
+        self.session_file = session_file
+        self.looks_like = looks_like
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.session_file, self.looks_like))
+
+
+class TranscriptNeedsMigrationError(TranscriptFormatError):
+    """The transcript is in a pre-tree format (a v1 session: its header has no ``version``,
+    its entries no ``id``/``parentId``) that pi-mono and openclaw rewrite with new entry ids
+    when they next open it, which would orphan anything appended now (its ``parentId``, a
+    compaction's ``firstKeptEntryId``). Migrate it first: ``sessionfence migrate FILE``, or
+    ``sessionfence.migrate_transcript(path)``, then reopen it.
+    """
+
+    def __init__(self, session_file: str, version: float) -> None:
+        shown = int(version) if float(version).is_integer() else version
+        super().__init__(
+            f"transcript is a pre-tree (v{shown}) session, which pi-mono and openclaw rewrite "
+            f"with new entry ids on their next open; nothing was written. Migrate it first "
+            f"with `sessionfence migrate {session_file}` (or "
+            f"sessionfence.migrate_transcript(path)) and reopen it: {session_file}"
+        )
+        self.session_file = session_file
+        self.version = version
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.session_file, self.version))

@@ -29,13 +29,47 @@ Notes for the fence controller (everything is O(appended bytes) after ``open``):
   ``None`` or a ``MergeResult`` whose ``session_file_snapshot`` is the fingerprint right
   after its own write. ``reload()`` re-parses in place (the reload callback).
 - The manager is not thread-safe; use it from one thread (or under your own lock).
+
+How the file is read, and where the two reference readers differ (the full account, with
+the reasons, is in ``docs/transcripts.md``). The references are pi-mono's ``SessionManager``
+(``packages/coding-agent/src/core/session-manager.ts``) and openclaw's current reader
+(``SessionManagerCore.buildIndex`` in ``src/agents/sessions/session-manager-core.ts``, with
+``partitionSessionFileEntries`` in ``src/config/sessions/session-entry-codec.ts`` and
+``scanSessionTranscriptTree`` in ``src/config/sessions/transcript-tree.ts``):
+
+- *Is it a session?* The first line that parses as JSON must be a session header (both
+  references: pi-mono ``loadEntriesFromFile``, openclaw ``hasReadableSessionHeader``);
+  otherwise ``not_a_session`` says what the file looks like and appends raise
+  ``NotASessionError`` (the references would replace or rewrite the file). A header
+  without an ``id`` (a bare ``{"type":"session"}``) is accepted, as SPEC §6 requires.
+- *Last line.* A last line without its newline that parses as a JSON object is a complete
+  entry (both references parse it); only one that does not parse is a torn tail. The next
+  append writes the separating ``\n`` in the same ``os.write`` as its record (openclaw
+  ``appendJsonlEntrySync(..., {prefixNewline})``).
+- *Tree rules* (openclaw's, where pi-mono differs; openclaw's are the ones its current
+  writers rely on): an entry of a known type without a ``parentId`` key takes the visible
+  leaf as its parent (openclaw ``buildIndex``: ``logicalParentsById``; pi-mono makes it a
+  root); an entry of a type not in ``KNOWN_ENTRY_TYPES`` does not move the visible leaf and
+  is not part of ``branch()`` (openclaw keeps it as an opaque entry; pi-mono moves the leaf
+  to it); ``appendMode: "side"`` entries and ``leaf`` controls move the side cursor and the
+  visible leaf as openclaw's do (pi-mono has neither).
+- *Pre-tree (v1) sessions* (header without ``version``, entries without ``id``): read as the
+  linear chain they are, the way both references present them after their migration
+  (pi-mono ``migrateV1ToV2``); each entry gets an in-memory id ``v1:<n>`` (its own ``id``
+  when it has one), ``n`` being its position among the file's JSON objects, header = 0,
+  which is what a v1 compaction's ``firstKeptEntryIndex`` counts. Appending is refused
+  with ``TranscriptNeedsMigrationError`` until ``migrate_transcript`` has rewritten the
+  file the way the references would.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from . import _jsonl
@@ -45,18 +79,53 @@ from ._merge import MergeResult, PublishedEntry
 from ._ownership import LIVE_MANAGERS, OWN_WRITES
 from ._transcript_guard import guard_session_manager, is_expected_compaction_append
 from ._types import DEFAULT_WINDOW, MISSING, Fingerprint, PathArg
-from .errors import TornTranscriptError, UnstableFileError
+from .errors import (
+    NotASessionError,
+    TornTranscriptError,
+    TranscriptNeedsMigrationError,
+    UnstableFileError,
+)
 
 __all__ = [
+    "CURRENT_VERSION",
+    "KNOWN_ENTRY_TYPES",
+    "MigrationResult",
     "SessionManager",
     "TranscriptChangedError",
     "guard_session_manager",
     "is_expected_compaction_append",
+    "migrate_transcript",
 ]
 
 Entry = dict[str, Any]
 
 OPEN_ATTEMPTS: Final = 5
+
+#: The session format version this package writes (pi-mono and openclaw
+#: ``CURRENT_SESSION_VERSION``).
+CURRENT_VERSION: Final = _io.CURRENT_VERSION
+
+#: Entry types that move the visible leaf. These are the types both references define:
+#: pi-mono's ``SessionEntry`` union and openclaw's ``isCanonicalSessionEntryType``
+#: (``src/config/sessions/transcript-tree.ts``) as the reader the issue was compared with
+#: has it. Newer openclaw versions add ``reset`` there, together with re-parenting rules
+#: across a reset that this package does not implement; a ``reset`` row is therefore read
+#: as an entry of an unknown type (kept, never moving the leaf).
+KNOWN_ENTRY_TYPES: Final = frozenset(
+    {
+        "message",
+        "thinking_level_change",
+        "model_change",
+        "compaction",
+        "branch_summary",
+        "custom",
+        "custom_message",
+        "label",
+        "session_info",
+    }
+)
+
+_NO_PARENT: Final = object()  # no in-memory parent override for an entry
 
 
 class TranscriptChangedError(RuntimeError):
@@ -87,6 +156,10 @@ def _nonblank(value: object) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
 
 
+def _nonempty(value: object) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
 class SessionManager:
     """One transcript file, parsed once, then appended to line by line.
 
@@ -101,9 +174,18 @@ class SessionManager:
       skipped and counted in ``malformed_lines``;
     - invalid UTF-8 is decoded with U+FFFD replacement, as Node reads the file; such lines
       still count as entries when they parse, and are counted in ``invalid_utf8_lines``;
-    - a last line without its newline is a torn tail: ``torn_tail`` gives ``(offset,
-      length)``, it is never parsed into the tree (it was not committed), appends raise
-      ``TornTranscriptError``, and ``repair_torn_tail()`` moves it aside.
+    - a last line without its newline is an entry like any other when it parses as a JSON
+      object (the next append starts with the missing ``\n``); otherwise it is a torn tail:
+      ``torn_tail`` gives ``(offset, length)``, it is never parsed into the tree (it was not
+      committed), appends raise ``TornTranscriptError``, and ``repair_torn_tail()`` moves
+      it aside;
+    - a file whose first JSON line is not a session header is not a session:
+      ``not_a_session`` describes it, and appends raise ``NotASessionError``;
+    - a pre-tree (v1) session reads as a linear chain; appends raise
+      ``TranscriptNeedsMigrationError`` until ``migrate_transcript`` rewrote it.
+
+    The tree rules (which entries move the leaf, parents of entries without ``parentId``)
+    are in the module docstring.
 
     Entries are the parsed dicts; treat them as read-only. Appended entries keep the objects
     passed in (``message``, ``data``, ``details``): do not mutate them afterwards, or the
@@ -172,6 +254,13 @@ class SessionManager:
         self._file_side: Cursor = _UNSET
         self._labels: dict[str, str] = {}
         self._session_name: str | None = None
+        # Parents that differ from an entry's own parentId key: entries without the key,
+        # and the chain of a pre-tree (v1) file.
+        self._parents: dict[str, str | None] = {}
+        self._pre_tree = False
+        self._version: float | None = None
+        self._not_session: str | None = None
+        self._unterminated = False
         self._malformed = 0
         self._invalid_utf8 = 0
         self._torn: tuple[int, int] | None = None
@@ -225,8 +314,11 @@ class SessionManager:
         self._torn = loaded.torn
         self._clean_digest = loaded.clean_digest
         self._clean_offset = loaded.torn[0] if loaded.torn is not None else None
+        self._unterminated = loaded.unterminated
+        self._not_session = _io.describe_not_a_session(
+            loaded.first, loaded.seen_first, loaded.malformed
+        )
         entries = self._entries
-        apply = self._apply
         for value in loaded.values:
             if value.get("type") == "session":
                 if self._header is None:
@@ -235,19 +327,59 @@ class SessionManager:
                     entries.append(value)  # a second header is kept, but is no tree node
                 continue
             entries.append(value)
-            apply(value)
+        if self._header is not None:
+            self._version = _io.reference_version(self._header)
+            self._pre_tree = self._version < 2 and any(
+                not _nonempty(e.get("id")) for e in entries if e.get("type") != "session"
+            )
+        if self._pre_tree:
+            self._adopt_chain(loaded.values)
+            return
+        apply = self._apply
+        for value in entries:
+            if value.get("type") != "session":
+                apply(value)
+
+    def _adopt_chain(self, values: list[Entry]) -> None:
+        """A pre-tree (v1) file: every entry object, in file order, is the child of the one
+        before it (pi-mono ``migrateV1ToV2``), whatever its type."""
+        previous: str | None = None
+        by_id = self._by_id
+        for position, value in enumerate(values):
+            if value.get("type") == "session":
+                continue
+            own = value.get("id")
+            ident = own if isinstance(own, str) and own and own not in by_id else f"v1:{position}"
+            by_id[ident] = value
+            self._parents[ident] = previous
+            previous = ident
+            if value.get("type") == "label":
+                self._apply_label(value)
+            elif value.get("type") == "session_info":
+                self._apply_session_info(value)
+        self._leaf = self._file_leaf = previous
 
     def _apply(self, entry: Entry) -> None:
-        """Advances the tree state over one entry as a reader of the file sees it."""
+        """Advances the tree state over one entry as a reader of the file sees it (openclaw
+        ``SessionManagerCore.buildIndex``; see the module docstring)."""
         ident = entry.get("id")
         if not isinstance(ident, str) or not ident:
             return
-        by_id = self._by_id
         kind = entry.get("type")
         if kind == "leaf":
             self._apply_leaf_control(ident, entry)
             return
-        by_id[ident] = entry
+        self._by_id[ident] = entry
+        if kind not in KNOWN_ENTRY_TYPES:
+            # Opaque: kept (it can be looked up, labelled, named as a parent) but it never
+            # moves the visible leaf; it extends an open side branch, as openclaw's opaque
+            # rows with a parentId extend the append cursor.
+            if "parentId" in entry and not isinstance(self._side, _Unset):
+                self._side = self._file_side = ident
+            return
+        if "parentId" not in entry:
+            # a parentless row continues the visible leaf (openclaw logicalParentsById)
+            self._parents[ident] = self._leaf
         if entry.get("appendMode") == "side":
             self._side = self._file_side = ident
         else:
@@ -257,6 +389,12 @@ class SessionManager:
             self._apply_label(entry)
         elif kind == "session_info":
             self._apply_session_info(entry)
+
+    def _parent_of(self, ident: str, entry: Entry) -> object:
+        """The parent id a reader gives the entry (``_NO_PARENT`` stands for "use its own
+        ``parentId``")."""
+        parent = self._parents.get(ident, _NO_PARENT)
+        return entry.get("parentId") if parent is _NO_PARENT else parent
 
     def _apply_leaf_control(self, ident: str, entry: Entry) -> None:
         # A leaf control moves the visible leaf (and the side cursor) without content. One
@@ -278,15 +416,24 @@ class SessionManager:
         self._side = self._file_side = side
 
     def _resolve(self, ident: str | None) -> str | None:
-        """A reference to a leaf control stands for that control's target."""
+        """A reference to a leaf control stands for that control's target, and one to an
+        entry of an unknown type for its nearest known ancestor (openclaw
+        ``resolveOpaqueLeafTargetId``)."""
         seen: set[str] = set()
         while ident is not None and ident not in seen:
             seen.add(ident)
             entry = self._by_id.get(ident)
-            if entry is None or entry.get("type") != "leaf":
+            if entry is None:
                 return ident
-            target = entry.get("targetId")
-            ident = target if isinstance(target, str) else None
+            kind = entry.get("type")
+            if kind == "leaf":
+                target = entry.get("targetId")
+                ident = target if isinstance(target, str) else None
+            elif kind in KNOWN_ENTRY_TYPES or self._pre_tree:
+                return ident
+            else:
+                parent = self._parent_of(ident, entry)
+                ident = parent if isinstance(parent, str) else None
         return ident
 
     def _apply_label(self, entry: Entry) -> None:
@@ -360,9 +507,47 @@ class SessionManager:
 
     @property
     def torn_tail(self) -> tuple[int, int] | None:
-        """``(offset, length)`` of a last line without its newline, as of ``open`` or the
-        last append attempt that found one; ``None`` after a repair."""
+        """``(offset, length)`` of a last line that has no newline and does not parse as a
+        JSON object, as of ``open`` or the last append attempt that found one; ``None``
+        after a repair."""
         return self._torn
+
+    @property
+    def unterminated_last_line(self) -> bool:
+        """Whether ``open`` found a complete last entry without its newline (the next append
+        writes the newline first)."""
+        return self._unterminated
+
+    @property
+    def not_a_session(self) -> str | None:
+        """``None`` for a session transcript (or an empty or missing file); otherwise what
+        the file looks like, e.g. ``a Claude Code log, not a session transcript (...)``:
+        its first JSON line is not a session header. Appends then raise
+        ``NotASessionError`` and write nothing."""
+        return self._not_session
+
+    @property
+    def format_version(self) -> float | None:
+        """The header's format version as the references read it (``version``, 1 when the
+        header has none); ``None`` without a header."""
+        return self._version
+
+    @property
+    def pre_tree(self) -> bool:
+        """A pre-tree (v1) session: its header has no ``version`` (or one below 2) and some
+        entry has no ``id``. Read as a linear chain; appends are refused until
+        ``migrate_transcript`` rewrote it."""
+        return self._pre_tree
+
+    @property
+    def needs_migration(self) -> bool:
+        """Whether pi-mono and openclaw would rewrite this file with new entry ids when they
+        open it (a pre-tree file, or a header with an ``id`` and a version below 2), so that
+        appending to it first would be undone. ``migrate_transcript`` fixes it."""
+        header = self._header
+        if header is None or self._version is None or not self._version < 2:
+            return False
+        return self._pre_tree or isinstance(header.get("id"), str)
 
     @property
     def digest(self) -> Any:
@@ -400,27 +585,32 @@ class SessionManager:
         current = self._leaf if leaf_id is None else leaf_id
         path: list[Entry] = []
         seen: set[str] = set()
+        by_id = self._by_id
+        every_type = self._pre_tree
         while current is not None and current not in seen:
             seen.add(current)
-            entry = self._by_id.get(current)
+            entry = by_id.get(current)
             if entry is None:
                 break
-            if entry.get("type") == "leaf":
+            kind = entry.get("type")
+            if kind == "leaf" and not every_type:
                 target = entry.get("targetId")
                 current = target if isinstance(target, str) else None
                 continue
-            path.append(entry)
-            parent = entry.get("parentId")
+            if every_type or kind in KNOWN_ENTRY_TYPES:
+                path.append(entry)  # an entry of an unknown type is walked through, unlisted
+            parent = self._parent_of(current, entry)
             current = parent if isinstance(parent, str) else None
         path.reverse()
         return path
 
     def children(self, entry_id: str | None) -> list[Entry]:
-        """Entries whose ``parentId`` is ``entry_id`` (``None``: the roots), in file order."""
+        """Entries whose parent (as ``branch`` follows it) is ``entry_id`` (``None``: the
+        roots), in file order."""
         return [
             e
-            for e in self._entries
-            if e.get("type") not in ("leaf", "session") and e.get("parentId") == entry_id
+            for ident, e in self._by_id.items()
+            if e.get("type") not in ("leaf", "session") and self._parent_of(ident, e) == entry_id
         ]
 
     # ------------------------------------------------------------------------------------
@@ -520,13 +710,32 @@ class SessionManager:
             "cwd": self._cwd if self._cwd is not None else os.getcwd(),
         }
 
+    def _check_appendable(self) -> None:
+        if self._not_session is not None:
+            raise NotASessionError(self._path, self._not_session)
+        if self.needs_migration:
+            raise TranscriptNeedsMigrationError(self._path, self._version or 1.0)
+
     def _write(self, entry: Entry) -> None:
         """Writes one entry line (plus the header line when the file is new) with one
-        ``os.write`` on an ``O_APPEND`` descriptor, after the one-byte torn-tail check.
+        ``os.write`` on an ``O_APPEND`` descriptor, after the one-byte end-of-file check.
 
         Serialising comes first, so a value JSON cannot hold fails before the file is
         touched; the in-memory model changes only after the write succeeded.
+
+        The end-of-file check: a file that ends in ``\n`` (or is empty) takes the line as
+        is (one ``fstat``, one one-byte ``pread``). Otherwise the last line is watched until
+        it gains its newline (another writer's append in flight) or holds still
+        (``_transcript_io.settled_end``); then, if it parses as a JSON object, it is a
+        complete entry whose newline is missing and the record is written as ``"\n" +
+        line``, in the same single ``os.write``; if it does not, it is torn and the append
+        raises ``TornTranscriptError``. A writer that stalls longer than the settle time
+        just before its final newline cannot be told from a finished line that lacks one;
+        since the rest of such a line can only be whitespace, our separating newline leaves
+        at worst a blank line, which every reader skips. The digest rolls over exactly the
+        bytes written, separator included.
         """
+        self._check_appendable()
         line = _jsonl.dumps_line(entry)
         create = not self._file_known
         if create:
@@ -543,13 +752,17 @@ class SessionManager:
             ) from exc
         try:
             self._file_known = True
-            # The one-byte check: a file that does not end in a newline has a torn last
-            # line, and appending would glue this record onto it.
+            # The one-byte check: a file that does not end in a newline ends in a complete
+            # entry that lacks it (we write the separator) or in a torn line (refused:
+            # appending would glue this record onto it).
             size, clean = _io.settled_end(fd)
+            separator = b""
             if not clean:
-                offset = _io.clean_end(fd, size)
-                self._torn = (offset, size - offset)
-                raise TornTranscriptError(self._path, offset, size - offset)
+                offset, _, complete = _io.last_line(fd, size)
+                if not complete:
+                    self._torn = (offset, size - offset)
+                    raise TornTranscriptError(self._path, offset, size - offset)
+                separator = b"\n"
             self._torn = None  # whatever open() saw, the file ends cleanly now
             header: Entry | None = None
             if size == 0:
@@ -561,7 +774,7 @@ class SessionManager:
                 header = self._new_header(stamp if isinstance(stamp, str) else _io.iso_now())
                 data = _jsonl.dumps_line(header) + line
             else:
-                data = line
+                data = separator + line
             _io.write_all(fd, data)
             # Where the bytes landed, read back from the O_APPEND descriptor (exact even
             # when another process appended first): the fence adopts these bytes only.
@@ -633,41 +846,74 @@ class SessionManager:
     # Torn tail repair.
     # ------------------------------------------------------------------------------------
 
-    def repair_torn_tail(self) -> str | None:
+    def repair_torn_tail(self, *, lock_timeout: float | None = None) -> str | None:
         """Moves a torn last line to ``<file>.torn-<UTC time>`` and truncates the file to
-        its last newline; returns the quarantine path, or ``None`` when the file ends
-        cleanly (or does not exist).
+        its last newline; returns the quarantine path, or ``None`` when there is nothing to
+        repair: the file ends cleanly, its last line is a complete entry that only lacks its
+        newline (that is not torn; the next append adds the newline), or it does not exist.
 
-        The quarantine file is new (never overwrites), written and fsynced (with its
-        directory) before the transcript is truncated, so no byte is ever only in memory.
-        If the transcript grew while the copy was made (a live writer), nothing is
-        truncated and ``TranscriptChangedError`` names the copy. Run it under the session
-        write lock: the controller sees the truncation as a change like any other.
+        It runs under the session write lock: when this process holds it already (e.g. the
+        caller's controller), it runs as is; otherwise it takes the lock for its duration
+        (``acquire_session_write_lock(path, timeout=lock_timeout)``; ``None``: the lock's
+        default timeout), so that no writer following the protocol can append meanwhile.
+
+        The steps, and why nothing appended is ever lost:
+
+        1. the torn bytes ``[offset, size)`` are copied to a new quarantine file (never an
+           existing one), written and fsynced with its directory; if that fails (a full
+           disk, an I/O error) the partial copy is removed and the transcript is untouched;
+        2. ``fstat`` and a re-read check that the file still has exactly ``size`` bytes and
+           the same torn bytes. If it grew (an append after the torn line, or the line
+           being finished), nothing is truncated, the copy is removed and
+           ``TranscriptChangedError`` is raised;
+        3. only then ``ftruncate(offset)`` on the same descriptor, then ``fsync``.
+
+        Between the check of step 2 and the truncate of step 3 an append by a writer that
+        ignores the lock would be cut; no file operation can close that window, only the
+        write lock does, which is why repair holds it. The controller sees the truncation
+        as a change like any other.
         """
+        if not os.path.lexists(self._path):
+            self._torn = None
+            return None
+        with _write_lock(self._path, lock_timeout):
+            return self._repair()
+
+    def _repair(self) -> str | None:
         try:
             fd = os.open(self._path, os.O_RDWR | getattr(os, "O_BINARY", 0))
         except FileNotFoundError:
             self._torn = None
             return None
         truncated = False
+        cutting = False
+        target: str | None = None
+        offset = size = 0
         try:
             size, clean = _io.settled_end(fd)
             if clean:
                 self._torn = None
                 return None
-            offset = _io.clean_end(fd, size)
-            torn = _read_exact(fd, size - offset, offset)
+            offset, torn, complete = _io.last_line(fd, size)
+            if complete:
+                self._torn = None  # a whole entry without its newline is not torn
+                return None
             # the copy is as readable as the transcript it comes from, no more
             mode = os.fstat(fd).st_mode & 0o777
             target = _io.quarantine_bytes(self._path, torn, mode)
-            if os.fstat(fd).st_size != size:
+            if os.fstat(fd).st_size != size or _io.read_exact(fd, size - offset, offset) != torn:
                 raise TranscriptChangedError(
-                    f"transcript changed during torn-tail repair; nothing was truncated and "
-                    f"the copy is kept at {target}: {self._path}"
+                    f"transcript changed during torn-tail repair (it grew, or its last line "
+                    f"changed); nothing was truncated: {self._path}"
                 )
+            cutting = True
             os.ftruncate(fd, offset)
             truncated = True
             os.fsync(fd)
+        except BaseException:
+            if target is not None and not truncated and not (cutting and _cut(fd, size)):
+                _io.discard(target)  # the transcript still holds the torn bytes
+            raise
         finally:
             os.close(fd)
             if truncated:
@@ -736,7 +982,11 @@ class SessionManager:
             self._entries.append(adopted)
             self._by_id[ident] = adopted
             side = ident
-            if source.get("appendMode") == "side":
+            # how a reader of the file takes the raw line (the rules of ``_apply``)
+            if source.get("type") not in KNOWN_ENTRY_TYPES:
+                if "parentId" in source and not isinstance(reader_side, _Unset):
+                    reader_side = ident
+            elif source.get("appendMode") == "side":
                 reader_side = ident
             else:
                 reader_leaf, reader_side = ident, _UNSET
@@ -817,13 +1067,132 @@ class SessionManager:
         return plan
 
 
-def _read_exact(fd: int, length: int, offset: int) -> bytes:
-    parts: list[bytes] = []
-    while length > 0:
-        block = _io.pread(fd, length, offset)
-        if not block:
-            raise OSError(errno.EIO, "file shrank while reading its torn tail")
-        parts.append(block)
-        offset += len(block)
-        length -= len(block)
-    return b"".join(parts)
+def _cut(fd: int, size: int) -> bool:
+    """After a failed ``ftruncate``: whether the file may have been cut after all (its size
+    is no longer ``size``, or cannot be read), in which case the quarantine copy stays."""
+    try:
+        return os.fstat(fd).st_size != size
+    except OSError:
+        return True
+
+
+@contextlib.contextmanager
+def _write_lock(path: str, timeout: float | None) -> Iterator[None]:
+    """Holds the session write lock of ``path`` for the block: as is when this process holds
+    it already (its owner record names this process), else acquired and released here."""
+    from .lock import acquire_session_write_lock, inspect_lock
+
+    info = inspect_lock(path)
+    if info.held and (info.owner or {}).get("pid") == os.getpid():
+        yield
+        return
+    lock = acquire_session_write_lock(path, timeout=timeout)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+# ------------------------------------------------------------------------------------------
+# Migrating a pre-tree (v1) or v2 session to the current format.
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    """What ``migrate_transcript`` did.
+
+    ``changed`` is False when the file was current already (nothing written, no backup).
+    ``backup`` is the copy of the original bytes beside the transcript. ``entries`` counts
+    the entries that got a new ``id``/``parentId``; ``id_map`` maps the old ``id`` of an
+    entry that had one (the references replace those too) to its new one; ``kept_lines``
+    counts lines kept byte for byte because they are not JSON objects; ``blank_lines``
+    the blank lines dropped.
+    """
+
+    path: str
+    changed: bool
+    from_version: float
+    to_version: int
+    backup: str | None = None
+    entries: int = 0
+    kept_lines: int = 0
+    blank_lines: int = 0
+    id_map: dict[str, str] = field(default_factory=dict)
+
+
+def migrate_transcript(
+    path: PathArg, *, lock_timeout: float | None = None, dry_run: bool = False
+) -> MigrationResult:
+    """Rewrites a pre-tree (v1) or v2 session in the current format (version 3), the way
+    pi-mono and openclaw migrate it when they open it, so that appends to it stay valid
+    for them afterwards. See ``_transcript_io.plan_migration`` for the exact rules (pi-mono
+    ``migrateV1ToV2``/``migrateV2ToV3`` in ``packages/coding-agent/src/core/session-manager.ts``).
+
+    Under the session write lock (taken here with ``acquire_session_write_lock(path,
+    timeout=lock_timeout)`` unless this process holds it already):
+
+    1. the file is read whole and its migrated form computed; a file already at version 3
+       is left alone (``changed=False``);
+    2. the original bytes are copied to a new ``<file>.bak-v<N>-<UTC time>`` beside it
+       (never an existing file: ``-1``, ``-2``, ... suffixes), fsynced with the directory;
+    3. the new bytes go to a temporary file in the same directory (same permissions),
+       which is fsynced, checked against the original once more (same inode, size and
+       modification time: no writer got in), and renamed over the transcript; the
+       directory is fsynced. Readers see the old file or the new one, never a mix.
+
+    A file that is not a session raises ``NotASessionError``; a torn last line
+    ``TornTranscriptError`` (``repair_torn_tail()`` first); nothing is written then. Open
+    managers of the file must ``reload()`` afterwards (the file was replaced), and a fence
+    controller that released the lock around the rewrite reports it as a takeover: migrate
+    a session while no agent works on it. ``dry_run=True`` computes the result without
+    writing anything (``backup`` stays ``None``).
+    """
+    raw_path = os.fspath(path)
+    text = os.fsdecode(raw_path) if isinstance(raw_path, bytes) else raw_path
+    # The lock key: the real path, so a symlink is migrated where it points and stays one.
+    from .lock import lock_path_for
+
+    real, _ = lock_path_for(text)
+    with _write_lock(text, lock_timeout):
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        try:
+            before = os.fstat(fd)
+            raw = _io.read_exact(fd, before.st_size, 0)
+        finally:
+            os.close(fd)
+        try:
+            plan = _io.plan_migration(raw)
+        except _io.NotASession as exc:
+            raise NotASessionError(text, str(exc.args[0])) from None
+        except _io.TornTail as exc:
+            raise TornTranscriptError(text, exc.args[0], exc.args[1]) from None
+        if plan.data is None:
+            return MigrationResult(text, False, plan.from_version, CURRENT_VERSION)
+        result = MigrationResult(
+            text,
+            True,
+            plan.from_version,
+            CURRENT_VERSION,
+            entries=plan.entries,
+            kept_lines=plan.kept_lines,
+            blank_lines=plan.blank_lines,
+            id_map=dict(plan.id_map),
+        )
+        if dry_run:
+            return result
+        mode = before.st_mode & 0o777
+        version = plan.from_version
+        shown = str(int(version)) if float(version).is_integer() else "x"
+        backup = _io.durable_new_file(f"{real}.bak-v{shown}-{_io.utc_stamp()}", raw, mode)
+        try:
+            _io.replace_file(real, plan.data, before)
+        except BaseException as exc:
+            _io.discard(backup)  # the transcript was not replaced: it is its own backup
+            if isinstance(exc, _io.ChangedWhileReplacing):
+                raise TranscriptChangedError(
+                    f"transcript changed while it was being migrated (a writer that ignores "
+                    f"the write lock?); nothing was replaced: {text}"
+                ) from exc
+            raise
+        return dataclasses.replace(result, backup=backup)

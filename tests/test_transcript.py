@@ -559,11 +559,14 @@ def test_torn_tail_detected_refused_and_repaired(tmp_path: Path, parser: str) ->
     assert m.digest.intdigest() == content_digest(path)
 
 
-def test_torn_tail_that_is_valid_json_is_still_torn(tmp_path: Path) -> None:
+def test_a_last_line_that_parses_is_an_entry_not_a_torn_tail(tmp_path: Path) -> None:
+    # Issue 11 item 2 (the old rule called this torn): only a last line that does not
+    # parse as a JSON object is torn. More in test_transcript_realshapes.py.
     path = tmp_path / "s.jsonl"
     write(path, HEADER, raw=json.dumps(msg("a", None)).encode())
     m = SessionManager.open(path)
-    assert m.entries == [] and m.torn_tail is not None
+    assert [e["id"] for e in m.entries] == ["a"] and m.torn_tail is None
+    assert m.leaf_id == "a" and m.unterminated_last_line
 
 
 def test_torn_tail_appearing_after_open_is_refused(transcript: Path) -> None:
@@ -629,7 +632,8 @@ def test_repair_refuses_to_truncate_a_growing_file(
     with pytest.raises(TranscriptChangedError, match="nothing was truncated"):
         m.repair_torn_tail()
     assert path.read_bytes().endswith(b"tornmore\n")
-    assert len(list(tmp_path.glob("s.jsonl.torn-*"))) == 1
+    # the transcript still holds every byte, so the copy is not kept (issue 10)
+    assert list(tmp_path.glob("s.jsonl.torn-*")) == []
 
 
 def test_repair_rewinds_the_digest_when_it_covered_the_cut(tmp_path: Path) -> None:
