@@ -128,7 +128,9 @@ class _Attempt:
             f'.000Z","message":{{"role":"assistant","content":[{{"type":"text","text":"{text}'
             f'"}}],"fleetCheck":"{check}"}}}}\n'
         ).encode()
-        cut = self.rng.randint(1, len(data) - 1)
+        # Cut before the closing brace: a line that parses as a whole JSON object is a
+        # complete entry that only lacks its newline, not a torn one (SessionManager).
+        cut = self.rng.randint(1, len(data) - 2)
         fd = os.open(self.task.path, os.O_WRONLY | os.O_APPEND)
         self.record("torn-inject", offset=os.fstat(fd).st_size, bytes=cut)
         os.write(fd, data[:cut])
