@@ -106,11 +106,12 @@ OPEN_ATTEMPTS: Final = 5
 CURRENT_VERSION: Final = _io.CURRENT_VERSION
 
 #: Entry types that move the visible leaf. These are the types both references define:
-#: pi-mono's ``SessionEntry`` union and openclaw's ``isCanonicalSessionEntryType``
-#: (``src/config/sessions/transcript-tree.ts``) as the reader the issue was compared with
-#: has it. Newer openclaw versions add ``reset`` there, together with re-parenting rules
-#: across a reset that this package does not implement; a ``reset`` row is therefore read
-#: as an entry of an unknown type (kept, never moving the leaf).
+#: pi-mono's ``SessionEntry`` union, and openclaw's ``isCanonicalSessionEntryType``
+#: (``src/config/sessions/transcript-tree.ts``) in its versions without ``reset`` (the
+#: openclaw reader issue 11 was measured against left ``reset`` rows off the leaf). Newer
+#: openclaw versions list ``reset`` too, together with rules that re-parent entries across
+#: a reset, which this package does not implement; a ``reset`` row is therefore read as an
+#: entry of an unknown type (kept, never moving the leaf).
 KNOWN_ENTRY_TYPES: Final = frozenset(
     {
         "message",
@@ -1154,6 +1155,7 @@ def migrate_transcript(
     from .lock import lock_path_for
 
     real, _ = lock_path_for(text)
+    os.stat(real)  # a missing file is FileNotFoundError before any lock file is created
     with _write_lock(text, lock_timeout):
         fd = os.open(real, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         try:
