@@ -374,18 +374,20 @@ class _Writer:
         self.markers.discard(marker)
 
 
+def _stringify(value: Any, quote: Callable[[str], str]) -> str:
+    writer = _Writer(quote)
+    writer.value(value)
+    return "".join(writer.out)
+
+
 def dumps_js(value: Any) -> str:
     """``JSON.stringify(value)`` (see the module notes). ``ValueError`` for NaN/Infinity and
     circular structures, ``TypeError`` for values JSON cannot hold, ``RecursionError`` for
     nesting deeper than the interpreter's recursion limit."""
-    writer = _Writer(_quote)
-    writer.value(value)
-    text = "".join(writer.out)
-    if _SURROGATE.search(text) is not None:
+    text = _stringify(value, _quote)
+    if not text.isascii() and _SURROGATE.search(text) is not None:
         # rare: some string holds surrogate code points; quote every string again
-        writer = _Writer(_quote_js)
-        writer.value(value)
-        text = "".join(writer.out)
+        text = _stringify(value, _quote_js)
     return text
 
 
@@ -398,7 +400,11 @@ def dumps_line(value: Any) -> bytes:
     so it still round-trips.
     """
     try:
-        text = dumps_js(value)
+        text = _stringify(value, _quote)
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:  # surrogate code points: the rare slow path
+            data = _stringify(value, _quote_js).encode("utf-8")
     except ValueError as exc:
         raise ValueError(f"entry cannot be written as JSON: {exc}") from exc
-    return text.encode("utf-8") + b"\n"
+    return data + b"\n"
