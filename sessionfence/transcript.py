@@ -787,6 +787,7 @@ class SessionManager:
             os.close(fd)
         if header is not None:
             self._header = header
+            self._version = float(CURRENT_VERSION)
         # Exactly our bytes between the two stats: the line sits at the old end, so the
         # digest can roll over it without reading anything.
         if size == self._digest_size and after == size + len(data):

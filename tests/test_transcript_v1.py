@@ -112,6 +112,13 @@ def test_header_with_an_id_but_no_version_needs_migration_even_with_tree_entries
         m.append_custom("x")
 
 
+def test_a_file_created_by_an_append_is_current(tmp_path: Path) -> None:
+    m = SessionManager.open(tmp_path / "new.jsonl")
+    assert m.format_version is None and not m.needs_migration
+    m.append_custom("x")
+    assert m.format_version == 3 and not m.needs_migration and not m.pre_tree
+
+
 def test_a_bare_header_stays_appendable_as_spec_6_requires(tmp_path: Path) -> None:
     path = tmp_path / "s.jsonl"
     path.write_bytes(b'{"type":"session"}\n{"type":"custom","id":"c1","parentId":null}\n')
