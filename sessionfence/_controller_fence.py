@@ -185,12 +185,13 @@ class FenceChecks(ControllerState):
 
     # the fence check -------------------------------------------------------------------------
 
-    async def _assert_fence(self, phase: str) -> None:
+    async def _assert_fence(self, phase: str, *, prove_racy: bool = True) -> None:
         """Reference §5.3: did the transcript change, since this fence last saw it, in a
         way this controller does not own? Raises SessionTakeoverError when it did."""
         if not self._fence_active:
             return
-        await self._judge(self._io.observe_quiet(self._fence.fingerprint), phase)
+        change = self._io.observe_quiet(self._fence.fingerprint)
+        await self._judge(change, phase, prove_racy=prove_racy)
 
     async def _judge(self, change: Change, phase: str, *, prove_racy: bool = True) -> None:
         """Accept ``change`` of the fenced file (owned, benign, metadata-only with the
@@ -317,6 +318,13 @@ class FenceChecks(ControllerState):
             raise self._change_takeover(
                 change, phase, "content before the owned append changed (verify=full)", "rewritten"
             )
+        if self._full and not self._peer_bytes_proven(fence, change):
+            raise self._change_takeover(
+                change,
+                phase,
+                "the owned append's bytes differ from what its writer recorded (verify=full)",
+                "rewritten",
+            )
         if self._merge_cb is None:
             # Without a session to resync, a peer's owned write is accepted by fingerprint.
             self._fence = self._roll(fence, change, need_digest=True, proven=True)
@@ -337,6 +345,23 @@ class FenceChecks(ControllerState):
             )
         self._fence = merged.snapshot
         self._set_fence_generation(generation)
+
+    def _peer_bytes_proven(self, fence: FenceSnapshot, change: Change) -> bool:
+        """verify="full": the bytes another controller of this process appended are still
+        what it recorded. Its owned write left the digest of the whole file in the registry;
+        our proven prefix digest rolled over the suffix as it reads now must equal it. (An
+        equal stat proves nothing when the write was racy: a same-tick rewrite keeps it.)"""
+        if change.kind is not ChangeKind.APPENDED or fence.digest is None:
+            return True
+        claimed = REGISTRY.lookup_digest(self._key, change.after)
+        if claimed is None:
+            return True  # the writer kept no digest: the stat and tail window decide
+        data = self._io.suffix(change)
+        if data is None:
+            return False
+        rolled = fence.digest.copy()
+        rolled.update(data)
+        return bool(rolled.intdigest() == claimed.intdigest())
 
     async def _publish_owned_fence(
         self, before: FenceSnapshot, expected: list[PublishedEntry] | None
@@ -364,6 +389,11 @@ class FenceChecks(ControllerState):
             and change.kind in (ChangeKind.CREATED, ChangeKind.APPENDED)
         )
         if change.kind is not ChangeKind.APPENDED and not initializing:
+            if self._fence_active and self._fence.fingerprint == prev_fp:
+                # Nothing appended: judged like any fence check (a touch or chmod by
+                # someone else passes when the content is proven unchanged).
+                await self._judge(change, "fence_check")
+                return
             raise self._change_takeover(change, "fence_check")
         if not self._prove_prefix(before, change):
             raise self._change_takeover(

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 from ._merge import PublishedEntry
 from ._types import Fingerprint
 
-__all__ = ["REGISTRY", "OwnedWrite", "Registry", "session_file_key"]
+__all__ = ["REGISTRY", "OwnedWrite", "Registry", "same_state", "session_file_key"]
 
 # A fleet supervisor may touch thousands of transcripts; one digest each is plenty and the
 # bound keeps a long-lived process from growing without limit.
@@ -34,6 +34,22 @@ def session_file_key(path: str | os.PathLike[str]) -> str:
         return os.path.join(os.path.realpath(head), tail)
     except OSError:  # pragma: no cover - realpath only fails on exotic platforms
         return absolute
+
+
+def same_state(a: Fingerprint, b: Fingerprint) -> bool:
+    """Whether ``a`` and ``b`` describe one state of the file: equal stat, and equal
+    tail-window hash wherever both cover the same window. Stat alone is not enough: with
+    coarse timestamps a same-size rewrite can keep it. Fingerprints taken with different
+    windows (a caller's default 4 KiB vs a controller's) compare by stat alone."""
+    return (
+        a.exists == b.exists
+        and a.dev == b.dev
+        and a.ino == b.ino
+        and a.size == b.size
+        and a.mtime_ns == b.mtime_ns
+        and a.ctime_ns == b.ctime_ns
+        and (a.tail_len != b.tail_len or a.tail_hash == b.tail_hash)
+    )
 
 
 class OwnedWrite(NamedTuple):  # NamedTuple: built on every owned write, cheaply
@@ -106,11 +122,11 @@ class Registry:
         trusted = self._trusted.get(key)
         if trusted is None:
             return self.record_trusted(key, fp)
-        return trusted.generation if trusted.fingerprint == fp else None
+        return trusted.generation if same_state(trusted.fingerprint, fp) else None
 
     def is_trusted(self, key: str, fp: Fingerprint) -> bool:
         trusted = self._trusted.get(key)
-        return trusted is not None and trusted.fingerprint == fp
+        return trusted is not None and same_state(trusted.fingerprint, fp)
 
     def trusted_fingerprint(self, key: str) -> Fingerprint | None:
         trusted = self._trusted.get(key)
@@ -171,7 +187,7 @@ class Registry:
     def lookup_digest(self, key: str, fp: Fingerprint) -> Any | None:
         """The cached digest of ``fp``'s content, if known (shared: do not mutate it)."""
         cached = self._digests.get(key)
-        if cached is None or not fp.exists or cached[0] != fp:
+        if cached is None or not fp.exists or not same_state(cached[0], fp):
             return None
         self._digests.move_to_end(key)
         return cached[1]

@@ -160,7 +160,9 @@ class WriteScopes(FenceChecks):
         try:
             try:
                 self._raise_if_lock_lost(lock, "fence_check")
-                await self._assert_fence("fence_check")
+                # Under the retained lock a racy fence is proven by the next owned append's
+                # prefix proof or the next reacquire: one digest per window, not per scope.
+                await self._assert_fence("fence_check", prove_racy=owned)
                 yield state
                 if self._takeover is None:
                     self._raise_if_lock_lost(lock, "fence_check")

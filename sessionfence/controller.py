@@ -49,7 +49,7 @@ from ._controller_classify import (
     BenignPolicy,
 )
 from ._controller_owner import SessionFileOwner, acquire_session_file_owner, reset_owners
-from ._controller_registry import REGISTRY
+from ._controller_registry import REGISTRY, same_state
 from ._controller_scope import (
     call_maybe_async,
     release_lock,
@@ -233,8 +233,9 @@ class SessionFenceController(WriteScopes):
         """Run ``run()`` (which appends to the transcript without the lock, e.g. a
         compaction) and publish the result as owned when the state before it was trusted,
         the change is an append whose old content is still a prefix of the new (tail
-        window, or the whole content with verify="full") and, when given,
-        ``validate_append(result, appended_text)`` accepts exactly what was appended.
+        window, or the whole content with verify="full") and what was appended is known to
+        be ours: ``validate_append(result, appended_text)`` accepts exactly it, or, without
+        a validator, it is exactly lines a ``SessionManager`` of this process wrote.
         Anything else (a truncation, a rewrite, a refused validation) is not published:
         the next fence check judges it. Costs O(appended bytes) in tail mode; never raises
         for a refused publication."""
@@ -276,6 +277,11 @@ class SessionFenceController(WriteScopes):
             data = self._io.suffix(change)
             if data is None or not validate_append(result, data.decode("utf-8", errors="replace")):
                 return result
+        elif not self._own_append(change, None):
+            # No validator: only bytes this process is known to have written (lines a
+            # SessionManager appended) are published; a writer of raw bytes passes a
+            # validator (e.g. ``lambda result, text: text == expected``).
+            return result
         generation = REGISTRY.record_owned_write(self._key, after)
         if self._fence_active:
             self._fence = self._roll(prev, change, need_digest=True, proven=proven)
@@ -318,7 +324,8 @@ class SessionFenceController(WriteScopes):
         if not self._own_append(change, written):
             return
         proven = False
-        if self._full and change.kind is ChangeKind.APPENDED:
+        if self._full and self._fence_active and change.kind is ChangeKind.APPENDED:
+            # Before the first release the fence is a baseline, not a proof: nothing to check.
             if not self._io.prefix_unchanged(fence):
                 return
             proven = True
@@ -349,7 +356,7 @@ class SessionFenceController(WriteScopes):
         """May a transcript cache reuse a parse made at exactly ``fp``?"""
         if self._takeover is not None or not self._inside_active_scope():
             return False
-        return (self._fence_active and self._fence.fingerprint == fp) or (
+        return (self._fence_active and same_state(self._fence.fingerprint, fp)) or (
             REGISTRY.is_trusted(self._key, fp)
         )
 
@@ -360,7 +367,10 @@ class SessionFenceController(WriteScopes):
             return False
         fence = self._fence
         change = self._io.observe(fence.fingerprint)
-        if change.after != fp or change.kind not in (ChangeKind.APPENDED, ChangeKind.UNCHANGED):
+        if not same_state(change.after, fp) or change.kind not in (
+            ChangeKind.APPENDED,
+            ChangeKind.UNCHANGED,
+        ):
             return False
         if not self._prove_prefix(fence, change):
             return False
@@ -377,7 +387,7 @@ class SessionFenceController(WriteScopes):
         if self._held_lock_lost():
             return False
         change = self._io.observe(self._fence.fingerprint)
-        if change.after != fp:
+        if not same_state(change.after, fp):
             return False
         self._set_fence_generation(REGISTRY.record_trusted(self._key, change.after))
         if self._fence_active:
@@ -398,7 +408,7 @@ class SessionFenceController(WriteScopes):
             return
         own = digest.copy()
         REGISTRY.remember_digest(self._key, fp, own)
-        if self._fence.fingerprint == fp and self._fence.digest is None:
+        if same_state(self._fence.fingerprint, fp) and self._fence.digest is None:
             self._fence = FenceSnapshot(self._fence.fingerprint, own)
 
     def trusted_snapshot(self) -> Fingerprint | None:

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,15 @@ from .test_controller_helpers import (
 )
 
 pytestmark = pytest.mark.usefixtures("backend")
+
+
+@pytest.fixture(autouse=True)
+def _no_lock_left_held() -> Iterator[None]:
+    """Every test releases what it took: a leaked hold would skew later lock tests."""
+    yield
+    from sessionfence import _lock_registry
+
+    assert not _lock_registry.held, "a test left a session write lock held"
 
 
 # -- foreign edits made before our own append ---------------------------------------------------
@@ -168,6 +177,7 @@ async def test_owned_appends_and_benign_appends_while_held_are_not_takeovers(
     await ctl.release_for_prompt()
     await ctl.reacquire_after_prompt()
     assert not ctl.has_takeover
+    await ctl.dispose()
 
 
 @pytest.mark.parametrize("edit", ["truncate", "rewrite-head"])
@@ -205,12 +215,44 @@ async def test_owned_file_write_after_a_foreign_line_publishes_nothing(session_f
     assert caught.value.reason == "foreign-append"
 
 
-async def test_owned_file_write_without_validator_publishes_a_plain_append(
+async def test_owned_file_write_without_validator_publishes_a_managers_append(
     session_file: Path,
 ) -> None:
+    manager = SessionManager.open(session_file)
     ctl = await make(session_file, verify="full")
     await ctl.release_for_prompt()
-    ctl.owned_file_write(lambda: append_entries(session_file, user_message("ours")))
+    ctl.owned_file_write(lambda: manager.append_message({"role": "user", "content": "ours"}))
+    await ctl.reacquire_after_prompt()
+    assert not ctl.has_takeover
+
+
+async def test_owned_file_write_without_validator_does_not_publish_unknown_bytes(
+    session_file: Path,
+) -> None:
+    # Raw bytes with no validator cannot be told from a foreign line written meanwhile.
+    ctl = await make(session_file)
+    await ctl.release_for_prompt()
+    ctl.owned_file_write(
+        lambda: (
+            append_entries(session_file, user_message("foreign, during run"))
+            + append_entries(session_file, user_message("ours"))
+        )
+    )
+    with pytest.raises(SessionTakeoverError) as caught:
+        await ctl.reacquire_after_prompt()
+    assert caught.value.reason == "foreign-append"
+
+
+async def test_owned_file_write_with_an_exact_validator_publishes_raw_bytes(
+    session_file: Path,
+) -> None:
+    ctl = await make(session_file)
+    await ctl.release_for_prompt()
+    ours = line(user_message("ours"))
+    ctl.owned_file_write(
+        lambda: append_entries(session_file, json.loads(ours)),
+        lambda _result, text: text == ours,
+    )
     await ctl.reacquire_after_prompt()
     assert not ctl.has_takeover
 
@@ -419,3 +461,54 @@ async def test_cleanup_arelease_awaits_an_async_release(session_file: Path) -> N
     cleanup = await ctl.acquire_for_cleanup()
     await cleanup.arelease()
     assert locks.releases == [locks.handed[-1].label]
+
+
+# -- found by review: metadata during a publication, trust before the first release, windows --
+
+
+@pytest.mark.parametrize("verify", ["tail", "full"])
+async def test_a_chmod_by_others_during_a_publication_that_wrote_nothing_passes(
+    session_file: Path, verify: str
+) -> None:
+    ctl = await SessionFenceController.create(session_file, verify=verify)  # type: ignore[arg-type]
+    await ctl.release_for_prompt()
+    await ctl.reacquire_after_prompt()
+    mode = session_file.stat().st_mode & 0o777
+    await ctl.with_write_lock(
+        lambda: os.chmod(session_file, mode ^ 0o040), publish_owned_write=True
+    )
+    assert not ctl.has_takeover
+    await ctl.dispose()
+
+
+@pytest.mark.parametrize("verify", ["tail", "full"])
+async def test_a_guarded_append_before_the_first_release_is_trusted(
+    session_file: Path, verify: str
+) -> None:
+    ctl = await SessionFenceController.create(session_file, verify=verify)  # type: ignore[arg-type]
+    manager = guard_session_manager(
+        SessionManager.open(session_file), on_message_persisted=ctl.refresh_after_owned_write
+    )
+    manager.append_message({"role": "user", "content": "before the first release"})
+    assert ctl.trusted_snapshot() is not None
+    await ctl.dispose()
+
+
+@pytest.mark.parametrize("verify", ["tail", "full"])
+async def test_publish_owned_snapshot_takes_a_fingerprint_of_another_window(
+    session_file: Path, verify: str
+) -> None:
+    from sessionfence import fingerprint
+
+    ctl = await SessionFenceController.create(session_file, verify=verify, window=64)  # type: ignore[arg-type]
+    await ctl.release_for_prompt()
+    await ctl.reacquire_after_prompt()
+    results: list[bool] = []
+
+    def block() -> None:
+        append_entries(session_file, user_message("x" * 200))
+        results.append(ctl.publish_owned_snapshot(fingerprint(session_file)))  # 4 KiB window
+
+    await ctl.with_write_lock(block)
+    assert results == [True] and not ctl.has_takeover
+    await ctl.dispose()

@@ -10,6 +10,7 @@ root; elsewhere the fixture skips and says so.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -28,6 +29,15 @@ from .coarse_fs import ext2_image, ramfs, same_tick_rewrite
 from .test_controller_helpers import backend_fixture  # noqa: F401
 
 MOUNTS = {"ramfs": ramfs, "ext2": ext2_image}
+
+
+@pytest.fixture(autouse=True)
+def _no_lock_left_held() -> Iterator[None]:
+    """Every test releases what it took: a leaked hold would skew later lock tests."""
+    yield
+    from sessionfence import _lock_registry
+
+    assert not _lock_registry.held, "a test left a session write lock held"
 
 
 @pytest.fixture(scope="module", params=sorted(MOUNTS), name="coarse_dir")
@@ -152,6 +162,52 @@ def test_full_mode_sees_a_same_tick_rewrite_outside_the_tail_window(coarse_file:
                 await ctl.reacquire_after_prompt()
             assert caught.value.reason == "rewritten"
             await ctl.dispose()
+        assert racy > 0
+
+    _run(main())
+
+
+@pytest.mark.usefixtures("backend")
+def test_a_peer_in_full_mode_proves_the_bytes_of_a_published_write(coarse_file: Path) -> None:
+    """Controller B accepts A's published write only if its bytes are still what A
+    recorded: a same-tick rewrite inside them (stat and tail window unchanged) is caught,
+    not merged into B's session as A's entry (found by review)."""
+    from sessionfence import SessionFenceController
+
+    class NoLock:
+        def release(self) -> None:
+            return None
+
+    def no_lock(path: object, **_: object) -> NoLock:
+        return NoLock()
+
+    async def main() -> None:
+        racy = 0
+        for i in range(10):
+            path = coarse_file.with_name(f"{coarse_file.stem}-{i}.jsonl")
+            path.write_bytes(coarse_file.read_bytes())
+            ma, mb = SessionManager.open(path), SessionManager.open(path)
+            a = await SessionFenceController.create(path, verify="full", acquire=no_lock)
+            b = await SessionFenceController.create(
+                path, verify="full", acquire=no_lock, merge_foreign_entries=mb.merge_foreign_entries
+            )
+            await a.release_for_prompt()
+            await b.release_for_prompt()
+            await a.reacquire_after_prompt()
+            message = {"role": "user", "content": "P" * 6000}
+            await a.with_write_lock(
+                lambda m=ma, msg=message: m.append_message(msg),  # type: ignore[misc]
+                publish_owned_write=True,
+                resolve_published_entries=lambda e: [{"kind": "id", "id": e}],
+            )
+            same_tick = same_tick_rewrite(path, path.stat().st_size - 5000, b"EVIL")
+            racy += same_tick
+            with pytest.raises(SessionTakeoverError) as caught:
+                await b.reacquire_after_prompt()
+            # Same tick: A's recorded state by stat, bytes disproven by A's digest. A later
+            # tick: not A's state at all, so an unowned user line.
+            assert caught.value.reason == ("rewritten" if same_tick else "foreign-append")
+            assert all("EVIL" not in json.dumps(e) for e in mb.entries)
         assert racy > 0
 
     _run(main())

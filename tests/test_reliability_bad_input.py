@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from sessionfence import (
+    NotASessionError,
     SessionTakeoverError,
     SessionWriteLockAcquireError,
     TornTranscriptError,
@@ -68,7 +69,10 @@ TRANSCRIPTS: dict[str, tuple[bytes, dict[str, Any]]] = {
     ),
     "ends_mid_line": (HEADER + GOOD + b'{"type":"mess', {"entries": 1, "torn": (0, 13)}),
     "only_a_partial_line": (b'{"type":"sess', {"entries": 0, "torn": (0, 13), "header": None}),
-    "header_is_not_a_session": (GOOD + GOOD.replace(b"g1", b"g2"), {"entries": 2, "header": None}),
+    "header_is_not_a_session": (
+        GOOD + GOOD.replace(b"g1", b"g2"),
+        {"entries": 2, "header": None, "not_a_session": True},
+    ),
     "second_header_later": (
         HEADER + GOOD + HEADER,
         {"entries": 2, "torn": None},  # kept as an entry, but not a tree node
@@ -114,6 +118,15 @@ def test_bad_transcript_verdict_and_nothing_lost(tmp_path: Path, name: str) -> N
     assert path.read_bytes() == data, "opening changed the file"
 
     message = {"role": "user", "content": "appended after bad input"}
+    if expected.get("not_a_session"):
+        # another kind of JSONL file: refused whole, nothing written (issue 11)
+        assert manager.not_a_session is not None
+        with pytest.raises(NotASessionError):
+            manager.append_message(message)
+        assert path.read_bytes() == data
+        assert open_fds() == fds
+        return
+    assert manager.not_a_session is None
     if manager.torn_tail is not None:
         # never glued onto the torn line; the repair keeps every byte, in the quarantine
         with pytest.raises(TornTranscriptError):

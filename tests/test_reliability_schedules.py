@@ -206,16 +206,16 @@ owned_schedules = st.lists(owned_window(), min_size=1, max_size=4)
 
 
 @st.composite
-def foreign_schedule(draw: st.DrawFn) -> tuple[list[Window], int, int]:
+def foreign_schedule(
+    draw: st.DrawFn, kinds: tuple[str, ...] = CONTENT
+) -> tuple[list[Window], int, int]:
     """An owned-only schedule with one content-changing edit inserted at a drawn place."""
     windows = draw(owned_schedules)
     w = draw(st.integers(0, len(windows) - 1))
-    # After the window's last refresh: refresh_after_owned_write is the caller saying "the
-    # file is what I wrote" and adopts it unverified (reference §5, "it trusts the
-    # caller"), so an edit right before it is the caller's responsibility, not the fence's.
-    refreshes = [n for n, (kind, _) in enumerate(windows[w]) if kind == "refresh"]
-    i = draw(st.integers(refreshes[-1] + 1 if refreshes else 0, len(windows[w])))
-    event = (draw(st.sampled_from(CONTENT)), draw(fractions))
+    # Anywhere in the window: refresh_after_owned_write adopts only the bytes it is told
+    # it wrote, so an edit before a refresh is the fence's business too.
+    i = draw(st.integers(0, len(windows[w])))
+    event = (draw(st.sampled_from(kinds)), draw(fractions))
     windows[w] = [*windows[w][:i], event, *windows[w][i:]]
     return windows, w, i
 
@@ -251,7 +251,11 @@ def _summary(title: str, counts: Counter[str]) -> str:
 HEALTH = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 
 
-def _foreign_and_owned(foreign_examples: int, owned_examples: int, real_lock: bool) -> Counter[str]:
+def _foreign_and_owned(
+    foreign_examples: int, owned_examples: int, real_lock: bool, per_kind: int = 0
+) -> Counter[str]:
+    """Random schedules; with ``per_kind``, also that many per content-changing kind, so
+    every kind is covered whatever the drawn mix."""
     counts: Counter[str] = Counter()
 
     @settings(
@@ -278,6 +282,20 @@ def _foreign_and_owned(foreign_examples: int, owned_examples: int, real_lock: bo
 
     owned_only()
     with_foreign()
+    for kind in CONTENT if per_kind else ():
+
+        @settings(
+            max_examples=per_kind,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=HEALTH,
+        )
+        @given(schedule=foreign_schedule(kinds=(kind,)))
+        def with_kind(schedule: tuple[list[Window], int, int]) -> None:
+            check_foreign(*schedule, real_lock, counts)
+
+        with_kind()
     return counts
 
 
@@ -294,7 +312,9 @@ def test_2000_schedules_every_foreign_edit_detected_no_false_takeover() -> None:
 
 @pytest.mark.timeout(240)
 def test_schedules_on_the_real_session_write_lock() -> None:
-    counts = _foreign_and_owned(foreign_examples=300, owned_examples=100, real_lock=True)
+    counts = _foreign_and_owned(
+        foreign_examples=300, owned_examples=100, real_lock=True, per_kind=5
+    )
     for kind in CONTENT:
         assert counts[f"detected:{kind}"] >= 5, (kind, counts)
     print(_summary("schedules (real lock, verify=full)", counts))
