@@ -57,6 +57,13 @@ section "1. C tests under ASan + UBSan (gcc, clang)"
 if ! have clang; then
     apt_install clang || true
 fi
+# clang links ASan/UBSan from its compiler-rt package, which --no-install-recommends
+# leaves out (Debian: libclang-rt-<major>-dev); install it when clang cannot link -fsanitize.
+if have clang && ! echo 'int main(void){return 0;}' \
+        | clang -x c -fsanitize=address,undefined -o "$WORK/rt-probe" - 2>/dev/null; then
+    major="$(clang -dumpversion | cut -d. -f1)"
+    apt_install "libclang-rt-${major}-dev" || apt_install "libclang-common-${major}-dev" || true
+fi
 for cc in gcc clang; do
     if ! have "$cc"; then
         skip "$cc not installed (set CI=1 to apt-get it)"
