@@ -1,14 +1,17 @@
-"""``sessionfence`` command line. Each submodule with ``register(subparsers)`` is a command."""
+"""``sessionfence`` command line. Each module named in ``COMMANDS`` has ``register(subparsers)``."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
-import pkgutil
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
+
+# Listed, not discovered: a directory scan finds nothing where the installed package's
+# folder cannot be listed (a privilege-dropped process), and a stray file is no command.
+COMMANDS = ("bench", "fleet", "inspect", "locks", "migrate")
 
 
 class CliError(Exception):
@@ -33,13 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sessionfence {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        register = getattr(module, "register", None)
-        if register is not None:
-            register(sub)
+    for name in COMMANDS:
+        importlib.import_module(f"{__name__}.{name}").register(sub)
     return parser
 
 
