@@ -36,7 +36,10 @@ def register(subparsers: Any) -> None:
         "workers are SIGKILLed, some half-way through a line. Every event is logged as "
         "ground truth; the report checks the fence's verdicts and every acknowledged line "
         "against it. Exit status 0 only when no line was lost or duplicated, no injected "
-        "takeover was missed and no false takeover was raised; 1 otherwise; 2 on bad input.",
+        "takeover was missed and no false takeover was raised; 1 otherwise; 2 on bad input; "
+        "130 when stopped by Ctrl-C (the first ^C ends the running attempts at a turn "
+        "boundary and prints the report of what ran, marked INTERRUPTED; a second ^C "
+        "abandons the run).",
     )
     p.add_argument("--workers", metavar="N", default="4", help="worker processes (default 4)")
     p.add_argument("--sessions", metavar="S", default="8", help="transcripts (default 8)")
@@ -193,7 +196,9 @@ def run(args: argparse.Namespace) -> int:
         if not keep:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    keep = keep or not report["ok"]
+    # A failed run keeps its directory; an interrupted one whose checks held so far is no
+    # more worth keeping than a passed one.
+    keep = keep or bool(report["failures"])
     if not keep:
         shutil.rmtree(run_dir, ignore_errors=True)
         report["run_dir"] = None
@@ -204,4 +209,6 @@ def run(args: argparse.Namespace) -> int:
         render_text(report, sys.stdout)
         if keep:
             print(f"run directory kept: {run_dir}")
+    if report["interrupted"]:
+        return 130
     return 0 if report["ok"] else 1

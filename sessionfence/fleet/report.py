@@ -62,7 +62,8 @@ def _round(value: float | None) -> float | None:
 
 
 def failures(report: Mapping[str, Any]) -> list[str]:
-    """Why the run fails (empty when it passes): the exit status rule of SPEC §7."""
+    """Why the run fails (empty when it passes): the exit status rule of SPEC §7. An
+    interrupted run is judged on what ran; it never passes (see ``_assemble``)."""
     out = []
     lines = report["lines"]
     takeovers = report["takeovers"]
@@ -149,6 +150,7 @@ def _assemble(
             "attempt_open_total_s": round(sum(s["open"] for s in facts.setups), 3),
             # Every released window ends in a check: a passed one (a turn) or a detection.
             "released_windows": len(turns) + len(facts.detections),
+            "attempts_planned": cfg.sessions * cfg.attempts,
             "attempts": dict(sorted(result.outcomes.items())),
             "transcript_bytes_at_start": result.padding_end,
         },
@@ -211,9 +213,10 @@ def _assemble(
         "error_count": len(facts.errors),
         "errors": [{k: v for k, v in e.items() if k != "traceback"} for e in facts.errors[:10]],
         "run_dir": result.run_dir,
+        "interrupted": result.interrupted,
     }
     report["failures"] = failures(report)
-    report["ok"] = not report["failures"]
+    report["ok"] = not report["failures"] and not result.interrupted
     return report
 
 
@@ -231,24 +234,26 @@ def _ms(summary: Mapping[str, Any]) -> str:
 
 
 def render_text(report: Mapping[str, Any], out: TextIO) -> None:
-    """The human report: a rich table when rich is importable, plain lines otherwise."""
+    """The human report: a rich table on a terminal; plain lines anywhere else (a pipe, a
+    log), never padded with trailing spaces and never wrapped at a console width."""
     rows = _rows(report)
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        width = max(len(k) for k, _ in rows)
-        for key, value in rows:
-            print(f"{key.ljust(width)}  {value}" if key else "", file=out)
-        return
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
+    if out.isatty():
+        try:
+            from rich.console import Console
+            from rich.table import Table
+        except ImportError:
+            pass
+        else:
+            table = Table(show_header=False, box=None, pad_edge=False)
+            table.add_column(style="bold")
+            table.add_column()
+            for key, value in rows:
+                table.add_row(key, value)
+            Console(file=out, highlight=False).print(table)
+            return
+    width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        table.add_row(key, value)
-    # A log or a pipe is not a terminal: give it long lines rather than rich's 80 columns.
-    columns = None if out.isatty() else 160
-    Console(file=out, highlight=False, width=columns).print(table)
+        print(f"{key.ljust(width)}  {value}".rstrip(), file=out)
 
 
 def _rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -260,6 +265,8 @@ def _rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     workers = report["workers"]
     torn = workers["torn_tails"]
     attempts = ", ".join(f"{k} {v}" for k, v in run["attempts"].items()) or "-"
+    if "attempts_planned" in run:
+        attempts += f"  (of {run['attempts_planned']} planned)"
     rows = [
         (
             "fleet",
@@ -353,7 +360,13 @@ def _rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         if reasons:
             parts += "  [" + ", ".join(f"{r} {n}" for r, n in sorted(reasons.items())) + "]"
         rows.append((f"  {kind}", parts))
-    verdict = "PASS" if report["ok"] else "FAIL: " + "; ".join(report["failures"])
+    if report.get("interrupted"):
+        outcome = "; ".join(report["failures"]) if report["failures"] else None
+        verdict = f"INTERRUPTED after {report['run']['elapsed_s']:.2f} s: " + (
+            f"FAIL: {outcome}" if outcome else "no failure in what ran"
+        )
+    else:
+        verdict = "PASS" if report["ok"] else "FAIL: " + "; ".join(report["failures"])
     rows.append(("verdict", verdict))
     return rows
 
@@ -367,6 +380,7 @@ class ProgressDisplay:
         self._bar: Any = None
         self._task: Any = None
         self._last_line = -math.inf
+        self._told_interrupt = False
         if enabled and self._stream.isatty():
             try:
                 from rich.console import Console
@@ -396,6 +410,8 @@ class ProgressDisplay:
             f"{progress.turns} turns ({rate:.0f}/s), {progress.takeovers} takeovers stopped, "
             f"{progress.kills} workers killed"
         )
+        if progress.interrupted:
+            status += "; interrupted, ending the running attempts (^C again to abandon)"
         if self._bar is not None:
             self._bar.update(
                 self._task,
@@ -405,7 +421,9 @@ class ProgressDisplay:
             )
             self._bar.refresh()
             return
-        if progress.elapsed - self._last_line >= 2.0:
+        tell_interrupt = progress.interrupted and not self._told_interrupt
+        if tell_interrupt or progress.elapsed - self._last_line >= 2.0:
+            self._told_interrupt = self._told_interrupt or progress.interrupted
             self._last_line = progress.elapsed
             print(
                 f"fleet: {progress.attempts_done}/{progress.attempts_planned} attempts, "

@@ -9,6 +9,17 @@ stopped on a takeover, or killed) until it has completed its planned attempts.
 The supervisor is also the one that SIGKILLs workers at random points (it knows the pid is
 still its child, so a recycled pid is never hit), and it tells a worker in its task when to
 die half-way through writing a line, which leaves a torn tail for the next attempt.
+
+Ctrl-C belongs to the supervisor alone. Every child ignores SIGINT from its first
+instruction (the signal is blocked while it is forked, so none slips through before that),
+which keeps a terminal's ^C, sent to the whole foreground process group, from printing a
+``KeyboardInterrupt`` traceback per child. The supervisor takes the first ^C as "stop":
+it dispatches nothing more and raises the board's stop flag; the chaos and mirror
+processes stop visiting windows, and each running attempt ends at its next turn boundary
+(after the fence check of its last released window, so every window it opened is judged)
+with the outcome ``interrupted``. Attempts still running after ``_INTERRUPT_GRACE`` seconds
+(a large transcript still being parsed) are SIGKILLed like any killed attempt. The run then
+ends normally and its report covers what ran. A second ^C abandons the run at once.
 """
 
 from __future__ import annotations
@@ -19,9 +30,10 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -42,6 +54,8 @@ _WAIT_SLICE = 0.1
 _MAX_CRASHES = 10
 _STALL_SECONDS = 120.0
 _JOIN_TIMEOUT = 20.0
+# After a ^C, how long running attempts get to reach a turn boundary before they are killed.
+_INTERRUPT_GRACE = 10.0
 
 
 class FleetAbortedError(RuntimeError):
@@ -58,6 +72,7 @@ class Progress:
     elapsed: float = 0.0
     kills: int = 0
     takeovers: int = 0
+    interrupted: bool = False  # ^C: the running attempts are winding down
 
 
 @dataclass
@@ -73,6 +88,29 @@ class RunResult:
     kills_sent: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
     foreign_exitcodes: dict[str, int | None] = field(default_factory=dict)
+    interrupted: bool = False  # stopped by ^C: the figures cover what ran until then
+
+
+def _child_main(target: Callable[..., None], *args: Any) -> None:
+    """Entry of every fleet child process: ignore ^C, then unblock it (see the module doc)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    target(*args)
+
+
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """Hold SIGINT back while a child is started: the child inherits the blocked signal and
+    ignores it before unblocking it; here it is delivered when the block is lifted."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: children ignore ^C on entry
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @dataclass
@@ -123,6 +161,7 @@ class _Supervisor:
         self.attempt_estimate = cfg.turns * (think + 0.003) + 0.01
         self.attempt_seconds: list[float] = []
         self.crashes = 0
+        self.interrupted = False
 
     # processes ------------------------------------------------------------------------------
 
@@ -130,12 +169,21 @@ class _Supervisor:
         parent, child = self.ctx.Pipe()
         slot.incarnation += 1
         proc = self.ctx.Process(
-            target=worker_main,
-            args=(slot.index, slot.incarnation, child, self.board, self.cfg, self.log_dir),
+            target=_child_main,
+            args=(
+                worker_main,
+                slot.index,
+                slot.incarnation,
+                child,
+                self.board,
+                self.cfg,
+                self.log_dir,
+            ),
             name=f"fleet-worker-{slot.index}",
             daemon=True,
         )
-        proc.start()
+        with _sigint_blocked():
+            proc.start()
         child.close()
         slot.proc, slot.conn, slot.task, slot.kill_at = proc, parent, None, None
         slot.kill_sent = False
@@ -150,8 +198,9 @@ class _Supervisor:
             if rate <= 0:
                 continue
             proc = self.ctx.Process(
-                target=target,
+                target=_child_main,
                 args=(
+                    target,
                     self.paths,
                     self.board,
                     rate,
@@ -163,7 +212,8 @@ class _Supervisor:
                 name=f"fleet-{name}",
                 daemon=True,
             )
-            proc.start()
+            with _sigint_blocked():
+                proc.start()
             self.foreign[name] = proc
 
     # routing ---------------------------------------------------------------------------------
@@ -206,9 +256,11 @@ class _Supervisor:
         if task is None or task.attempt != attempt:
             return
         slot.task, slot.kill_at = None, None
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        if outcome == "interrupted":  # ended early by ^C: neither done nor to be redone
+            return
         if outcome in ("completed", "takeover"):
             self.attempt_seconds.append(time.monotonic() - slot.dispatched_at)
-        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         self.progress.attempts_done += 1
         if outcome == "takeover":
             self.progress.takeovers += 1
@@ -295,8 +347,47 @@ class _Supervisor:
                 slot.kill_sent = True
                 slot.proc.kill()
 
+    def kill_running(self) -> None:
+        """After the grace period of a ^C: kill the attempts that did not stop by themselves
+        (counted as killed attempts: their events are void, their lines still checked)."""
+        for slot in self.slots:
+            if slot.task is not None and not slot.kill_sent:
+                _, phase, _ = self.board.snapshot(slot.task.session)
+                self.log.write(
+                    {
+                        "t": "interrupt-kill",
+                        "slot": slot.index,
+                        "attempt": slot.task.attempt,
+                        "phase": PHASE_NAMES.get(phase, str(phase)),
+                    }
+                )
+                slot.kill_sent = True
+                slot.proc.kill()
+
     def done(self) -> bool:
         return not self.pending and all(slot.task is None for slot in self.slots)
+
+    def idle(self) -> bool:
+        return all(slot.task is None for slot in self.slots)
+
+    # ^C -------------------------------------------------------------------------------------
+
+    def on_sigint(self, signum: int, frame: Any) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt  # a second ^C: abandon the run
+        self.interrupted = True
+
+    @contextlib.contextmanager
+    def sigint_handled(self) -> Iterator[None]:
+        """The first ^C sets a flag the loop acts on (see the module doc)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers live in the main thread; ^C is its business there
+            return
+        previous = signal.signal(signal.SIGINT, self.on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     # the run -----------------------------------------------------------------------------
 
@@ -308,53 +399,16 @@ class _Supervisor:
         setup = time.perf_counter() - t0
         self.log.write({"t": "setup", "seconds": setup, "bytes": padding_end})
         started = time.perf_counter()
-        try:
-            for slot in self.slots:
-                self.spawn(slot)
-            self.start_foreign()
-            last_shown = 0.0
-            # A run that stops moving (a wedged lock, a worker stuck in a syscall) must end
-            # with an error, not hang: allow for parsing a large transcript in between.
-            stall_limit = _STALL_SECONDS + cfg.transcript_mb / 10
-            moved_at, last_turns, last_done = time.monotonic(), -1, -1
-            while True:
-                self.dispatch()
-                if self.done():
-                    break
-                turns = self.board.turns()
-                if (turns, self.progress.attempts_done) != (last_turns, last_done):
-                    moved_at, last_turns, last_done = (
-                        time.monotonic(),
-                        turns,
-                        self.progress.attempts_done,
-                    )
-                elif time.monotonic() - moved_at > stall_limit:
-                    raise FleetAbortedError(
-                        f"no turn and no attempt ended for {stall_limit:.0f} s; see {self.log_dir}"
-                    )
-                now = time.monotonic()
-                deadlines = [s.kill_at - now for s in self.slots if s.kill_at is not None]
-                timeout = max(0.0, min([_WAIT_SLICE, *deadlines]))
-                waitables: list[Any] = []
-                for slot in self.slots:
-                    waitables.append(slot.proc.sentinel)
-                    if slot.conn is not None:
-                        waitables.append(slot.conn)
-                ready = set(wait(waitables, timeout))
-                for slot in self.slots:
-                    if slot.conn is not None and slot.conn in ready:
-                        self.drain(slot)
-                for slot in self.slots:
-                    if slot.proc.sentinel in ready or not slot.proc.is_alive():
-                        self.buried(slot)
-                self.kill_due()
-                if time.perf_counter() - last_shown >= _WAIT_SLICE:
-                    last_shown = time.perf_counter()
-                    self.show(started)
-            self.show(started)
-        finally:
-            elapsed = time.perf_counter() - started
-            self.shutdown()
+        with self.sigint_handled():
+            abandoned = False
+            try:
+                self.loop(started)
+            except KeyboardInterrupt:
+                abandoned = True
+                raise
+            finally:
+                elapsed = time.perf_counter() - started
+                self.shutdown(hurry=abandoned)
         return RunResult(
             run_dir=self.run_dir,
             session_dir=self.session_dir,
@@ -367,20 +421,82 @@ class _Supervisor:
             kills_sent=self.kills_sent,
             outcomes=dict(self.outcomes),
             foreign_exitcodes=dict(self.foreign_exitcodes),
+            interrupted=self.interrupted,
         )
+
+    def loop(self, started: float) -> None:
+        cfg = self.cfg
+        for slot in self.slots:
+            self.spawn(slot)
+        self.start_foreign()
+        last_shown = 0.0
+        # A run that stops moving (a wedged lock, a worker stuck in a syscall) must end
+        # with an error, not hang: allow for parsing a large transcript in between.
+        stall_limit = _STALL_SECONDS + cfg.transcript_mb / 10
+        moved_at, last_turns, last_done = time.monotonic(), -1, -1
+        stopped_at: float | None = None
+        while True:
+            if self.interrupted and stopped_at is None:
+                stopped_at = time.monotonic()
+                self.board.stop()
+                running = [s.task.attempt for s in self.slots if s.task is not None]
+                self.log.write({"t": "interrupt", "running": running})
+                self.progress.interrupted = True
+                self.show(started)
+            if stopped_at is None:
+                self.dispatch()
+                if self.done():
+                    break
+            elif self.idle():
+                break
+            elif time.monotonic() - stopped_at > _INTERRUPT_GRACE:
+                self.kill_running()
+            turns = self.board.turns()
+            if (turns, self.progress.attempts_done) != (last_turns, last_done):
+                moved_at, last_turns, last_done = (
+                    time.monotonic(),
+                    turns,
+                    self.progress.attempts_done,
+                )
+            elif time.monotonic() - moved_at > stall_limit:
+                raise FleetAbortedError(
+                    f"no turn and no attempt ended for {stall_limit:.0f} s; see {self.log_dir}"
+                )
+            now = time.monotonic()
+            deadlines = [s.kill_at - now for s in self.slots if s.kill_at is not None]
+            timeout = max(0.0, min([_WAIT_SLICE, *deadlines]))
+            waitables: list[Any] = []
+            for slot in self.slots:
+                waitables.append(slot.proc.sentinel)
+                if slot.conn is not None:
+                    waitables.append(slot.conn)
+            ready = set(wait(waitables, timeout))
+            for slot in self.slots:
+                if slot.conn is not None and slot.conn in ready:
+                    self.drain(slot)
+            for slot in self.slots:
+                if slot.proc.sentinel in ready or not slot.proc.is_alive():
+                    self.buried(slot)
+            if stopped_at is None:
+                self.kill_due()
+            if time.perf_counter() - last_shown >= _WAIT_SLICE:
+                last_shown = time.perf_counter()
+                self.show(started)
+        self.show(started)
 
     def show(self, started: float) -> None:
         self.progress.turns = self.board.turns()
         self.progress.elapsed = time.perf_counter() - started
         self.on_progress(self.progress)
 
-    def shutdown(self) -> None:
+    def shutdown(self, hurry: bool = False) -> None:
+        """Stop every child and wait for it. ``hurry`` (a second ^C): kill them now."""
         self.board.stop()
         for slot in self.slots:
             if slot.conn is not None:
                 with contextlib.suppress(OSError):
                     slot.conn.send(None)
-        deadline = time.monotonic() + _JOIN_TIMEOUT
+        deadline = time.monotonic() + (0.0 if hurry else _JOIN_TIMEOUT)
         procs = [slot.proc for slot in self.slots if slot.proc is not None]
         for proc in [*procs, *self.foreign.values()]:
             proc.join(max(0.0, deadline - time.monotonic()))

@@ -184,7 +184,10 @@ class _Attempt:
 
 
 async def run_attempt(task: Task, cfg: FleetConfig, board: Board, log: LogWriter) -> str:
-    """Run one attempt; returns ``completed``, ``takeover`` or ``error``."""
+    """Run one attempt; returns ``completed``, ``takeover``, ``error`` or ``interrupted``
+    (the run was stopped by ^C: the attempt ends at a turn boundary, see supervisor)."""
+    if board.stopping:
+        return "interrupted"
     # The in-process attempt owner comes first, as in the embedded runner's wiring
     # (reference §7); the supervisor never runs two attempts on one session anyway.
     async with await acquire_session_file_owner(task.path, timeout=cfg.lock_timeout):
@@ -237,6 +240,11 @@ async def _owned_attempt(task: Task, cfg: FleetConfig, board: Board, log: LogWri
             entries=len(manager.entries),
         )
         for turn in range(cfg.turns):
+            if board.stopping:
+                # ^C: stop here, holding the lock, after the fence check of the last
+                # released window; every window this attempt opened has been judged.
+                outcome = "interrupted"
+                break
             t0 = time.perf_counter()
             async with ctl.write_lock():
                 appended = att.append_turn(turn)
@@ -307,7 +315,8 @@ def worker_main(
     log_dir: str,
 ) -> None:
     """Process entry: serve tasks from ``conn`` until it sends None (or closes)."""
-    # The supervisor interrupts with its own signals; a worker never handles ^C itself.
+    # The supervisor interrupts with its own signals; a worker never handles ^C itself
+    # (the supervisor's child entry ignores it already; this covers a direct call).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     log = LogWriter(os.path.join(log_dir, f"worker-{slot:03d}-{incarnation:04d}.jsonl"))
     log.write({"t": "start", "slot": slot, "incarnation": incarnation, "pid": os.getpid()})
