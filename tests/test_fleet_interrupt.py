@@ -1,4 +1,5 @@
-"""``sessionfence fleet`` as a new user meets it: Ctrl-C and output without a terminal.
+"""``sessionfence fleet`` as a new user meets it: Ctrl-C, output without a terminal, and a
+report whose every term is documented.
 
 Ctrl-C is sent as a terminal sends it: SIGINT to the whole foreground process group, so the
 supervisor and every child get it at once. The run must stop cleanly: no traceback from any
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FLEET_DOC = ROOT / "docs" / "fleet.md"
 
 posix_only = pytest.mark.skipif(
     sys.platform == "win32", reason="process groups and SIGINT are POSIX; Windows has Ctrl-C events"
@@ -188,3 +193,66 @@ def _tiny_report() -> dict[str, Any]:
 
 
 _REPORT: dict[str, Any] | None = None
+
+
+# -- docs/fleet.md explains every line and key ----------------------------------------------
+
+
+def _doc() -> str:
+    return FLEET_DOC.read_text(encoding="utf-8")
+
+
+def _keys(value: Any, prefix: str = "") -> Iterator[str]:
+    """Every key path of the JSON report; maps keyed by data (kinds, reasons) stop there."""
+    if isinstance(value, dict):
+        for key, child in value.items():
+            path = f"{prefix}.{key}" if prefix else key
+            yield path
+            if key in ("by_kind", "reasons", "attempts", "foreign_exitcodes", "killed_in_phase"):
+                continue
+            yield from _keys(child, path)
+
+
+def test_docs_explain_every_json_key_of_the_report() -> None:
+    doc = _doc()
+    report = _tiny_report()
+    # A nested summary's keys are documented once for all of them.
+    generic = {"count", "p50_ms", "p99_ms", "max_ms"}
+    missing = []
+    for path in _keys(report):
+        last = path.rsplit(".", 1)[-1]
+        if path.startswith("foreign_writers.") and path.count(".") == 1:
+            continue  # the writer's name (chaos, mirror), documented with its figures
+        if last in generic and f"`{last}`" in doc:
+            continue
+        if f"`{path}`" not in doc and f"`{last}`" not in doc:
+            missing.append(path)
+    assert missing == [], f"undocumented report keys in {FLEET_DOC.name}: {missing}"
+
+
+def test_docs_explain_every_line_of_the_text_report_and_every_term() -> None:
+    from sessionfence.fleet.chaos import KINDS
+    from sessionfence.fleet.report import _rows
+
+    doc = _doc()
+    labels = {key.strip() for key, _ in _rows(_tiny_report())} - set(KINDS) - {""}
+    assert {"verdict", "takeovers", "lines", "kills"} <= labels
+    for label in sorted(labels):
+        assert re.search(rf"`{re.escape(label)}`", doc), f"report line {label!r} not explained"
+    for kind in KINDS:
+        assert f"`{kind}`" in doc, f"chaos kind {kind!r} not explained"
+    for term in ("void", "late", "unseen by design", "of minima", "accepted", "benign", "false"):
+        assert term in doc, term
+    for outcome in ("completed", "takeover", "error", "crash", "interrupted"):
+        assert f"`{outcome}`" in doc, outcome
+
+
+def test_fleet_help_points_to_the_report_guide() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "sessionfence", "fleet", "--help"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0
+    assert "docs/fleet.md" in done.stdout
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "(docs/fleet.md)" in readme

@@ -40,6 +40,8 @@ def register(subparsers: Any) -> None:
         "130 when stopped by Ctrl-C (the first ^C ends the running attempts at a turn "
         "boundary and prints the report of what ran, marked INTERRUPTED; a second ^C "
         "abandons the run).",
+        epilog="Every line of the report and every key of --json is explained in "
+        "docs/fleet.md (https://github.com/sessionfence/sessionfence/blob/main/docs/fleet.md).",
     )
     p.add_argument("--workers", metavar="N", default="4", help="worker processes (default 4)")
     p.add_argument("--sessions", metavar="S", default="8", help="transcripts (default 8)")
