@@ -150,7 +150,19 @@ class ChangeKind(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """What happened to a file since ``before`` (SPEC §2.2)."""
+    """What happened to a file since ``before``: the answer of ``check_append``.
+
+    ``kind`` classifies the change, ``before`` is the fingerprint it was checked against and
+    ``after`` the file as checked (its tail hashed with the call's ``window``).
+
+    ``appended`` holds the new bytes ``[before.size, after.size)`` for ``APPENDED`` (for
+    ``CREATED``: the whole content, ``b""`` for an empty file), but only when that span is at
+    most ``max_suffix`` bytes (default 1 MiB, ``DEFAULT_MAX_SUFFIX``). Above that it is
+    ``None`` although ``kind`` is ``APPENDED`` (or ``CREATED``): the check still proved the
+    old tail window, it just did not read the suffix. Pass a larger ``max_suffix``, or read
+    the span yourself with ``read_range(path, before.size, after.size - before.size)``.
+    For every other kind it is ``None``.
+    """
 
     kind: ChangeKind
     before: Fingerprint
