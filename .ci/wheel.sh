@@ -4,7 +4,8 @@
 #
 #   1. build the sdist from the committed tree (plus uncommitted edits of tracked files;
 #      untracked files never leak in) and check it carries the C sources, the cffi builder,
-#      the vendored xxhash.h + LICENSE and the tests, and no build debris;
+#      the vendored xxhash.h + LICENSE, the tests, the docs and the changelog (with its
+#      fragment guide), and no build debris;
 #   2. build a wheel FROM that sdist (isolated build env, SESSIONFENCE_WERROR=1, gcc);
 #   3. auditwheel repair it to a manylinux tag, check the tag (cp310-abi3-manylinux_*);
 #   4. abi3audit --strict, twine check --strict;
@@ -75,7 +76,8 @@ LISTING=$(tar -tzf "$SDIST")
 NAME=$(basename "$SDIST" .tar.gz)
 for f in csrc/sessionfence.c csrc/sessionfence.h csrc/build_ffi.py csrc/xxhash/xxhash.h \
          csrc/xxhash/LICENSE csrc/xxhash/VENDORED.md csrc/tests/test_sessionfence.c \
-         setup.py pyproject.toml LICENSE README.md tests/conftest.py sessionfence/__init__.py; do
+         setup.py pyproject.toml LICENSE README.md tests/conftest.py sessionfence/__init__.py \
+         CHANGELOG.md changelog.d/README.md docs/platforms.md docs/fleet.md; do
     if grep -qx "$NAME/$f" <<<"$LISTING"; then
         echo "  has $f"
     else
