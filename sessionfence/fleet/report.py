@@ -410,8 +410,8 @@ class ProgressDisplay:
             f"{progress.turns} turns ({rate:.0f}/s), {progress.takeovers} takeovers stopped, "
             f"{progress.kills} workers killed"
         )
-        if progress.interrupted:
-            status += "; interrupted, ending the running attempts (^C again to abandon)"
+        if progress.interrupted:  # short: a terminal line has room for little else
+            status = f"{progress.turns} turns; interrupted, ending attempts (^C again: abandon)"
         if self._bar is not None:
             self._bar.update(
                 self._task,
