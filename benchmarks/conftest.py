@@ -22,7 +22,7 @@ from types import ModuleType
 
 import pytest
 
-from sessionfence import benchsuite
+from sessionfence.bench import _suite as benchsuite
 
 BACKENDS = {"cffi": "sessionfence._impl_cffi", "python": "sessionfence._impl_py"}
 QUICK_ENV = "SESSIONFENCE_BENCH_QUICK"

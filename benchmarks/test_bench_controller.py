@@ -13,7 +13,7 @@
 
 Sizes 1 KiB, 100 MiB and 1 GiB (sparse with a real JSONL tail); the lock is a no-op
 injected ``acquire`` (its cost does not depend on the transcript). ``test_p7_ratio`` and
-``test_p2c_ratio`` run the SPEC §8 measures (``sessionfence._controller_bench``) and record
+``test_p2c_ratio`` run the SPEC §8 measures (``sessionfence.bench.controller``) and record
 the ratio in ``extra_info`` (P7 target <= 1.5, P2 target >= 10 000); they do not assert it.
 """
 
@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
-from sessionfence import _controller_bench as cb
-from sessionfence import benchsuite
+from sessionfence.bench import _suite as benchsuite
+from sessionfence.bench import controller as cb
 
 KiB = benchsuite.KiB
 MiB = benchsuite.MiB

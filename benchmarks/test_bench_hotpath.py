@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from sessionfence import benchsuite
 from sessionfence._types import ChangeKind
+from sessionfence.bench import _suite as benchsuite
 
 KiB = benchsuite.KiB
 MiB = benchsuite.MiB

@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 
 from sessionfence import SessionManager, _jsonl
-from sessionfence import _transcript_io as _io
+from sessionfence.transcript import _io as _io
 
 MB = 1_000_000
 MiB = 1 << 20

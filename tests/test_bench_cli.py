@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from sessionfence import benchsuite
+from sessionfence.bench import _suite as benchsuite
 from sessionfence.cli import main
 
 MEASURE_IDS = ("P1", "P2", "P3", "P4", "P5", "P6")

@@ -41,7 +41,7 @@ pytestmark = pytest.mark.usefixtures("backend")
 def _no_lock_left_held() -> Iterator[None]:
     """Every test releases what it took: a leaked hold would skew later lock tests."""
     yield
-    from sessionfence import _lock_registry
+    from sessionfence.lock import _registry as _lock_registry
 
     assert not _lock_registry.held, "a test left a session write lock held"
 

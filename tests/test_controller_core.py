@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from sessionfence import SessionFileOwnerTimeoutError, SessionTakeoverError
-from sessionfence._controller_owner import MAX_TIMER_MS, clamp_timeout_ms
 from sessionfence.controller import acquire_session_file_owner
+from sessionfence.controller._owner import MAX_TIMER_MS, clamp_timeout_ms
 
 from .test_controller_helpers import (
     LOCK_OPTIONS,

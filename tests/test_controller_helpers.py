@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from sessionfence import SessionWriteLockStaleError, SessionWriteLockTimeoutError
-from sessionfence import _controller_snapshot as snapshot_module
 from sessionfence.controller import SessionFenceController, reset_for_tests
+from sessionfence.controller import _snapshot as snapshot_module
 from sessionfence.transcript import (  # noqa: F401 (re-exported for the tests)
     is_expected_compaction_append as is_expected_compaction,
 )

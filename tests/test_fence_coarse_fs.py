@@ -22,7 +22,7 @@ from types import ModuleType
 import pytest
 
 from sessionfence import SessionTakeoverError
-from sessionfence._controller_snapshot import quiet_since
+from sessionfence.controller._snapshot import quiet_since
 from sessionfence.transcript import SessionManager, guard_session_manager
 
 from .coarse_fs import ext2_image, ramfs, same_tick_rewrite
@@ -35,7 +35,7 @@ MOUNTS = {"ramfs": ramfs, "ext2": ext2_image}
 def _no_lock_left_held() -> Iterator[None]:
     """Every test releases what it took: a leaked hold would skew later lock tests."""
     yield
-    from sessionfence import _lock_registry
+    from sessionfence.lock import _registry as _lock_registry
 
     assert not _lock_registry.held, "a test left a session write lock held"
 

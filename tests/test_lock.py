@@ -56,16 +56,16 @@ from sessionfence import (
     SessionWriteLockAcquireError,
     SessionWriteLockStaleError,
     SessionWriteLockTimeoutError,
-    _lock_os,
-    _lock_record,
-    _lock_registry,
     acquire_session_write_lock,
     acquire_session_write_lock_async,
     clean_stale_locks,
     inspect_lock,
-    lock,
 )
 from sessionfence.cli import main as cli_main
+from sessionfence.lock import _acquire as lock
+from sessionfence.lock import _os as _lock_os
+from sessionfence.lock import _record as _lock_record
+from sessionfence.lock import _registry as _lock_registry
 
 from .test_lock_helpers import probe_held
 

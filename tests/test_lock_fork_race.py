@@ -29,7 +29,8 @@ from typing import NoReturn
 
 import pytest
 
-from sessionfence import _lock_registry, acquire_session_write_lock, inspect_lock
+from sessionfence import acquire_session_write_lock, inspect_lock
+from sessionfence.lock import _registry as _lock_registry
 
 from .test_lock_helpers import WAIT, probe_held, process_state, wait_for
 

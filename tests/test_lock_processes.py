@@ -27,12 +27,12 @@ import sessionfence
 from sessionfence import (
     SessionWriteLockStaleError,
     SessionWriteLockTimeoutError,
-    _lock_os,
-    _lock_registry,
     acquire_session_write_lock,
-    lock,
 )
 from sessionfence.lock import LockInheritedError
+from sessionfence.lock import _acquire as lock
+from sessionfence.lock import _os as _lock_os
+from sessionfence.lock import _registry as _lock_registry
 
 from .test_lock_helpers import (
     CTX,

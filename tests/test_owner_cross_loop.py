@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from sessionfence._controller_owner import SessionFileOwner
 from sessionfence.controller import acquire_session_file_owner, reset_for_tests
+from sessionfence.controller._owner import SessionFileOwner
 
 pytestmark = pytest.mark.timeout(120)
 

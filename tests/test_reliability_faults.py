@@ -39,14 +39,14 @@ import pytest
 
 from sessionfence import (
     TornTranscriptError,
-    _lock_os,
-    _lock_registry,
-    _transcript_io,
     acquire_session_write_lock,
-    lock,
-    transcript,
 )
+from sessionfence.lock import _acquire as lock
+from sessionfence.lock import _os as _lock_os
+from sessionfence.lock import _registry as _lock_registry
 from sessionfence.transcript import SessionManager
+from sessionfence.transcript import _io as _transcript_io
+from sessionfence.transcript import _manager as transcript
 
 from .reliability_helpers import HEADER, open_fds
 from .test_lock_helpers import probe_held

@@ -22,8 +22,8 @@ from sessionfence import (
     content_digest,
     fingerprint,
 )
-from sessionfence import _transcript_io as tio
 from sessionfence.transcript import TranscriptChangedError
+from sessionfence.transcript import _io as tio
 
 ISO_MS_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 HEX8 = re.compile(r"^[0-9a-f]{8}$")

@@ -22,7 +22,7 @@ import pytest
 
 import sessionfence
 from sessionfence import SessionManager, _jsonl, content_digest
-from sessionfence import _transcript_io as tio
+from sessionfence.transcript import _io as tio
 
 FIXTURES = Path(__file__).parent / "fixtures" / "transcripts"
 

@@ -12,6 +12,7 @@ import errno
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,8 @@ import pytest
 
 import sessionfence
 from sessionfence import SessionManager, acquire_session_write_lock
-from sessionfence import _transcript_io as tio
-from sessionfence import transcript as transcript_module
+from sessionfence.transcript import _io as tio
+from sessionfence.transcript import _manager as transcript_module
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="fork and POSIX faults")
 
@@ -251,6 +252,9 @@ def _steady_appender(path: Path, stop: int, acks: int) -> None:
             if ident is not None:
                 os.write(acks, ident.encode() + b"\n")
             seq += 1
+            # Leave the lock free most of the time: a contender polls every 50 ms, and an
+            # appender that re-locks at once would starve it on a loaded machine.
+            time.sleep(0.005)
     finally:
         os._exit(0)
 

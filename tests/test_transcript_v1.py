@@ -23,7 +23,7 @@ import pytest
 
 import sessionfence
 from sessionfence import SessionManager, _jsonl, acquire_session_write_lock
-from sessionfence import _transcript_io as tio
+from sessionfence.transcript import _io as tio
 
 FIXTURES = Path(__file__).parent / "fixtures" / "transcripts"
 HEX8 = re.compile(r"^[0-9a-f]{8}$")

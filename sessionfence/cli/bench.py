@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from . import CliError
 
 if TYPE_CHECKING:
-    from ..benchsuite import Report
+    from ..bench._suite import Report
 
 CHART_SUFFIXES = (".png", ".svg", ".pdf")
 
@@ -110,7 +110,7 @@ def _check_only(text: str | None, known: Sequence[str]) -> list[str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import benchsuite
+    from ..bench import _suite as benchsuite
 
     known = list(benchsuite.load_measures())
     only = _check_only(args.only, known)
@@ -264,7 +264,7 @@ def write_chart(report: Report, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise CliError('--chart needs matplotlib: pip install "sessionfence[cli]"') from None
-    from ..benchsuite import format_bytes
+    from ..bench._suite import format_bytes
 
     points = report.sweep
     sizes = [p.size for p in points]

@@ -47,7 +47,7 @@ def _positive_seconds(text: str) -> float:
 
 
 def _row(info: Any, removed: set[str]) -> list[str]:
-    from .._lock_record import describe_owner
+    from ..lock._record import describe_owner
 
     owner = info.owner
     generation = owner.get("generation") if owner else None
@@ -70,8 +70,8 @@ def _other_row(other: Any) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._lock_inspect import scan_locks
     from ..lock import clean_stale_locks
+    from ..lock._inspect import scan_locks
 
     directory = args.directory
     if not os.path.exists(directory):

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from . import _jsonl
+from .. import _jsonl
 
 __all__ = [
     "GUARD_ATTRIBUTE",

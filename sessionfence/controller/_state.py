@@ -14,29 +14,29 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any, Literal
 
-from ._controller_classify import (
-    BenignPolicy,
-)
-from ._controller_registry import REGISTRY, session_file_key
-from ._controller_scope import (
-    ScopeState,
-    Signal,
-    call_maybe_async,
-    release_lock,
-)
-from ._controller_snapshot import FenceSnapshot, SnapshotIO
-from ._merge import MergeResult, PublishedEntry
-from ._types import (
+from .._merge import MergeResult, PublishedEntry
+from .._types import (
     MISSING,
     Change,
     ChangeKind,
     Fingerprint,
 )
-from .errors import (
+from ..errors import (
     SessionTakeoverError,
     SessionWriteLockAcquireError,
     SessionWriteLockStaleError,
 )
+from ._classify import (
+    BenignPolicy,
+)
+from ._scope import (
+    ScopeState,
+    Signal,
+    call_maybe_async,
+    release_lock,
+)
+from ._snapshot import FenceSnapshot, SnapshotIO
+from ._trust import REGISTRY, session_file_key
 
 __all__ = ["ControllerState", "MergeCallback", "ReloadCallback", "Resolver", "Verify"]
 

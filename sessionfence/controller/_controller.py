@@ -45,32 +45,32 @@ from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
-from ._controller_classify import (
-    BenignPolicy,
-)
-from ._controller_owner import SessionFileOwner, acquire_session_file_owner, reset_owners
-from ._controller_registry import REGISTRY, same_state
-from ._controller_scope import (
-    call_maybe_async,
-    release_lock,
-)
-from ._controller_snapshot import FenceSnapshot
-from ._controller_state import CREATE, MergeCallback, ReloadCallback, Verify
-from ._controller_write import WriteScope, WriteScopes
-from ._lock_record import resolve_settings as resolve_lock_settings
-from ._merge import MergeResult
-from ._ownership import LIVE_MANAGERS, OWN_WRITES
-from ._types import (
+from .._merge import MergeResult
+from .._ownership import LIVE_MANAGERS, OWN_WRITES
+from .._types import (
     DEFAULT_WINDOW,
     Change,
     ChangeKind,
     Fingerprint,
     check_window,
 )
-from .errors import (
+from ..errors import (
     SessionTakeoverError,
     SessionWriteLockAcquireError,
 )
+from ..lock._record import resolve_settings as resolve_lock_settings
+from ._classify import (
+    BenignPolicy,
+)
+from ._owner import SessionFileOwner, acquire_session_file_owner, reset_owners
+from ._scope import (
+    call_maybe_async,
+    release_lock,
+)
+from ._snapshot import FenceSnapshot
+from ._state import CREATE, MergeCallback, ReloadCallback, Verify
+from ._trust import REGISTRY, same_state
+from ._write import WriteScope, WriteScopes
 
 __all__ = [
     "BenignPolicy",
@@ -197,7 +197,7 @@ class SessionFenceController(WriteScopes):
             raise ValueError(f"verify must be 'tail' or 'full', not {verify!r}")
         check_window(window)
         if acquire is None:
-            from .lock import acquire_session_write_lock_async
+            from ..lock import acquire_session_write_lock_async
 
             acquire = acquire_session_write_lock_async
         ctl = cls(

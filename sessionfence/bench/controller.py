@@ -14,11 +14,9 @@ The lock is a no-op injected ``acquire``: the measures are about the fence, and 
 lock's cost does not depend on the transcript's size. Each controller runs on its own event
 loop and is pinned to its backend, so contenders can be raced round by round.
 
-``measure_p7`` and ``measure_p2_controller`` take a ``benchsuite.Bench``. Importing this
-module registers them with ``benchsuite.measure`` as ``P7`` and ``P2c``;
-``benchsuite.load_measures()`` discovers modules named ``sessionfence._bench_*``, so a
-one-line ``sessionfence/_bench_controller.py`` (``from ._controller_bench import *``) puts
-them in ``sessionfence bench``.
+``measure_p7`` and ``measure_p2_controller`` take a ``Bench``. Importing this module
+registers them with ``measure`` as ``P7`` and ``P2c``; ``load_measures()`` imports it
+(``MEASURE_MODULES``), which puts them in ``sessionfence bench``.
 """
 
 from __future__ import annotations
@@ -33,10 +31,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from . import benchsuite as bs
-from ._types import same_stat
-from .controller import SessionFenceController
-from .transcript import is_expected_compaction_append
+from .._types import same_stat
+from ..controller import SessionFenceController
+from ..transcript import is_expected_compaction_append
+from . import _suite as bs
 
 __all__ = [
     "ControllerBench",

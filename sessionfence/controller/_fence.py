@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import asyncio
 
-from ._controller_classify import (
+from .._merge import MergeResult, PublishedEntry
+from .._ownership import LIVE_MANAGERS
+from .._types import (
+    Change,
+    ChangeKind,
+    Fingerprint,
+    same_stat,
+)
+from ._classify import (
     Classified,
     Rejected,
     classify_initialization,
@@ -18,21 +26,13 @@ from ._controller_classify import (
     same_published_entries,
     split_lines,
 )
-from ._controller_registry import REGISTRY
-from ._controller_scope import (
+from ._scope import (
     call_maybe_async,
     release_lock,
 )
-from ._controller_snapshot import FenceSnapshot
-from ._controller_state import REASON_BY_KIND, ControllerState
-from ._merge import MergeResult, PublishedEntry
-from ._ownership import LIVE_MANAGERS
-from ._types import (
-    Change,
-    ChangeKind,
-    Fingerprint,
-    same_stat,
-)
+from ._snapshot import FenceSnapshot
+from ._state import REASON_BY_KIND, ControllerState
+from ._trust import REGISTRY
 
 __all__ = ["FenceChecks"]
 

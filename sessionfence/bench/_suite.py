@@ -22,9 +22,8 @@ Conventions that every measure follows:
   at the tail, which is the only part the fenced paths read; smaller ones are streamed JSONL.
 
 Adding a measure (P7, the controller, belongs to another module): decorate a function taking
-a ``Bench`` and returning a list of ``Result`` with ``@measure(...)``. Modules named
-``sessionfence._bench_*`` are imported by ``load_measures()``, so a new file such as
-``sessionfence/_bench_controller.py`` registers itself without touching this one.
+a ``Bench`` and returning a list of ``Result`` with ``@measure(...)``, in a module listed in
+``MEASURE_MODULES`` (``load_measures()`` imports them).
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ import functools
 import gc
 import importlib
 import os
-import pkgutil
 import platform
 import re
 import shutil
@@ -49,8 +47,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
-from . import _impl_py
-from ._types import ChangeKind, Fingerprint
+from .. import _impl_py
+from .._types import ChangeKind, Fingerprint
 
 __all__ = [
     "COLUMNS",
@@ -308,12 +306,14 @@ def measure(id: str, title: str) -> Callable[[Callable[[Bench], list[Result]]], 
     return wrap
 
 
+# Modules whose import registers more measures (explicit: no filename discovery).
+MEASURE_MODULES = ("sessionfence.bench.controller",)
+
+
 def load_measures() -> dict[str, Measure]:
-    """The registered measures in id order, after importing ``sessionfence._bench_*``."""
-    package = sys.modules[__package__ or "sessionfence"]
-    for info in pkgutil.iter_modules(package.__path__):
-        if info.name.startswith("_bench_"):
-            importlib.import_module(f"{package.__name__}.{info.name}")
+    """The registered measures in id order, after importing ``MEASURE_MODULES``."""
+    for name in MEASURE_MODULES:
+        importlib.import_module(name)
     return dict(sorted(MEASURES.items(), key=lambda kv: _id_key(kv[0])))
 
 
@@ -705,7 +705,7 @@ def _time_fig(s: Stats, prefix: str = "") -> Figure:
     return Figure(f"{prefix}{format_ns(s.median)}", s)
 
 
-# Public names for measure modules (sessionfence._bench_*): a table column from a str, and a
+# Public names for measure modules (``MEASURE_MODULES``): a table column from a str, and a
 # time cell.
 column = _col
 time_figure = _time_fig
@@ -1070,7 +1070,7 @@ class Report:
     load_before: float | None = None  # 1-minute load average when the run started
 
     def as_json(self) -> dict[str, Any]:
-        from ._version import __version__
+        from .._version import __version__
 
         return {
             "sessionfence": __version__,

@@ -30,9 +30,9 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from . import _lock_os as _os
-from . import _lock_record as _rec
-from . import _lock_registry as _reg
+from . import _os
+from . import _record as _rec
+from . import _registry as _reg
 
 __all__ = [
     "LockInfo",

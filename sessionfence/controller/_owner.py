@@ -22,8 +22,8 @@ import threading
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from ._controller_registry import session_file_key
-from .errors import SessionFileOwnerTimeoutError
+from ..errors import SessionFileOwnerTimeoutError
+from ._trust import session_file_key
 
 __all__ = ["SessionFileOwner", "acquire_session_file_owner", "reset_owners"]
 

@@ -72,19 +72,19 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from . import _jsonl
-from . import _transcript_io as _io
-from ._controller_registry import session_file_key
-from ._merge import MergeResult, PublishedEntry
-from ._ownership import LIVE_MANAGERS, OWN_WRITES
-from ._transcript_guard import guard_session_manager, is_expected_compaction_append
-from ._types import DEFAULT_WINDOW, MISSING, Fingerprint, PathArg
-from .errors import (
+from .. import _jsonl
+from .._merge import MergeResult, PublishedEntry
+from .._ownership import LIVE_MANAGERS, OWN_WRITES
+from .._types import DEFAULT_WINDOW, MISSING, Fingerprint, PathArg
+from ..controller._trust import session_file_key
+from ..errors import (
     NotASessionError,
     TornTranscriptError,
     TranscriptNeedsMigrationError,
     UnstableFileError,
 )
+from . import _io
+from ._guard import guard_session_manager, is_expected_compaction_append
 
 __all__ = [
     "CURRENT_VERSION",
@@ -1082,7 +1082,7 @@ def _cut(fd: int, size: int) -> bool:
 def _write_lock(path: str, timeout: float | None) -> Iterator[None]:
     """Holds the session write lock of ``path`` for the block: as is when this process holds
     it already (its owner record names this process), else acquired and released here."""
-    from .lock import acquire_session_write_lock, inspect_lock
+    from ..lock import acquire_session_write_lock, inspect_lock
 
     info = inspect_lock(path)
     if info.held and (info.owner or {}).get("pid") == os.getpid():
@@ -1153,7 +1153,7 @@ def migrate_transcript(
     raw_path = os.fspath(path)
     text = os.fsdecode(raw_path) if isinstance(raw_path, bytes) else raw_path
     # The lock key: the real path, so a symlink is migrated where it points and stays one.
-    from .lock import lock_path_for
+    from ..lock import lock_path_for
 
     real, _ = lock_path_for(text)
     os.stat(real)  # a missing file is FileNotFoundError before any lock file is created

@@ -13,8 +13,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
-from ._controller_fence import FenceChecks
-from ._controller_scope import (
+from .._merge import PublishedEntry
+from .._types import ChangeKind
+from ..errors import SessionTakeoverError
+from ._fence import FenceChecks
+from ._scope import (
     Scope,
     ScopeState,
     call_maybe_async,
@@ -23,10 +26,7 @@ from ._controller_scope import (
     settle,
     track,
 )
-from ._controller_state import Resolver
-from ._merge import PublishedEntry
-from ._types import ChangeKind
-from .errors import SessionTakeoverError
+from ._state import Resolver
 
 __all__ = ["WriteScope", "WriteScopes"]
 

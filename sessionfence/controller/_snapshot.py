@@ -14,9 +14,9 @@ import time
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from . import _backend
-from ._controller_registry import REGISTRY
-from ._types import MISSING, RACY_NS, Change, ChangeKind, Fingerprint, same_stat
+from .. import _backend
+from .._types import MISSING, RACY_NS, Change, ChangeKind, Fingerprint, same_stat
+from ._trust import REGISTRY
 
 __all__ = ["FenceSnapshot", "SnapshotIO", "hot_path"]
 

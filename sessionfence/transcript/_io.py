@@ -28,11 +28,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import _jsonl
+from .. import _jsonl
 
 if TYPE_CHECKING:
     # Either backend's RollingDigest has this interface; the pure one names the type.
-    from ._impl_py import RollingDigest as DigestT
+    from .._impl_py import RollingDigest as DigestT
 
 __all__ = [
     "DEFAULT_CHUNK",

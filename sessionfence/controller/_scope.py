@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ._merge import PublishedEntry
+from .._merge import PublishedEntry
 
 __all__ = ["Scope", "ScopeState", "Signal", "call_maybe_async", "release_lock", "settle"]
 

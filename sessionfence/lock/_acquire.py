@@ -22,26 +22,26 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Union
 
-from . import _lock_os as _os
-from . import _lock_record as _rec
-from ._lock_inspect import LockInfo, clean_stale_locks, inspect_lock, list_locks
-from ._lock_os import lock_path_for
-from ._lock_record import DEFAULT_MAX_HOLD as _DEFAULT_MAX_HOLD
-from ._lock_record import DEFAULT_STALE as _DEFAULT_STALE
-from ._lock_record import DEFAULT_TIMEOUT as _DEFAULT_TIMEOUT
-from ._lock_record import resolve_settings as _settings
-from ._lock_registry import Entry as _Entry
-from ._lock_registry import claimed as _claimed
-from ._lock_registry import close_entry as _close_entry
-from ._lock_registry import close_tracked as _close_tracked
-from ._lock_registry import join_reentrant as _join_reentrant
-from ._lock_registry import last_generation as _last_generation
-from ._lock_registry import note_generation as _note_generation
-from ._lock_registry import open_tracked as _open_tracked
-from ._lock_registry import register as _register
-from ._lock_registry import registry_lock as _registry_lock
-from ._lock_registry import watchdog as _watchdog
-from .errors import SessionWriteLockStaleError, SessionWriteLockTimeoutError
+from ..errors import SessionWriteLockStaleError, SessionWriteLockTimeoutError
+from . import _os
+from . import _record as _rec
+from ._inspect import LockInfo, clean_stale_locks, inspect_lock, list_locks
+from ._os import lock_path_for
+from ._record import DEFAULT_MAX_HOLD as _DEFAULT_MAX_HOLD
+from ._record import DEFAULT_STALE as _DEFAULT_STALE
+from ._record import DEFAULT_TIMEOUT as _DEFAULT_TIMEOUT
+from ._record import resolve_settings as _settings
+from ._registry import Entry as _Entry
+from ._registry import claimed as _claimed
+from ._registry import close_entry as _close_entry
+from ._registry import close_tracked as _close_tracked
+from ._registry import join_reentrant as _join_reentrant
+from ._registry import last_generation as _last_generation
+from ._registry import note_generation as _note_generation
+from ._registry import open_tracked as _open_tracked
+from ._registry import register as _register
+from ._registry import registry_lock as _registry_lock
+from ._registry import watchdog as _watchdog
 
 if TYPE_CHECKING:
     from typing_extensions import Self

@@ -23,9 +23,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-from . import _lock_os as _os
-from . import _lock_record as _rec
-from ._lock_watchdog import Watchdog
+from . import _os
+from . import _record as _rec
+from ._watchdog import Watchdog
 
 __all__ = [
     "Entry",

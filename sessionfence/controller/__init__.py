@@ -1,0 +1,33 @@
+"""The fence controller: ``SessionFenceController`` and its collaborators.
+
+Layout: ``_controller`` (the controller), ``_scope`` (write scopes), ``_snapshot`` (fence
+snapshots: fingerprint + rolling digest), ``_trust`` (the process-wide trust registry and
+owned-write history), ``_classify`` (the benign policy and line classification),
+``_owner`` (the in-process attempt owner).
+"""
+
+from __future__ import annotations
+
+from ._controller import (
+    BenignPolicy,
+    CleanupLock,
+    MergeResult,
+    NoopCleanupLock,
+    SessionFenceController,
+    SessionFileOwner,
+    WriteScope,
+    acquire_session_file_owner,
+    reset_for_tests,
+)
+
+__all__ = [
+    "BenignPolicy",
+    "CleanupLock",
+    "MergeResult",
+    "NoopCleanupLock",
+    "SessionFenceController",
+    "SessionFileOwner",
+    "WriteScope",
+    "acquire_session_file_owner",
+    "reset_for_tests",
+]
