@@ -1,4 +1,11 @@
-"""Every error sessionfence raises (SPEC §4); all are importable from ``sessionfence``."""
+"""Every error sessionfence raises on purpose; all are importable from ``sessionfence``.
+
+Each error keeps what it reports as attributes (a path, a timeout, the fingerprints a
+takeover was judged on), pickles and unpickles with all of them (``__reduce__``), so it can
+cross a process boundary (``multiprocessing``, ``concurrent.futures``) intact, and prints
+as ``sessionfence.<Name>``. The two timeouts are also ``TimeoutError``, so code that waits
+on several things can catch one class. Messages are part of the API and do not change.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ if TYPE_CHECKING:
     from ._types import Fingerprint
 
 __all__ = [
+    "LockInheritedError",
     "NotASessionError",
     "SessionFileOwnerTimeoutError",
     "SessionTakeoverError",
@@ -16,14 +24,25 @@ __all__ = [
     "SessionWriteLockStaleError",
     "SessionWriteLockTimeoutError",
     "TornTranscriptError",
+    "TranscriptChangedError",
     "TranscriptFormatError",
     "TranscriptNeedsMigrationError",
     "UnstableFileError",
 ]
 
 
+def _reduce(error: BaseException, *args: object) -> tuple[Any, ...]:
+    """``__reduce__`` of an error built from ``args``; extra state (``__notes__``, attributes
+    a caller added) travels in ``__dict__`` as it does for a plain exception."""
+    return (type(error), args, dict(error.__dict__) or None)
+
+
 class UnstableFileError(OSError):
-    """The file kept changing while it was stat'ed and read; no stable state was seen."""
+    """The file kept changing while it was stat'ed and read, so no stable state was seen.
+
+    An ``OSError`` with ``errno.EAGAIN`` and ``filename`` set to the path; ``attempts`` is
+    how many stat-read-stat rounds were tried. Retrying later usually succeeds.
+    """
 
     def __init__(self, path: Any, attempts: int) -> None:
         super().__init__(
@@ -31,15 +50,28 @@ class UnstableFileError(OSError):
         )
         self.attempts = attempts
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _reduce(self, self.filename, self.attempts)
+
 
 class SessionWriteLockAcquireError(Exception):
-    """Base of the errors raised when the session write lock cannot be taken."""
+    """Base of the errors raised when the session write lock cannot be taken.
+
+    ``lock_path`` is the lock file, ``owner`` describes its holder as read from the owner
+    record (``pid=123 host=h alive=true ageMs=5000``).
+    """
 
     lock_path: str
     owner: str
 
 
-class SessionWriteLockTimeoutError(SessionWriteLockAcquireError):
+class SessionWriteLockTimeoutError(SessionWriteLockAcquireError, TimeoutError):
+    """The lock stayed held by someone else for the whole ``timeout``.
+
+    ``timeout_ms`` is the budget that ran out (``math.inf`` is shown as ``inf``). Also a
+    ``TimeoutError`` (without an ``errno``).
+    """
+
     def __init__(self, timeout_ms: float, owner: str, lock_path: str) -> None:
         shown = "inf" if timeout_ms == float("inf") else str(int(timeout_ms))
         super().__init__(f"session file locked (timeout {shown}ms): {owner} {lock_path}")
@@ -47,8 +79,18 @@ class SessionWriteLockTimeoutError(SessionWriteLockAcquireError):
         self.owner = owner
         self.lock_path = lock_path
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _reduce(self, self.timeout_ms, self.owner, self.lock_path)
+
 
 class SessionWriteLockStaleError(SessionWriteLockAcquireError):
+    """The lock is held by a live process whose hold looks stale; raised at once.
+
+    ``stale_reasons`` lists why: ``too-old`` (the record is older than ``stale``) and/or
+    ``hold-exceeded`` (past the holder's own max hold). A live holder's lock is never
+    broken: stop that process, or wait.
+    """
+
     def __init__(self, owner: str, lock_path: str, stale_reasons: list[str]) -> None:
         reasons = list(stale_reasons) or ["unknown"]
         super().__init__(f"session file lock stale ({', '.join(reasons)}): {owner} {lock_path}")
@@ -56,8 +98,13 @@ class SessionWriteLockStaleError(SessionWriteLockAcquireError):
         self.lock_path = lock_path
         self.stale_reasons = reasons
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _reduce(self, self.owner, self.lock_path, self.stale_reasons)
 
+
+#: Where a takeover can be detected (``SessionTakeoverError.phase``).
 TAKEOVER_PHASES = frozenset({"prompt_reacquire", "cleanup", "fence_check"})
+#: Why a takeover was declared (``SessionTakeoverError.reason``).
 TAKEOVER_REASONS = frozenset(
     {
         "replaced",
@@ -70,12 +117,20 @@ TAKEOVER_REASONS = frozenset(
         "reload-failed",
         "lock-timeout",
         "lock-stale",
+        "lock-lost",
     }
 )
 
 
 class SessionTakeoverError(Exception):
-    """The controller saw a change to the transcript that it does not own."""
+    """The controller saw a change to the transcript that it does not own; stop writing.
+
+    ``phase`` says where it was seen (``prompt_reacquire``, ``cleanup``, ``fence_check``),
+    ``reason`` which check tripped (``replaced``, ``truncated``, ``rewritten``, ``deleted``,
+    ``created``, ``foreign-append``, ``merge-rejected``, ``reload-failed``,
+    ``lock-timeout``, ``lock-stale``, ``lock-lost``), ``before`` and ``after`` are the
+    fingerprints compared, and ``detail`` is free text (e.g. the first foreign entry).
+    """
 
     def __init__(
         self,
@@ -97,9 +152,18 @@ class SessionTakeoverError(Exception):
         self.after = after
         self.detail = detail
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _reduce(
+            self, self.session_file, self.phase, self.reason, self.before, self.after, self.detail
+        )
+
 
 class TornTranscriptError(Exception):
-    """The transcript's last line has no newline; appending would glue two records."""
+    """The transcript's last line is half-written; appending would glue two records.
+
+    ``offset`` and ``length`` locate the torn bytes. ``SessionManager.repair_torn_tail()``
+    moves them aside (under the write lock); nothing was written.
+    """
 
     def __init__(self, session_file: str, offset: int, length: int) -> None:
         super().__init__(
@@ -110,9 +174,16 @@ class TornTranscriptError(Exception):
         self.offset = offset
         self.length = length
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _reduce(self, self.session_file, self.offset, self.length)
 
-class SessionFileOwnerTimeoutError(Exception):
-    """Waiting for the in-process session file owner timed out."""
+
+class SessionFileOwnerTimeoutError(TimeoutError):
+    """Waiting for this process's current owner of the session file timed out.
+
+    ``acquire_session_file_owner(path, timeout=...)`` raises it after ``timeout_ms``.
+    A ``TimeoutError`` (without an ``errno``).
+    """
 
     def __init__(self, timeout_ms: float, session_file: str) -> None:
         super().__init__(
@@ -120,6 +191,9 @@ class SessionFileOwnerTimeoutError(Exception):
         )
         self.timeout_ms = timeout_ms
         self.session_file = session_file
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _reduce(self, self.timeout_ms, self.session_file)
 
 
 class TranscriptFormatError(Exception):
@@ -146,7 +220,7 @@ class NotASessionError(TranscriptFormatError):
         self.looks_like = looks_like
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.session_file, self.looks_like))
+        return _reduce(self, self.session_file, self.looks_like)
 
 
 class TranscriptNeedsMigrationError(TranscriptFormatError):
@@ -169,4 +243,34 @@ class TranscriptNeedsMigrationError(TranscriptFormatError):
         self.version = version
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.session_file, self.version))
+        return _reduce(self, self.session_file, self.version)
+
+
+class TranscriptChangedError(RuntimeError):
+    """The file changed in a way a ``SessionManager`` cannot append to or repair safely: it
+    was emptied behind the manager, it grew while a torn tail was being repaired, or it
+    changed while it was being migrated. Nothing was replaced or truncated; reopen it."""
+
+
+class LockInheritedError(RuntimeError):
+    """A lock handle was used in a process forked from its holder; the child holds nothing.
+
+    ``lock_path`` is the lock file. Take the lock again in the child if it needs one.
+    """
+
+    def __init__(self, lock_path: str) -> None:
+        super().__init__(
+            f"session write lock was inherited across fork; the child does not hold it: {lock_path}"
+        )
+        self.lock_path = lock_path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _reduce(self, self.lock_path)
+
+
+# Shown (repr, tracebacks) and pickled by their public name, as anyio and trio do:
+# ``sessionfence.SessionTakeoverError``, which resolves because the package imports every
+# error eagerly.
+for _cls in (globals()[_name] for _name in __all__):
+    _cls.__module__ = "sessionfence"
+del _cls

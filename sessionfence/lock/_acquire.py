@@ -22,7 +22,11 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Union
 
-from ..errors import SessionWriteLockStaleError, SessionWriteLockTimeoutError
+from ..errors import (
+    LockInheritedError,
+    SessionWriteLockStaleError,
+    SessionWriteLockTimeoutError,
+)
 from . import _os
 from . import _record as _rec
 from ._inspect import LockInfo, clean_stale_locks, inspect_lock, list_locks
@@ -65,10 +69,6 @@ POLL_INTERVAL = 0.05
 # A path replaced under us is retried at once, but only this often per poll, so a
 # pathological replacer cannot turn the wait into a busy loop.
 _IMMEDIATE_RETRIES = 3
-
-
-class LockInheritedError(RuntimeError):
-    """A lock handle was used in a process forked from its holder; the child holds nothing."""
 
 
 class SessionWriteLock:
@@ -153,10 +153,7 @@ class SessionWriteLock:
             if self._released:
                 return
             if entry.pid != os.getpid():
-                raise LockInheritedError(
-                    f"session write lock was inherited across fork; the child does not "
-                    f"hold it: {entry.lock_path}"
-                )
+                raise LockInheritedError(entry.lock_path)
             self._released = True
             if entry.closed:
                 return  # the watchdog already released it; never touch a newer holder

@@ -80,6 +80,7 @@ from ..controller._trust import session_file_key
 from ..errors import (
     NotASessionError,
     TornTranscriptError,
+    TranscriptChangedError,
     TranscriptNeedsMigrationError,
     UnstableFileError,
 )
@@ -127,11 +128,6 @@ KNOWN_ENTRY_TYPES: Final = frozenset(
 )
 
 _NO_PARENT: Final = object()  # no in-memory parent override for an entry
-
-
-class TranscriptChangedError(RuntimeError):
-    """The file changed in a way this manager cannot append to or repair safely (it was
-    emptied behind the manager, or it grew while a torn tail was being repaired)."""
 
 
 class _Unset:
