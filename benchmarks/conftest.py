@@ -22,9 +22,9 @@ from types import ModuleType
 
 import pytest
 
+from sessionfence._backend import IMPLEMENTATIONS
 from sessionfence.bench import _suite as benchsuite
 
-BACKENDS = {"cffi": "sessionfence._impl_cffi", "python": "sessionfence._impl_py"}
 QUICK_ENV = "SESSIONFENCE_BENCH_QUICK"
 
 KiB = benchsuite.KiB
@@ -77,7 +77,7 @@ def bench_quick(pytestconfig: pytest.Config) -> bool:
 )
 def impl(request: pytest.FixtureRequest) -> ModuleType:
     """The backend under measurement. A missing C extension is an error, never a skip."""
-    return importlib.import_module(BACKENDS[request.param])
+    return importlib.import_module(IMPLEMENTATIONS[request.param])
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,108 @@
-"""Chooses the hot-path implementation from ``SESSIONFENCE_BACKEND`` (SPEC §1)."""
+"""The one backend seam: which hot-path implementation runs, and what one must provide.
+
+- ``IMPLEMENTATIONS``: the one name -> module map (tests and benchmarks use it too).
+- ``load(name=None)``: the module for ``name``, or for ``SESSIONFENCE_BACKEND`` (``auto`` =
+  the C extension when importable, else pure Python; ``cffi`` fails loudly without it).
+- ``active()``: the implementation the library uses now. Chosen once at import; ``use()``
+  switches it for a test or a benchmark that compares backends side by side (objects
+  created meanwhile keep the implementation they were created with).
+- ``HotPath``: the surface both implementations provide, checked by mypy below.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
-from types import ModuleType
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Protocol, cast
 
-VALID = ("auto", "cffi", "python")
+from ._types import Change, Fingerprint, PathArg
+
+__all__ = [
+    "ENV",
+    "IMPLEMENTATIONS",
+    "VALID",
+    "HotPath",
+    "active",
+    "load",
+    "requested",
+    "use",
+]
+
+IMPLEMENTATIONS: dict[str, str] = {
+    "cffi": "sessionfence._impl_cffi",
+    "python": "sessionfence._impl_py",
+}
+VALID = ("auto", *IMPLEMENTATIONS)
 ENV = "SESSIONFENCE_BACKEND"
+
+
+class Probe(Protocol):
+    """A ``FileProbe``: a file kept open between checks."""
+
+    def fingerprint(self) -> Fingerprint: ...
+
+    def check_append(
+        self, before: Fingerprint, *, window: int | None = ..., max_suffix: int = ...
+    ) -> Change: ...
+
+    def read_range(self, offset: int, length: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+
+class Digest(Protocol):
+    """A ``RollingDigest``: XXH3-128 rolled forward with appended bytes."""
+
+    def update(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    def copy(self) -> Digest: ...
+
+    def intdigest(self) -> int: ...
+
+
+class DigestType(Protocol):
+    """The ``RollingDigest`` class itself."""
+
+    def __call__(self) -> Digest: ...
+
+    def from_file(self, path: PathArg, size: int | None = ...) -> Digest: ...
+
+
+class HotPath(Protocol):
+    """What a hot-path implementation module provides (both return identical values)."""
+
+    NAME: str
+
+    def fingerprint(self, path: PathArg, *, window: int = ...) -> Fingerprint: ...
+
+    def fingerprint_many(
+        self, paths: Iterable[PathArg], *, window: int = ...
+    ) -> list[Fingerprint]: ...
+
+    def check_append(
+        self, path: PathArg, before: Fingerprint, *, window: int = ..., max_suffix: int = ...
+    ) -> Change: ...
+
+    def read_range(self, path: PathArg, offset: int, length: int) -> bytes: ...
+
+    def content_digest(self, path: PathArg, size: int | None = ...) -> int: ...
+
+    def FileProbe(self, path: PathArg, *, window: int = ...) -> Probe: ...
+
+    @property
+    def RollingDigest(self) -> DigestType: ...
+
+
+if TYPE_CHECKING:  # both implementations satisfy the Protocol (mypy checks these lines)
+    from . import _impl_cffi, _impl_py
+
+    _python: HotPath = _impl_py
+    _cffi: HotPath = _impl_cffi
 
 
 def requested() -> str:
@@ -21,12 +116,18 @@ def requested() -> str:
     return value
 
 
-def load() -> ModuleType:
+def load(name: str | None = None) -> HotPath:
+    """The implementation called ``name`` ("cffi" or "python"); by default the one
+    ``SESSIONFENCE_BACKEND`` asks for."""
+    if name is not None:
+        if name not in IMPLEMENTATIONS:
+            raise ValueError(f"unknown backend {name!r}; use one of: {', '.join(IMPLEMENTATIONS)}")
+        return cast(HotPath, importlib.import_module(IMPLEMENTATIONS[name]))
     choice = requested()
     if choice == "python":
-        return importlib.import_module("sessionfence._impl_py")
+        return load("python")
     try:
-        return importlib.import_module("sessionfence._impl_cffi")
+        return load("cffi")
     except ImportError as exc:
         if choice == "cffi":
             raise ImportError(
@@ -34,4 +135,30 @@ def load() -> ModuleType:
                 "reinstall sessionfence with a C compiler available, or set "
                 f"{ENV}=python to use the pure-Python backend"
             ) from exc
-        return importlib.import_module("sessionfence._impl_py")
+        return load("python")
+
+
+_active: HotPath | None = None
+
+
+def active() -> HotPath:
+    """The implementation the library uses (chosen on first use, or set by ``use()``)."""
+    global _active
+    if _active is None:
+        _active = load()
+    return _active
+
+
+@contextlib.contextmanager
+def use(impl: str | HotPath) -> Iterator[HotPath]:
+    """Run a block with ``impl`` as the active implementation (tests, benchmarks). The
+    package-level functions (``sessionfence.fingerprint`` ...) stay the import-time choice;
+    what the library creates inside the block (controllers, managers) uses ``impl``."""
+    global _active
+    chosen = load(impl) if isinstance(impl, str) else impl
+    previous = _active
+    _active = chosen
+    try:
+        yield chosen
+    finally:
+        _active = previous

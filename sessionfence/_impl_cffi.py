@@ -35,6 +35,7 @@ from ._version import __version__
 from .errors import UnstableFileError
 
 __all__ = [
+    "NAME",
     "FileProbe",
     "RollingDigest",
     "check_append",

@@ -36,6 +36,7 @@ from ._types import (
 from .errors import UnstableFileError
 
 __all__ = [
+    "NAME",
     "FileProbe",
     "RollingDigest",
     "check_append",

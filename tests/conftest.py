@@ -8,7 +8,7 @@ from types import ModuleType
 
 import pytest
 
-BACKENDS = {"cffi": "sessionfence._impl_cffi", "python": "sessionfence._impl_py"}
+from sessionfence._backend import IMPLEMENTATIONS
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 )
 def impl(request: pytest.FixtureRequest) -> ModuleType:
     """The backend module under test. A missing C extension is an error, never a skip."""
-    return importlib.import_module(BACKENDS[request.param])
+    return importlib.import_module(IMPLEMENTATIONS[request.param])
 
 
 @pytest.fixture

@@ -308,7 +308,7 @@ async def test_a_write_after_the_lock_was_force_released_raises_lock_lost(
 
 async def test_refresh_after_the_lock_was_lost_records_lock_lost(session_file: Path) -> None:
     ctl, manager = await _guarded(session_file, "tail")
-    held = ctl._held  # replace the lock file under the held lock
+    held = ctl._hold.lock  # replace the lock file under the held lock
     lock_path = held.lock_path
     os.replace(session_file, session_file.with_suffix(".keep"))
     os.replace(session_file.with_suffix(".keep"), session_file)

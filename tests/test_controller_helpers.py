@@ -11,40 +11,35 @@ around it.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import os
 import secrets
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-from sessionfence import SessionWriteLockStaleError, SessionWriteLockTimeoutError
+from sessionfence import SessionWriteLockStaleError, SessionWriteLockTimeoutError, _backend
+from sessionfence._backend import HotPath
 from sessionfence.controller import SessionFenceController, reset_for_tests
-from sessionfence.controller import _snapshot as snapshot_module
 from sessionfence.transcript import (  # noqa: F401 (re-exported for the tests)
     is_expected_compaction_append as is_expected_compaction,
 )
 
-BACKENDS = {"cffi": "sessionfence._impl_cffi", "python": "sessionfence._impl_py"}
 LOCK_OPTIONS = {"timeout": 60.0, "stale": 1800.0, "max_hold": 300.0}
 
 
 @pytest.fixture(
     name="backend", params=[pytest.param("cffi", marks=pytest.mark.cffi), "python"], ids=str
 )
-def backend_fixture(
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[ModuleType]:
-    module = importlib.import_module(BACKENDS[request.param])
-    monkeypatch.setattr(snapshot_module, "hot_path", module)
-    reset_for_tests()
-    yield module
-    reset_for_tests()
+def backend_fixture(request: pytest.FixtureRequest) -> Iterator[HotPath]:
+    """Controllers and managers created in the test use this backend (``_backend.use``)."""
+    with _backend.use(request.param) as impl:
+        reset_for_tests()
+        yield impl
+        reset_for_tests()
 
 
 @pytest.fixture(name="session_file")

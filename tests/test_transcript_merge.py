@@ -18,7 +18,7 @@ from sessionfence import (
     guard_session_manager,
     is_expected_compaction_append,
 )
-from sessionfence._merge import MergeResult
+from sessionfence._callbacks import MergeResult
 
 
 def line(obj: dict[str, Any]) -> bytes:

@@ -31,6 +31,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from .. import _backend
 from .._types import same_stat
 from ..controller import SessionFenceController
 from ..transcript import is_expected_compaction_append
@@ -80,10 +81,11 @@ class ControllerBench:
 
     def __init__(self, path: Path, impl: ModuleType, *, verify: str = "tail") -> None:
         self.path = path
+        self.impl = impl
         self.loop = asyncio.new_event_loop()
         self._counter = 0
-        self.ctl = self.loop.run_until_complete(self._create(verify))
-        self.ctl._io.pinned = impl
+        with _backend.use(impl):  # the controller keeps the backend it was created with
+            self.ctl = self.loop.run_until_complete(self._create(verify))
         self.loop.run_until_complete(self.ctl.release_for_prompt())
         self.loop.run_until_complete(self.ctl.reacquire_after_prompt())
 
@@ -130,15 +132,14 @@ class ControllerBench:
         t0 = clock()
         self.ctl.owned_file_write(run, is_expected_compaction_append)
         took = clock() - t0 - spent[0]
-        if not same_stat(self.ctl.fence_fingerprint, self.ctl._io.fingerprint()):
+        if not same_stat(self.ctl.fence_fingerprint, self.impl.fingerprint(self.path)):
             raise AssertionError("the owned compaction was not published")  # pragma: no cover
         return float(took)
 
     def close(self) -> None:
         try:
-            self.loop.run_until_complete(self.ctl.dispose())
+            self.loop.run_until_complete(self.ctl.dispose())  # also closes its file probe
         finally:
-            self.ctl._io.close()
             self.loop.close()
 
 

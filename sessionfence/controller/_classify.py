@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._merge import PublishedEntry
+from .._callbacks import PublishedEntry
 
 __all__ = [
     "BenignPolicy",

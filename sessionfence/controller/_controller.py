@@ -1,76 +1,83 @@
 """The fence controller: prompt release and reacquire, owned writes, takeover detection.
 
-Re-implements the original's embedded-attempt session-lock controller (reference §5) for
-asyncio. A worker holds a transcript's write lock, releases it while the model thinks
+A worker holds a transcript's write lock, releases it while the model thinks
 (``release_for_prompt``), takes it back (``reacquire_after_prompt``) and learns at once
 whether anyone changed the transcript meanwhile: its own or a trusted in-process peer's
-(owned) write, a benign append it may merge, or a takeover it must stop on.
+(owned) write, a benign append it may merge, or a takeover it must stop on. It adopts
+nothing it did not write (docs/design.md, "Nothing is adopted").
 
-Differences from the original (SPEC §5.2): fence snapshots are a Fingerprint plus a
-rolling XXH3-128 digest (``_controller_snapshot``), so release, reacquire, ordinary writes
-and the synchronous owned write cost O(appended bytes); same-size changes are judged by
-content for any size; every takeover says why (``SessionTakeoverError.reason``).
-
-The class is built in layers, one module each: ``_controller_state`` (fields, takeover
-records, the held-lock drain and retained use), ``_controller_fence`` (the fence check,
-classification through ``BenignPolicy``, merges, publications), ``_controller_write``
-(write scopes) and this module (construction, the synchronous owned write, the
-publication helpers, prompt release/reacquire, cleanup and disposal).
+``SessionFenceController`` is one class that reads top to bottom: construction, state,
+takeovers, snapshots, the fence check, classification and merge, write scopes and
+publications, owned writes made without the lock, publication helpers, prompt release and
+reacquire, cleanup. Its collaborators: ``HeldLock`` (``_held``: the retained lock, its
+borrowers and the drain), ``WriteScope`` (``_scope``: one use of the write lock, talking to
+the controller through ``ScopeHost``), ``SnapshotIO`` / ``FenceSnapshot`` (``_snapshot``:
+fingerprint + rolling digest, O(appended bytes)), the process-wide ``REGISTRY`` (``_trust``)
+and ``BenignPolicy`` (``_classify``).
 
 Design notes that matter for callers:
 
-- ``with_write_lock`` returns a started ``asyncio.Task``: like the original's eager promise,
-  a nested call registers with the enclosing scope (and a top-level one marks its use of
-  the retained lock) at call time, so an unawaited nested write is still drained before
-  the scope releases the lock.
-- The write scope lives in a per-controller ``contextvars.ContextVar`` whose value is a
-  mutable object shared with every task created inside the scope; a task that outlives
-  its scope sees it inactive, waits for it to finish and takes the lock afresh.
+- ``with_write_lock`` returns a started ``asyncio.Task``: a nested call registers with the
+  enclosing scope (and a top-level one marks its use of the retained lock) at call time, so
+  an unawaited nested write is still drained before the scope releases the lock.
 - The content digest an active fence needs is computed from the file once per file per
   process, at the first release (or handed over with ``seed_content_digest`` by whoever
   parsed the transcript anyway); after that it is only rolled forward.
-- As in the original, an owned synchronous write or publication that starts from an
-  untrusted state (e.g. right after a benign foreign append in the same prompt window) is
-  not published; the next fence check judges the combined change as unowned.
+- An owned synchronous write or publication that starts from an untrusted state (e.g.
+  right after a benign foreign append in the same prompt window) is not published; the next
+  fence check judges the combined change as unowned.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
+import itertools
 import os
-import threading
-from collections.abc import AsyncIterator, Callable
-from types import TracebackType
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
+from typing import Any, Literal, TypeVar
 
-from .._merge import MergeResult
+from .. import _backend
+from .._callbacks import (
+    MergeCallback,
+    MergeResult,
+    PublishedEntry,
+    ReloadCallback,
+    Resolver,
+    call_maybe_async,
+)
 from .._ownership import LIVE_MANAGERS, OWN_WRITES
 from .._types import (
     DEFAULT_WINDOW,
+    MISSING,
     Change,
     ChangeKind,
     Fingerprint,
     check_window,
+    same_stat,
 )
 from ..errors import (
     SessionTakeoverError,
     SessionWriteLockAcquireError,
+    SessionWriteLockStaleError,
 )
 from ..lock._record import resolve_settings as resolve_lock_settings
 from ._classify import (
     BenignPolicy,
+    Classified,
+    Rejected,
+    classify_initialization,
+    classify_lines,
+    same_published_entries,
+    split_lines,
 )
+from ._held import CleanupLock, HeldLock, NoopCleanupLock, release_lock
 from ._owner import SessionFileOwner, acquire_session_file_owner, reset_owners
-from ._scope import (
-    call_maybe_async,
-    release_lock,
-)
-from ._snapshot import FenceSnapshot
-from ._state import CREATE, MergeCallback, ReloadCallback, Verify
-from ._trust import REGISTRY, same_state
-from ._write import WriteScope, WriteScopes
+from ._scope import Scope, ScopeState, WriteScope, drain, settle, track
+from ._snapshot import FenceSnapshot, SnapshotIO
+from ._trust import REGISTRY, same_state, session_file_key
 
 __all__ = [
     "BenignPolicy",
@@ -86,6 +93,89 @@ __all__ = [
 
 T = TypeVar("T")
 
+CREATE = object()  # only SessionFenceController.create builds controllers
+
+
+_ids = itertools.count(1)
+
+
+REASON_BY_KIND = {
+    ChangeKind.REPLACED: "replaced",
+    ChangeKind.TRUNCATED: "truncated",
+    ChangeKind.REWRITTEN: "rewritten",
+    ChangeKind.TOUCHED: "rewritten",
+    ChangeKind.DELETED: "deleted",
+    ChangeKind.CREATED: "created",
+    ChangeKind.APPENDED: "foreign-append",
+}
+
+
+Verify = Literal["tail", "full"]
+
+
+def lock_lost(lock: Any) -> bool:
+    """For the package's ``SessionWriteLock`` (and injected locks that offer the same
+    ``held`` / ``is_intact()``): whether this hold no longer guards the file."""
+    held = getattr(lock, "held", None)
+    if held is False:
+        return True
+    intact = getattr(lock, "is_intact", None)
+    return bool(callable(intact) and not intact())
+
+
+def _describe_change(change: Change) -> str:
+    before, after = change.before, change.after
+    if change.kind is ChangeKind.REPLACED:
+        return f"another file now sits at the path (inode {before.ino} -> {after.ino})"
+    if change.kind is ChangeKind.TRUNCATED:
+        return f"shrank from {before.size} to {after.size} bytes"
+    if change.kind is ChangeKind.REWRITTEN:
+        return (
+            f"the last {before.tail_len} bytes seen before no longer match ({after.size} bytes now)"
+        )
+    if change.kind is ChangeKind.DELETED:
+        return "the transcript was deleted"
+    if change.kind is ChangeKind.CREATED:
+        return f"an unowned writer created the transcript ({after.size} bytes)"
+    return f"{change.kind.value}: {before.size} -> {after.size} bytes"
+
+
+class _Merged:
+    __slots__ = ("post_merge_published", "published_entries", "requires_reload", "snapshot")
+
+    def __init__(
+        self,
+        snapshot: FenceSnapshot,
+        published_entries: list[PublishedEntry] | None,
+        post_merge_published: list[PublishedEntry] | None,
+        requires_reload: bool,
+    ) -> None:
+        self.snapshot = snapshot
+        self.published_entries = published_entries
+        self.post_merge_published = post_merge_published
+        self.requires_reload = requires_reload
+
+
+def _same_state(a: Fingerprint, b: Fingerprint) -> bool:
+    """Equal stat, and equal tail hash when both cover the same window."""
+    return same_stat(a, b) and (a.tail_len != b.tail_len or a.tail_hash == b.tail_hash)
+
+
+def _detail(rejected: Rejected) -> str:
+    if rejected.offset is None:
+        return rejected.detail
+    return f"{rejected.detail} at offset {rejected.offset}"
+
+
+def _resolve(handle: WriteScope, ok: bool) -> list[PublishedEntry] | None:
+    if ok:
+        if handle._resolve is None:
+            return None
+        return handle._resolve(handle.result)
+    if handle._resolve_after_failure is None:
+        return None
+    return handle._resolve_after_failure()
+
 
 def reset_for_tests() -> None:
     """Forget all process-wide fence state: trust registry, owned-write history, the
@@ -97,80 +187,43 @@ def reset_for_tests() -> None:
     reset_owners()
 
 
-class NoopCleanupLock:
-    """Cleanup lock after a takeover: nothing to release."""
+class _ScopeHost:
+    """The controller as a ``WriteScope`` sees it (``_scope.ScopeHost``)."""
 
-    def release(self) -> None:
-        return None
+    __slots__ = ("_ctl",)
 
-    async def arelease(self) -> None:
-        return None
+    def __init__(self, ctl: SessionFenceController) -> None:
+        self._ctl = ctl
 
+    @property
+    def scope_var(self) -> ContextVar[ScopeState | None]:
+        return self._ctl._scope_var
 
-def _finish_awaitable(value: Any) -> None:
-    """Run an awaitable to completion from synchronous code, blocking until it is done."""
+    def sticky_takeover(self) -> SessionTakeoverError | None:
+        return self._ctl._sticky_takeover() if self._ctl._takeover is not None else None
 
-    async def wait() -> None:
-        await value
+    def borrow(self) -> Any | None:
+        return self._ctl._hold.borrow(self._ctl._takeover is None)
 
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        asyncio.run(wait())
-        return
-    # A loop runs in this thread and cannot be re-entered: finish on a loop of its own.
-    failure: list[BaseException] = []
+    def end_borrow(self) -> None:
+        self._ctl._hold.end_borrow()
 
-    def runner() -> None:
-        try:
-            asyncio.run(wait())
-        except BaseException as exc:  # re-raised in the caller's thread
-            failure.append(exc)
+    def physical(self, borrowed: Any | None) -> AbstractAsyncContextManager[ScopeState]:
+        return self._ctl._physical(borrowed)
 
-    thread = threading.Thread(target=runner, name="sessionfence-cleanup-release")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
+    def publication(
+        self, parent: ScopeState, handle: WriteScope
+    ) -> AbstractAsyncContextManager[None]:
+        return self._ctl._publication(parent, handle)
+
+    def refreshing(self) -> AbstractAsyncContextManager[None]:
+        return self._ctl._refreshing()
 
 
-class CleanupLock:
-    """The lock handed to cleanup; ``release()`` is synchronous and idempotent."""
-
-    def __init__(self, lock: Any) -> None:
-        self._lock: Any | None = lock
-
-    def release(self) -> None:
-        """Release the lock; when this returns, it is released. An injected lock whose
-        ``release()`` is a coroutine is driven to completion here: on a fresh event loop
-        when none runs in this thread, else on one in a helper thread (prefer ``await
-        arelease()`` from async code, which awaits it on the running loop)."""
-        lock, self._lock = self._lock, None
-        if lock is None:
-            return
-        value = lock.release()
-        if inspect.isawaitable(value):
-            _finish_awaitable(value)
-
-    async def arelease(self) -> None:
-        """``release()`` for async code: an async ``release()`` is awaited here."""
-        lock, self._lock = self._lock, None
-        if lock is not None:
-            await release_lock(lock)
-
-    def __enter__(self) -> CleanupLock:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.release()
-
-
-class SessionFenceController(WriteScopes):
+class SessionFenceController:
     """Fence of one transcript for one attempt. Create with ``await create(...)``."""
 
-    # construction --------------------------------------------------------------------------
+    # construction -------------------------------------------------------------------------------
 
     @classmethod
     async def create(
@@ -214,7 +267,7 @@ class SessionFenceController(WriteScopes):
             _token=CREATE,
         )
         lock = await call_maybe_async(acquire, ctl._session_file, **ctl._lock_options)
-        ctl._held = lock
+        ctl._hold.lock = lock
         try:
             fp = ctl._io.fingerprint()
         except BaseException:
@@ -223,7 +276,751 @@ class SessionFenceController(WriteScopes):
         ctl._fence = FenceSnapshot(fp, REGISTRY.lookup_digest(ctl._key, fp))
         return ctl
 
-    # the synchronous owned write (compaction) ------------------------------------------------
+    def __init__(
+        self,
+        session_file: str | os.PathLike[str],
+        *,
+        timeout: float,
+        stale: float,
+        max_hold: float,
+        acquire: Callable[..., Any],
+        merge_foreign_entries: MergeCallback | None,
+        reload_session_file: ReloadCallback | None,
+        verify: Verify,
+        window: int,
+        benign_policy: BenignPolicy | None,
+        _token: object = None,
+    ) -> None:
+        if _token is not CREATE:
+            raise TypeError("use 'await SessionFenceController.create(...)'")
+        self._session_file = os.fspath(session_file)
+        self._lock_options = {"timeout": timeout, "stale": stale, "max_hold": max_hold}
+        self._acquire_fn = acquire
+        self._merge_cb = merge_foreign_entries
+        self._reload_cb = reload_session_file
+        self._full = verify == "full"
+        self._policy = benign_policy if benign_policy is not None else BenignPolicy()
+        self._key = session_file_key(self._session_file)
+        self._id = f"fence-{os.getpid()}-{next(_ids)}"
+        self._io = SnapshotIO(self._session_file, self._key, window, _backend.active())
+        self._fence = FenceSnapshot(MISSING)
+        self._fence_generation = 0
+        self._fence_active = False
+        self._takeover: SessionTakeoverError | None = None
+        self._disposed = False
+        self._cleanup_started = False
+        self._lifecycle = asyncio.Lock()
+        self._publication_queue = asyncio.Lock()  # FIFO: asyncio.Lock does not barge
+        self._release_deferred = False  # a release asked for from inside a scope
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._scope_var: ContextVar[ScopeState | None] = ContextVar(
+            f"sessionfence-scope-{self._id}", default=None
+        )
+        self._hold = HeldLock(self._inside_active_scope)
+        self._scope_host = _ScopeHost(self)
+
+    # state --------------------------------------------------------------------------------------
+
+    @property
+    def session_file(self) -> str:
+        return self._session_file
+
+    @property
+    def has_takeover(self) -> bool:
+        return self._takeover is not None
+
+    @property
+    def takeover(self) -> SessionTakeoverError | None:
+        return self._takeover
+
+    @property
+    def fence_active(self) -> bool:
+        return self._fence_active
+
+    @property
+    def fence_fingerprint(self) -> Fingerprint:
+        return self._fence.fingerprint
+
+    @property
+    def holds_lock(self) -> bool:
+        return self._hold.lock is not None
+
+    def _inside_active_scope(self) -> bool:
+        state = self._scope_var.get()
+        return state is not None and state.active and state.scope.active
+
+    def _set_fence_generation(self, generation: int) -> None:
+        self._fence_generation = generation
+        if self._fence_active:
+            REGISTRY.set_active_fence(self._key, self._id, generation)
+
+    def _activate_fence(self, generation: int) -> None:
+        self._fence_active = True
+        self._set_fence_generation(generation)
+
+    def _deactivate_fence(self) -> None:
+        if self._fence_active:
+            self._fence_active = False
+            REGISTRY.drop_active_fence(self._key, self._id)
+
+    # takeovers ----------------------------------------------------------------------------------
+
+    def _record_takeover(
+        self,
+        reason: str,
+        phase: str | None,
+        *,
+        before: Fingerprint | None = None,
+        after: Fingerprint | None = None,
+        detail: str | None = None,
+    ) -> SessionTakeoverError:
+        error = SessionTakeoverError(
+            self._session_file,
+            phase=phase,
+            reason=reason,
+            before=before,
+            after=after,
+            detail=detail,
+        )
+        if self._takeover is None:
+            self._takeover = error
+        return error
+
+    def _change_takeover(
+        self,
+        change: Change,
+        phase: str | None,
+        detail: str | None = None,
+        reason: str | None = None,
+    ) -> SessionTakeoverError:
+        return self._record_takeover(
+            reason or REASON_BY_KIND.get(change.kind, "rewritten"),
+            phase,
+            before=change.before,
+            after=change.after,
+            detail=detail if detail is not None else _describe_change(change),
+        )
+
+    def _sticky_takeover(self) -> SessionTakeoverError:
+        """A fresh error carrying the first takeover's verdict (takeover is sticky)."""
+        first = self._takeover
+        assert first is not None
+        return SessionTakeoverError(
+            first.session_file,
+            phase=first.phase,
+            reason=first.reason,
+            before=first.before,
+            after=first.after,
+            detail=first.detail,
+        )
+
+    def _raise_if_lock_lost(self, lock: Any, phase: str | None) -> None:
+        """A held lock that was force-released (max hold) or whose lock file was replaced
+        is a takeover (``lock-lost``): someone else may hold the lock now."""
+        if lock_lost(lock):
+            fence = self._fence.fingerprint
+            try:
+                now: Fingerprint | None = self._io.fingerprint()
+            except OSError:
+                now = None
+            raise self._record_takeover(
+                "lock-lost",
+                phase,
+                before=fence,
+                after=now,
+                detail="the held write lock was force-released or its lock file replaced",
+            )
+
+    def _held_lock_lost(self) -> bool:
+        """Whether the retained lock is held but lost; records the takeover if so."""
+        if self._hold.lock is None or self._takeover is not None:
+            return False
+        try:
+            self._raise_if_lock_lost(self._hold.lock, "fence_check")
+        except SessionTakeoverError:
+            return True
+        return False
+
+    # the lock -----------------------------------------------------------------------------------
+
+    async def _acquire(self, phase: str) -> Any:
+        try:
+            return await call_maybe_async(
+                self._acquire_fn, self._session_file, **self._lock_options
+            )
+        except SessionWriteLockAcquireError as exc:
+            reason = "lock-stale" if isinstance(exc, SessionWriteLockStaleError) else "lock-timeout"
+            try:
+                now: Fingerprint | None = self._io.fingerprint()
+            except OSError:
+                now = None
+            self._record_takeover(
+                reason, phase, before=self._fence.fingerprint, after=now, detail=str(exc)
+            )
+            raise
+
+    # snapshots ----------------------------------------------------------------------------------
+
+    def _prove_prefix(self, prev: FenceSnapshot, change: Change) -> bool:
+        """verify="full": an append is accepted only if the old content is unchanged."""
+        if not self._full or change.kind is not ChangeKind.APPENDED:
+            return True
+        return self._io.prefix_unchanged(prev)
+
+    def _roll(
+        self, prev: FenceSnapshot, change: Change, *, need_digest: bool, proven: bool = False
+    ) -> FenceSnapshot:
+        """Snapshot of change.after from prev; under our own lock a failed full-mode proof
+        only means the digest has to be recomputed, not a takeover."""
+        if not proven and not self._prove_prefix(prev, change):
+            return self._io.fresh_digest(change.after)
+        return self._io.advance(prev, change, need_digest=need_digest)
+
+    def _capture_write_start(self) -> FenceSnapshot:
+        fp = self._io.fingerprint()
+        if self._fence.fingerprint == fp:
+            return self._fence
+        snap = FenceSnapshot(fp, REGISTRY.lookup_digest(self._key, fp))
+        if self._full and not snap.has_digest:
+            snap = self._io.fresh_digest(fp)
+        return snap
+
+    def _snapshot_for(self, fp: Fingerprint) -> FenceSnapshot:
+        if self._fence.fingerprint == fp:
+            return self._fence
+        return FenceSnapshot(fp, REGISTRY.lookup_digest(self._key, fp))
+
+    # the fence check ----------------------------------------------------------------------------
+
+    async def _assert_fence(self, phase: str, *, prove_racy: bool = True) -> None:
+        """Reference §5.3: did the transcript change, since this fence last saw it, in a
+        way this controller does not own? Raises SessionTakeoverError when it did."""
+        if not self._fence_active:
+            return
+        change = self._io.observe_quiet(self._fence.fingerprint)
+        await self._judge(change, phase, prove_racy=prove_racy)
+
+    async def _judge(self, change: Change, phase: str, *, prove_racy: bool = True) -> None:
+        """Accept ``change`` of the fenced file (owned, benign, metadata-only with the
+        content proven) and move the fence to it, or record and raise a takeover.
+
+        ``prove_racy=False`` (at release) leaves the whole-content proof of a racy fence to
+        the next fence check, which makes it anyway: one digest per prompt window."""
+        fence = self._fence
+        if change.kind is ChangeKind.UNCHANGED:
+            if prove_racy and self._full and not fence.quiet:
+                # Racy fence: the stat cannot prove the content, the digest must.
+                self._prove_racy_fence(change, phase)
+            return
+        current = change.after
+        last = REGISTRY.latest_owned_write(self._key)
+        if (
+            last is not None
+            and last.generation > self._fence_generation
+            and last.fingerprint == current
+        ):
+            await self._accept_owned_writes(change, last.generation, phase)
+            return
+        if change.kind is ChangeKind.TOUCHED:
+            self._accept_identical_content(change, phase)
+            return
+        if change.kind is not ChangeKind.APPENDED:
+            raise self._change_takeover(change, phase)
+        if not self._prove_prefix(fence, change):
+            raise self._change_takeover(
+                change, phase, "content before the append changed (verify=full)", "rewritten"
+            )
+        classified = self._classify(fence, change, None)
+        if isinstance(classified, Rejected):
+            raise self._change_takeover(change, phase, _detail(classified))
+        if self._merge_cb is None:
+            if not self._policy.accepts(classified.kind, has_merge_callback=False):
+                raise self._change_takeover(
+                    change, phase, f"{classified.kind} entries need a merge callback"
+                )
+            self._fence = self._roll(fence, change, need_digest=True, proven=True)
+            generation = REGISTRY.trust_state(self._key, current)
+            self._set_fence_generation(
+                generation if generation is not None else self._fence_generation
+            )
+            return
+        if not self._policy.accepts(classified.kind, has_merge_callback=True):
+            raise self._change_takeover(change, phase, f"{classified.kind} entries are not benign")
+        merged = await self._merge_change(fence, change, None, phase, classified)
+        if isinstance(merged, Rejected):
+            raise self._change_takeover(change, phase, _detail(merged), "merge-rejected")
+        self._fence = merged.snapshot
+        self._set_fence_generation(
+            REGISTRY.record_owned_write(
+                self._key,
+                merged.snapshot.fingerprint,
+                merged.published_entries,
+                merged.requires_reload,
+            )
+        )
+
+    def _prove_racy_fence(self, change: Change, phase: str) -> None:
+        """verify="full", equal fingerprint, racy fence: prove the whole content by digest
+        (one read at C speed, at most once per quiet period of the file)."""
+        fence = self._fence
+        if not fence.fingerprint.exists:
+            return
+        proven = self._io.prove_unchanged(fence)
+        if proven is None:
+            raise self._change_takeover(
+                change,
+                phase,
+                "same-size rewrite with equal stat (within one timestamp granule): "
+                "the content digest differs",
+                "rewritten",
+            )
+        self._fence = proven
+
+    def _accept_identical_content(self, change: Change, phase: str) -> None:
+        """Same file, same size, times moved: accepted only when the content digest is
+        unchanged, for any size (no 32 MiB cliff: SPEC §5.2 item 2)."""
+        fence = self._fence
+        if fence.digest is None:
+            raise self._change_takeover(
+                change, phase, "same-size change and no content digest to compare", "rewritten"
+            )
+        now = self._io.fresh_digest(change.after)
+        if now.digest is None or now.fingerprint != change.after:
+            raise self._change_takeover(
+                change, phase, "the transcript kept changing while its content was hashed"
+            )
+        if now.digest.intdigest() != fence.digest.intdigest():
+            raise self._change_takeover(change, phase, "same-size rewrite with different content")
+        self._fence = now
+        self._set_fence_generation(REGISTRY.record_trusted(self._key, change.after))
+
+    async def _accept_owned_writes(self, change: Change, last_generation: int, phase: str) -> None:
+        """Owned writes by this or another in-process controller led to the current state."""
+        fence = self._fence
+        current = change.after
+        unseen = REGISTRY.owned_writes_after(self._key, self._fence_generation)
+        if any(w.requires_reload for w in unseen):
+            if self._reload_cb is None:
+                raise self._change_takeover(
+                    change, phase, "an owned rewrite needs a reload callback", "reload-failed"
+                )
+            try:
+                await call_maybe_async(self._reload_cb)
+            except BaseException as exc:
+                self._change_takeover(change, phase, f"reload failed: {exc!r}", "reload-failed")
+                raise
+            now = self._io.fingerprint()
+            if now != current:
+                raise self._record_takeover(
+                    "reload-failed",
+                    phase,
+                    before=current,
+                    after=now,
+                    detail="the transcript changed during the reload",
+                )
+            self._fence = self._io.fresh_digest(current)
+            self._set_fence_generation(last_generation)
+            return
+        if not self._prove_prefix(fence, change):
+            raise self._change_takeover(
+                change, phase, "content before the owned append changed (verify=full)", "rewritten"
+            )
+        if self._full and not self._peer_bytes_proven(fence, change):
+            raise self._change_takeover(
+                change,
+                phase,
+                "the owned append's bytes differ from what its writer recorded (verify=full)",
+                "rewritten",
+            )
+        if self._merge_cb is None:
+            # Without a session to resync, a peer's owned write is accepted by fingerprint.
+            self._fence = self._roll(fence, change, need_digest=True, proven=True)
+            self._set_fence_generation(last_generation)
+            return
+        expected: list[PublishedEntry] | None = None
+        if all(w.published_entries is not None for w in unseen):
+            expected = [dict(e) for w in unseen for e in (w.published_entries or ())]
+        merged = await self._merge_change(fence, change, expected, phase)
+        if isinstance(merged, Rejected):
+            reason = "merge-rejected" if expected is not None else None
+            raise self._change_takeover(change, phase, _detail(merged), reason)
+        fp = merged.snapshot.fingerprint
+        generation = last_generation
+        if fp != current:  # the callback itself wrote (e.g. a leaf control)
+            generation = REGISTRY.record_owned_write(
+                self._key, fp, merged.post_merge_published, merged.requires_reload
+            )
+        self._fence = merged.snapshot
+        self._set_fence_generation(generation)
+
+    def _peer_bytes_proven(self, fence: FenceSnapshot, change: Change) -> bool:
+        """verify="full": the bytes another controller of this process appended are still
+        what it recorded. Its owned write left the digest of the whole file in the registry;
+        our proven prefix digest rolled over the suffix as it reads now must equal it. (An
+        equal stat proves nothing when the write was racy: a same-tick rewrite keeps it.)"""
+        if change.kind is not ChangeKind.APPENDED or fence.digest is None:
+            return True
+        claimed = REGISTRY.lookup_digest(self._key, change.after)
+        if claimed is None:
+            return True  # the writer kept no digest: the stat and tail window decide
+        data = self._io.suffix(change)
+        if data is None:
+            return False
+        rolled = fence.digest.copy()
+        rolled.update(data)
+        return bool(rolled.intdigest() == claimed.intdigest())
+
+    # classification and merge -------------------------------------------------------------------
+
+    def _classify(
+        self, prev: FenceSnapshot, change: Change, expected: list[PublishedEntry] | None
+    ) -> Classified | Rejected:
+        """Owned mode (lines must match ``expected``) when ``expected`` is given, else
+        unowned mode through the benign policy."""
+        policy = None if expected is not None else self._policy
+        prev_fp = prev.fingerprint
+        initializing = (
+            expected is not None
+            and change.after.exists
+            and (not prev_fp.exists or prev_fp.size == 0)
+            and change.kind in (ChangeKind.CREATED, ChangeKind.APPENDED)
+        )
+        if not initializing and change.kind is not ChangeKind.APPENDED:
+            return Rejected(f"the transcript was {REASON_BY_KIND.get(change.kind, 'changed')}")
+        base = prev_fp.size if change.kind is ChangeKind.APPENDED else 0
+        grown = change.after.size - base
+        if policy is not None and grown > policy.max_unowned_append_bytes:
+            return Rejected(
+                f"unowned append of {grown} bytes exceeds {policy.max_unowned_append_bytes} bytes",
+                base,
+            )
+        data = self._io.suffix(change)
+        if data is None:
+            return Rejected("the transcript moved on while its appended bytes were read", base)
+        lines = split_lines(data, base)
+        if isinstance(lines, Rejected):
+            return lines
+        if initializing:
+            assert expected is not None
+            return classify_initialization(lines, expected)
+
+        def known_id(entry_id: str) -> bool:
+            # Ids in the fenced prefix, as far as an open SessionManager can tell.
+            return LIVE_MANAGERS.knows_id(self._key, entry_id, prev_fp.size)
+
+        return classify_lines(lines, policy=policy, expected=expected, known_id=known_id)
+
+    async def _merge_change(
+        self,
+        prev: FenceSnapshot,
+        change: Change,
+        expected: list[PublishedEntry] | None,
+        phase: str,
+        classified: Classified | None = None,
+    ) -> _Merged | Rejected:
+        """Hand the appended entries to the merge callback (reference §5.5)."""
+        assert self._merge_cb is not None
+        if classified is None:
+            result = self._classify(prev, change, expected)
+            if isinstance(result, Rejected):
+                return result
+            classified = result
+        if expected is not None and not same_published_entries(classified.published, expected):
+            return Rejected("the written entries differ from the declared ones")
+        try:
+            outcome = await call_maybe_async(self._merge_cb, list(classified.entries))
+        except asyncio.CancelledError:
+            raise  # the caller was cancelled: nothing was decided, nothing is marked
+        except BaseException as exc:
+            self._change_takeover(
+                change, phase, f"merge callback failed: {exc!r}", "merge-rejected"
+            )
+            raise
+        if outcome is not None and not isinstance(outcome, MergeResult):
+            raise self._change_takeover(
+                change, phase, f"merge callback returned {type(outcome).__name__}", "merge-rejected"
+            )
+        base = self._io.advance(prev, change, need_digest=self._fence_active)
+        reported = outcome.session_file_snapshot if outcome is not None else None
+        if reported is None:
+            now = self._io.fingerprint()
+            if now != change.after:
+                raise self._change_takeover(
+                    change, phase, "the transcript changed during the merge", "merge-rejected"
+                )
+            snapshot = base
+        else:
+            moved = self._io.observe(change.after)
+            # The callback may have rewritten the file (declared by requires_reload); it
+            # must report the state it left: same stat, and same tail where comparable.
+            if not (reported.exists and _same_state(moved.after, reported)):
+                raise self._record_takeover(
+                    "merge-rejected",
+                    phase,
+                    before=change.after,
+                    after=moved.after,
+                    detail="the merge callback did not report the state it left",
+                )
+            snapshot = self._io.advance(base, moved, need_digest=self._fence_active)
+        requires_reload = bool(outcome is not None and outcome.requires_reload)
+        post = (
+            None
+            if outcome is None or outcome.published_entries is None
+            else list(outcome.published_entries)
+        )
+        published = None if requires_reload else list(classified.published) + (post or [])
+        return _Merged(snapshot, published, post, requires_reload)
+
+    # write scopes and publications --------------------------------------------------------------
+
+    def write_lock(
+        self,
+        *,
+        publish_owned_write: bool = False,
+        resolve_published_entries: Resolver | None = None,
+        resolve_published_entries_after_failure: Resolver | None = None,
+    ) -> WriteScope:
+        """``async with ctl.write_lock(): ...`` — the block runs under the write lock (the
+        retained one when held, else a short one), after a fence check."""
+        return WriteScope(
+            self._scope_host,
+            publish_owned_write,
+            resolve_published_entries,
+            resolve_published_entries_after_failure,
+        )
+
+    def with_write_lock(
+        self,
+        fn: Callable[[], Awaitable[T]] | Callable[[], T],
+        *,
+        publish_owned_write: bool = False,
+        resolve_published_entries: Resolver | None = None,
+        resolve_published_entries_after_failure: Resolver | None = None,
+    ) -> asyncio.Task[T]:
+        """Run ``fn`` (sync or async) under the write lock; await the returned task for its
+        result. The task starts registered with any enclosing scope (see module doc)."""
+        scope = self.write_lock(
+            publish_owned_write=publish_owned_write,
+            resolve_published_entries=resolve_published_entries,
+            resolve_published_entries_after_failure=resolve_published_entries_after_failure,
+        )
+        scope._prepare()
+
+        async def run() -> T:
+            async with scope:
+                value: T = await call_maybe_async(fn)
+                scope.result = value
+            return value
+
+        def done(task: asyncio.Task[T]) -> None:
+            self._tasks.discard(task)
+            if not scope._entered:  # cancelled before it started: undo the eager part
+                scope._abandon()
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(done)
+        return task
+
+    @contextlib.asynccontextmanager
+    async def _physical(self, borrowed: Any | None) -> AsyncIterator[ScopeState]:
+        """One physical hold: the retained lock borrowed, or a short lock of its own."""
+        if self._takeover is not None:
+            if borrowed is not None:
+                self._hold.end_borrow()
+            raise self._sticky_takeover()
+        lock = borrowed
+        owned = False
+        if lock is None:
+            await self._hold.wait_drain()
+            lock = self._hold.borrow(self._takeover is None)
+            if lock is None:
+                lock = await self._acquire("fence_check")
+                owned = True
+        state = ScopeState(Scope(asyncio.get_running_loop().create_future()))
+        token = self._scope_var.set(state)
+        error: BaseException | None = None
+        try:
+            try:
+                self._raise_if_lock_lost(lock, "fence_check")
+                # Under the retained lock a racy fence is proven by the next owned append's
+                # prefix proof or the next reacquire: one digest per window, not per scope.
+                await self._assert_fence("fence_check", prove_racy=owned)
+                yield state
+                if self._takeover is None:
+                    self._raise_if_lock_lost(lock, "fence_check")
+            except BaseException as exc:
+                error = exc
+            await drain(state.scope.pending)
+            state.active = False
+            state.scope.active = False
+            try:
+                if owned:
+                    await release_lock(lock)
+                else:
+                    self._hold.end_borrow()
+            finally:
+                if not state.scope.completion.done():
+                    state.scope.completion.set_result(None)
+        finally:
+            self._scope_var.reset(token)
+        if self._takeover is not None:
+            await self._hold.drop()
+        if self._release_deferred:
+            self._release_deferred = False
+            await self._release_held_lock_with_fence()
+        if error is not None:
+            raise error  # the callback's own error wins over a takeover
+        if self._takeover is not None:
+            raise self._sticky_takeover()
+
+    @contextlib.asynccontextmanager
+    async def _refreshing(self) -> AsyncIterator[None]:
+        """An ordinary write: afterwards this controller's fence moves over what the block
+        appended (even a line torn by a failed write), the old content proven a prefix; the
+        registry records nothing. Any other change is judged at once like any fence check:
+        a truncation or rewrite inside a scope is a takeover, never adopted."""
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            if self._takeover is None and self._fence_active:
+                fence = self._fence
+                change = self._io.observe_quiet(fence.fingerprint)
+                if change.kind is ChangeKind.APPENDED and self._prove_prefix(fence, change):
+                    self._fence = self._roll(fence, change, need_digest=True, proven=True)
+                elif change.kind is not ChangeKind.UNCHANGED:
+                    try:
+                        await self._judge(change, "fence_check")
+                    except SessionTakeoverError:
+                        if not failed:  # the block's own error wins (it is recorded)
+                            raise
+
+    @contextlib.asynccontextmanager
+    async def _publication(self, parent: ScopeState, handle: WriteScope) -> AsyncIterator[None]:
+        """A write whose result is published as owned (reference §5.7 runPublication).
+
+        A publication started inside another one that still accepts nested publications
+        only adds its entries to the parent's; otherwise it is a top-level publication,
+        serialized per controller. The marker was registered eagerly by ``_prepare`` when
+        the call came from inside a scope, so the parent cannot finish without it."""
+        if not (parent.active and parent.scope.active):
+            raise RuntimeError("owned session publication requires an active session write lock")
+        marker = handle._marker
+        if handle._nested_publication:
+            assert marker is not None
+            ok = False
+            try:
+                yield
+                ok = True
+            finally:
+                try:
+                    entries = _resolve(handle, ok)
+                    if entries is not None:
+                        if parent.nested_entries is None:
+                            parent.nested_entries = []
+                        parent.nested_entries.extend(entries)
+                finally:
+                    settle(marker, parent.scope, parent.pending_nested)
+            return
+        if marker is None:
+            marker = track(parent.scope)
+        try:
+            async with self._publication_queue:
+                if self._takeover is not None:
+                    raise self._sticky_takeover()  # queued publications never run after one
+                before = self._capture_write_start()
+                pub = ScopeState(parent.scope, publishing=True, accepting_nested=True)
+                token = self._scope_var.set(pub)
+                error: BaseException | None = None
+                try:
+                    try:
+                        yield
+                    except BaseException as exc:
+                        error = exc
+                    await drain(pub.pending_nested)
+                    pub.accepting_nested = False
+                    pub.active = False
+                    # The merge runs in the (now inactive) publication context, so a write
+                    # it starts is a late descendant: it waits for the scope, then locks.
+                    try:
+                        own = _resolve(handle, error is None)
+                        if pub.nested_entries is None and own is None:
+                            expected = None
+                        else:
+                            expected = list(pub.nested_entries or []) + list(own or [])
+                        await self._publish_owned_fence(before, expected)
+                    except BaseException as exc:
+                        if error is None:
+                            error = exc
+                finally:
+                    self._scope_var.reset(token)
+                if error is not None:
+                    raise error
+        finally:
+            settle(marker, parent.scope)
+
+    async def _publish_owned_fence(
+        self, before: FenceSnapshot, expected: list[PublishedEntry] | None
+    ) -> None:
+        """Record what a publishing write scope wrote as owned (reference §5.7), if it is a
+        proven append (or the declared creation of the transcript) of exactly the declared
+        entries. Own entries are not fed to the merge callback: the writer already has them
+        (a peer controller merges them at its own fence check)."""
+        if self._takeover is not None:
+            return
+        change = self._io.observe(before.fingerprint)
+        if change.kind is ChangeKind.UNCHANGED:
+            return
+        current = change.after
+        trusted_before = (
+            self._fence_active and self._fence.fingerprint == before.fingerprint
+        ) or REGISTRY.is_trusted(self._key, before.fingerprint)
+        if not trusted_before:
+            return  # the next fence check judges the change as unowned
+        prev_fp = before.fingerprint
+        initializing = (
+            expected is not None
+            and current.exists
+            and (not prev_fp.exists or prev_fp.size == 0)
+            and change.kind in (ChangeKind.CREATED, ChangeKind.APPENDED)
+        )
+        if change.kind is not ChangeKind.APPENDED and not initializing:
+            if self._fence_active and self._fence.fingerprint == prev_fp:
+                # Nothing appended: judged like any fence check (a touch or chmod by
+                # someone else passes when the content is proven unchanged).
+                await self._judge(change, "fence_check")
+                return
+            raise self._change_takeover(change, "fence_check")
+        if not self._prove_prefix(before, change):
+            raise self._change_takeover(
+                change, "fence_check", "content before the owned append changed", "rewritten"
+            )
+        published = expected
+        if expected is not None:
+            classified = self._classify(before, change, expected)
+            if isinstance(classified, Rejected):
+                raise self._change_takeover(
+                    change, "fence_check", _detail(classified), "merge-rejected"
+                )
+            if not same_published_entries(classified.published, expected):
+                raise self._change_takeover(
+                    change,
+                    "fence_check",
+                    "the written entries differ from the declared ones",
+                    "merge-rejected",
+                )
+            published = list(classified.published)
+        generation = REGISTRY.record_owned_write(self._key, current, published)
+        snapshot = self._roll(before, change, need_digest=self._fence_active, proven=True)
+        if self._fence_active:
+            self._fence = snapshot
+            self._set_fence_generation(generation)
+
+    # owned writes without the lock --------------------------------------------------------------
 
     def owned_file_write(
         self,
@@ -301,8 +1098,6 @@ class SessionFenceController(WriteScopes):
         snap = FenceSnapshot(before, fence.digest)
         return snap if self._io.prefix_unchanged(snap) else None
 
-    # synchronous helpers ---------------------------------------------------------------------
-
     def refresh_after_owned_write(self, written: bytes | None = None) -> None:
         """This process appended to the transcript (``guard_session_manager`` calls this
         after every message a ``SessionManager`` persisted): move the fence over it.
@@ -352,6 +1147,8 @@ class SessionFenceController(WriteScopes):
         after = change.after
         return OWN_WRITES.covers(after.dev, after.ino, offset, data)
 
+    # publication helpers ------------------------------------------------------------------------
+
     def can_advance_entry_cache(self, fp: Fingerprint) -> bool:
         """May a transcript cache reuse a parse made at exactly ``fp``?"""
         if self._takeover is not None or not self._inside_active_scope():
@@ -382,7 +1179,7 @@ class SessionFenceController(WriteScopes):
 
     def publish_validated_snapshot(self, fp: Fingerprint) -> bool:
         """Trust ``fp`` after a repair pass validated it under the retained lock."""
-        if self._takeover is not None or self._held is None or self._draining:
+        if self._takeover is not None or self._hold.lock is None or self._hold.draining:
             return False
         if self._held_lock_lost():
             return False
@@ -416,7 +1213,7 @@ class SessionFenceController(WriteScopes):
         fp = self._io.fingerprint()
         return fp if fp.exists and REGISTRY.is_trusted(self._key, fp) else None
 
-    # prompt release and reacquire ------------------------------------------------------------
+    # prompt release and reacquire ---------------------------------------------------------------
 
     async def release_for_prompt(self) -> None:
         """Release the held lock for the model call; the fence remembers the file.
@@ -434,24 +1231,68 @@ class SessionFenceController(WriteScopes):
         with contextlib.suppress(SessionTakeoverError):
             await self._release_held_lock_with_fence()
 
+    async def _release_held_lock_with_fence(self) -> None:
+        """Release the held lock and leave the fence on the file as it is now.
+
+        An active fence judges what happened while the lock was held exactly as it judges
+        a prompt window (SPEC §5.2 item 6): nothing is adopted, and a lock lost while held
+        is a takeover (``lock-lost``). The takeover is recorded, the lock released, and the
+        error raised. Before the first release the fence is inactive: the state at release
+        becomes its baseline (reference §5.1)."""
+        if self._hold.lock is None:
+            await self._hold.wait_drain()
+            return
+        async with self._hold.exclusive() as idle:
+            if not idle:
+                self._release_deferred = True  # the scope finishes the release
+                return
+            lock, self._hold.lock = self._hold.lock, None
+            if lock is None:
+                return
+            try:
+                if self._fence_active:
+                    self._raise_if_lock_lost(lock, "fence_check")
+                    await self._judge(
+                        self._io.observe_quiet(self._fence.fingerprint),
+                        "fence_check",
+                        prove_racy=False,
+                    )
+                    if not self._fence.has_digest:
+                        self._fence = self._io.fresh_digest(self._fence.fingerprint)
+                    return
+                change = self._io.observe_quiet(self._fence.fingerprint)
+                fp = change.after
+                last = REGISTRY.latest_owned_write(self._key)
+                trusted_generation = REGISTRY.trust_state(self._key, fp)
+                self._fence = self._roll(self._fence, change, need_digest=True)
+                if last is not None and last.fingerprint == fp:
+                    generation = last.generation
+                elif trusted_generation is not None:
+                    generation = trusted_generation
+                else:
+                    generation = self._fence_generation
+                self._activate_fence(generation)
+            finally:
+                await release_lock(lock)
+
     async def reacquire_after_prompt(self) -> None:
         """Take the lock back and check the fence (phase ``prompt_reacquire``)."""
         if self._cleanup_started:
             return
         async with self._lifecycle:
-            await self._wait_drain()
-            if self._disposed or self._takeover is not None or self._held is not None:
+            await self._hold.wait_drain()
+            if self._disposed or self._takeover is not None or self._hold.lock is not None:
                 return
             lock = await self._acquire("prompt_reacquire")
             if self._disposed:
                 await release_lock(lock)
                 return
-            self._held = lock
+            self._hold.lock = lock
             try:
                 await self._assert_fence("prompt_reacquire")
             except BaseException:
-                if self._held is lock:
-                    self._held = None
+                if self._hold.lock is lock:
+                    self._hold.lock = None
                 await release_lock(lock)
                 raise
 
@@ -465,6 +1306,8 @@ class SessionFenceController(WriteScopes):
         finally:
             await self.reacquire_after_prompt()
 
+    # cleanup and disposal -----------------------------------------------------------------------
+
     async def acquire_for_cleanup(self) -> CleanupLock | NoopCleanupLock:
         """The lock for end-of-attempt cleanup after a fence check (phase ``cleanup``);
         a no-op lock after a takeover. The caller owns and releases it."""
@@ -472,9 +1315,9 @@ class SessionFenceController(WriteScopes):
         async with self._lifecycle:
             if self._takeover is not None:
                 return NoopCleanupLock()
-            lock = await self._take_held_after_retained_idle()
+            lock = await self._hold.take()
             if lock is None:
-                await self._wait_drain()
+                await self._hold.wait_drain()
                 try:
                     lock = await self._acquire("cleanup")
                 except SessionWriteLockAcquireError:
@@ -493,7 +1336,7 @@ class SessionFenceController(WriteScopes):
         """Release the held lock (once) and retire the fence. Idempotent."""
         self._disposed = True
         try:
-            await self._drop_held_after_retained_idle()
+            await self._hold.drop()
         finally:
             self._deactivate_fence()
             self._io.close()  # a later call (cleanup after dispose) reopens it
@@ -501,6 +1344,3 @@ class SessionFenceController(WriteScopes):
     def __repr__(self) -> str:
         state = "taken over" if self._takeover else "active" if self._fence_active else "inactive"
         return f"<SessionFenceController {self._session_file!r} fence={state}>"
-
-
-_CREATE = object()

@@ -1,55 +1,25 @@
-"""Small asyncio pieces of the controller: write-scope state, wake-all signals, callables
-that may be sync or async, and lock handles whose release may be either."""
+"""Write scopes (``write_lock()`` / ``with_write_lock()``) and their state.
+
+A physical scope holds the write lock (the retained one, borrowed, or a short one of its
+own) after a fence check; nested calls reuse it through a per-controller context variable
+whose value is shared by reference with every task started inside, so a detached
+descendant sees the scope turn inactive (reference §10.1). ``WriteScope`` drives one use;
+the controller does the locking, checking and publishing behind ``ScopeHost``."""
 
 from __future__ import annotations
 
 import asyncio
-import inspect
-from collections.abc import Awaitable, Callable
+import contextlib
+from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import Any, Literal, Protocol
 
-from .._merge import PublishedEntry
+from .._callbacks import PublishedEntry, Resolver
+from ..errors import SessionTakeoverError
 
-__all__ = ["Scope", "ScopeState", "Signal", "call_maybe_async", "release_lock", "settle"]
-
-T = TypeVar("T")
-
-
-async def call_maybe_async(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call ``fn``; await its result when it is awaitable (sync or async callbacks)."""
-    value = fn(*args, **kwargs)
-    if inspect.isawaitable(value):
-        return await value
-    return value
-
-
-async def release_lock(lock: Any) -> None:
-    value = lock.release()
-    if inspect.isawaitable(value):
-        await value
-
-
-class Signal:
-    """Wake-all notification: ``wait()`` resolves at the next ``fire()``."""
-
-    def __init__(self) -> None:
-        self._waiters: list[asyncio.Future[None]] = []
-
-    async def wait(self) -> None:
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-
-    def fire(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+__all__ = ["Scope", "ScopeHost", "ScopeState", "WriteScope", "drain", "settle", "track"]
 
 
 @dataclass(eq=False)
@@ -98,4 +68,129 @@ async def drain(markers: set[asyncio.Future[None]]) -> None:
         await asyncio.wait(list(markers))
 
 
-Thunk = Callable[[], "Awaitable[T] | T"]
+class ScopeHost(Protocol):
+    """What a ``WriteScope`` needs from its controller, and nothing more."""
+
+    @property
+    def scope_var(self) -> ContextVar[ScopeState | None]: ...
+
+    def sticky_takeover(self) -> SessionTakeoverError | None:
+        """A fresh copy of the recorded takeover, or None: no write runs after one."""
+
+    def borrow(self) -> Any | None:
+        """The retained lock, marked in use, when one is held and usable."""
+
+    def end_borrow(self) -> None: ...
+
+    def physical(self, borrowed: Any | None) -> AbstractAsyncContextManager[ScopeState]:
+        """One physical hold: the borrowed lock or a short one, after a fence check."""
+
+    def publication(
+        self, parent: ScopeState, handle: WriteScope
+    ) -> AbstractAsyncContextManager[None]:
+        """A write whose result is recorded as owned."""
+
+    def refreshing(self) -> AbstractAsyncContextManager[None]:
+        """An ordinary write: the fence moves over what it appended."""
+
+
+class WriteScope:
+    """One use of the write lock (``write_lock()`` / ``with_write_lock()``).
+
+    Set ``result`` inside the block to hand a value to ``resolve_published_entries``."""
+
+    def __init__(
+        self,
+        host: ScopeHost,
+        publish: bool,
+        resolve: Resolver | None,
+        resolve_after_failure: Resolver | None,
+    ) -> None:
+        self.result: Any = None
+        self._host = host
+        self._publish = publish
+        self._resolve = resolve
+        self._resolve_after_failure = resolve_after_failure
+        self._prepared = False
+        self._entered = False
+        self._mode: Literal["physical", "late", "publication", "nested"] = "physical"
+        self._inherited: ScopeState | None = None
+        self._marker: asyncio.Future[None] | None = None
+        self._marker_groups: tuple[set[asyncio.Future[None]], ...] = ()
+        self._nested_publication = False
+        self._borrowed: Any | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+
+    def _prepare(self) -> None:
+        """The eager part, run at call time: register with the enclosing scope, or mark
+        use of the retained lock before anyone can drain it."""
+        if self._prepared:
+            return
+        self._prepared = True
+        host = self._host
+        inherited = host.scope_var.get()
+        self._inherited = inherited
+        if inherited is not None and not (inherited.active and inherited.scope.active):
+            self._mode = "late"
+        elif inherited is not None:
+            if self._publish:
+                self._mode = "publication"
+                if inherited.publishing and inherited.accepting_nested:
+                    self._nested_publication = True
+                    self._marker_groups = (inherited.pending_nested,)
+            else:
+                self._mode = "nested"
+            self._marker = track(inherited.scope, *self._marker_groups)
+        else:
+            self._borrowed = host.borrow()
+
+    def _abandon(self) -> None:
+        """Undo the eager part when the block never ran (task cancelled before start)."""
+        if self._marker is not None and self._inherited is not None:
+            settle(self._marker, self._inherited.scope, *self._marker_groups)
+        if self._borrowed is not None:
+            self._borrowed = None
+            self._host.end_borrow()
+
+    async def __aenter__(self) -> WriteScope:
+        self._prepare()
+        self._entered = True
+        host = self._host
+        stack = contextlib.AsyncExitStack()
+        self._stack = stack
+        try:
+            taken_over = host.sticky_takeover()
+            if taken_over is not None:
+                raise taken_over  # sticky: no write of any kind after one
+            if self._mode == "nested":
+                assert self._inherited is not None and self._marker is not None
+                stack.callback(settle, self._marker, self._inherited.scope)
+            elif self._mode == "publication":
+                assert self._inherited is not None
+                await stack.enter_async_context(host.publication(self._inherited, self))
+            else:
+                if self._mode == "late":
+                    assert self._inherited is not None
+                    await asyncio.shield(self._inherited.scope.completion)
+                    token = host.scope_var.set(None)
+                    stack.callback(host.scope_var.reset, token)
+                    self._borrowed = host.borrow()
+                borrowed, self._borrowed = self._borrowed, None
+                state = await stack.enter_async_context(host.physical(borrowed))
+                if self._publish:
+                    await stack.enter_async_context(host.publication(state, self))
+                else:
+                    await stack.enter_async_context(host.refreshing())
+        except BaseException as exc:
+            self._abandon()
+            if not await stack.__aexit__(type(exc), exc, exc.__traceback__):
+                raise
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return False
+        return bool(await stack.__aexit__(t, e, tb))

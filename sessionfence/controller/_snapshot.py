@@ -11,18 +11,13 @@ is the only whole-file read on the hot path (SPEC §5.2 item 1).
 from __future__ import annotations
 
 import time
-from types import ModuleType
 from typing import Any, NamedTuple
 
-from .. import _backend
+from .._backend import HotPath, Probe
 from .._types import MISSING, RACY_NS, Change, ChangeKind, Fingerprint, same_stat
 from ._trust import REGISTRY
 
-__all__ = ["FenceSnapshot", "SnapshotIO", "hot_path"]
-
-# The hot-path backend the controller uses. Module-level so tests can run every controller
-# scenario against both backends by swapping it (the package default is the active backend).
-hot_path: ModuleType = _backend.load()
+__all__ = ["FenceSnapshot", "SnapshotIO", "quiet_since"]
 
 _SUFFIX_CHUNK = 1 << 20
 _STABLE_DIGEST_TRIES = 4
@@ -58,28 +53,18 @@ class SnapshotIO:
     """The file operations of one controller, all O(1) or O(appended bytes) but one:
     ``fresh_digest`` (whole file), which runs once per file per process or on rewrites."""
 
-    def __init__(self, path: str, key: str, window: int) -> None:
+    def __init__(self, path: str, key: str, window: int, hot: HotPath) -> None:
         self.path = path
         self.key = key
         self.window = window
-        self._probe: Any | None = None
-        self._probe_module: ModuleType | None = None
-        # Pinned backend of this controller (benchmarks compare backends side by side);
-        # None follows the module-level ``hot_path``.
-        self.pinned: ModuleType | None = None
+        self.hot = hot  # the backend, fixed for the controller's life
+        self._probe: Probe | None = None
 
     @property
-    def hot(self) -> ModuleType:
-        return self.pinned if self.pinned is not None else hot_path
-
-    @property
-    def probe(self) -> Any:
-        # Re-created after close() and when tests swap the backend module.
+    def probe(self) -> Probe:
         probe = self._probe
-        hot = self.pinned or hot_path
-        if probe is None or self._probe_module is not hot or probe.closed:
-            probe = self._probe = hot.FileProbe(self.path, window=self.window)
-            self._probe_module = hot
+        if probe is None or probe.closed:  # re-created after close()
+            probe = self._probe = self.hot.FileProbe(self.path, window=self.window)
         return probe
 
     def close(self) -> None:
@@ -88,11 +73,11 @@ class SnapshotIO:
             self._probe = None
 
     def fingerprint(self) -> Fingerprint:
-        return self.probe.fingerprint()  # type: ignore[no-any-return]
+        return self.probe.fingerprint()
 
     def observe(self, before: Fingerprint) -> Change:
         """check_append against ``before``: stat, old tail window, suffix up to 1 MiB."""
-        return self.probe.check_append(before)  # type: ignore[no-any-return]
+        return self.probe.check_append(before)
 
     def observe_quiet(self, before: Fingerprint) -> Change:
         """``observe`` for where no change is the common case: a fingerprint first (one

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from .._merge import PublishedEntry
+from .._callbacks import PublishedEntry
 from .._types import Fingerprint
 
 __all__ = ["REGISTRY", "OwnedWrite", "Registry", "same_state", "session_file_key"]

@@ -31,8 +31,7 @@ from typing import TYPE_CHECKING, Any
 from .. import _jsonl
 
 if TYPE_CHECKING:
-    # Either backend's RollingDigest has this interface; the pure one names the type.
-    from .._impl_py import RollingDigest as DigestT
+    from .._backend import Digest as DigestT
 
 __all__ = [
     "DEFAULT_CHUNK",

@@ -72,8 +72,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .. import _jsonl
-from .._merge import MergeResult, PublishedEntry
+from .. import _backend, _jsonl
+from .._callbacks import MergeResult, PublishedEntry
 from .._ownership import LIVE_MANAGERS, OWN_WRITES
 from .._types import DEFAULT_WINDOW, MISSING, Fingerprint, PathArg
 from ..controller._trust import session_file_key
@@ -140,13 +140,6 @@ class _Unset:
 # The side cursor when no side branch is open: side entries would hang off the leaf.
 _UNSET: Final = _Unset()
 Cursor = str | None | _Unset
-
-
-def _backend() -> Any:
-    # Resolved at call time so a test that swaps the backend module is honoured.
-    import sessionfence
-
-    return sessionfence
 
 
 def _nonblank(value: object) -> str | None:
@@ -261,7 +254,7 @@ class SessionManager:
         self._malformed = 0
         self._invalid_utf8 = 0
         self._torn: tuple[int, int] | None = None
-        sf = _backend()
+        sf = _backend.active()
         self._digest = sf.RollingDigest()
         self._digest_size = 0
         # open() keeps the digest of [0, torn offset) so a repair need not re-read the file
@@ -272,7 +265,7 @@ class SessionManager:
         self._file_known = False  # whether the file exists as far as this manager knows
 
     def _load(self) -> None:
-        sf = _backend()
+        sf = _backend.active()
         for _ in range(OPEN_ATTEMPTS):
             self._reset()
             before: Fingerprint = sf.fingerprint(self._path, window=self._window)
@@ -926,7 +919,7 @@ class SessionManager:
         if self._clean_digest is not None and self._clean_offset == offset:
             self._digest = self._clean_digest.copy()
         else:
-            self._digest = _backend().RollingDigest.from_file(self._path, offset)
+            self._digest = _backend.active().RollingDigest.from_file(self._path, offset)
         self._digest_size = offset
         self._clean_digest = None
         self._clean_offset = None
@@ -1002,7 +995,7 @@ class SessionManager:
         if not self._file_known:
             # This manager never saw the file (it was missing at open): it holds no header
             # to write behind, so the caller must reload the file rather than append to it.
-            current: Fingerprint = _backend().fingerprint(self._path, window=self._window)
+            current: Fingerprint = _backend.active().fingerprint(self._path, window=self._window)
             return MergeResult(session_file_snapshot=current, requires_reload=True)
         raw_tail: str = plan[-1][0]["id"]
         control_id = self._append(
@@ -1014,7 +1007,7 @@ class SessionManager:
                 "appendMode": "side",
             }
         )
-        snapshot: Fingerprint = _backend().fingerprint(self._path, window=self._window)
+        snapshot: Fingerprint = _backend.active().fingerprint(self._path, window=self._window)
         published: list[PublishedEntry] = [{"kind": "id", "id": control_id}]
         return MergeResult(session_file_snapshot=snapshot, published_entries=published)
 
