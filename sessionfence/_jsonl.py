@@ -63,9 +63,11 @@ __all__ = [
     "fast_parser",
     "js_number",
     "js_trim",
+    "json_equal",
     "loads_line",
     "loads_text",
     "may_hold_long_integer",
+    "parse_json",
     "set_fast_parser",
 ]
 
@@ -119,6 +121,32 @@ _decode = _decoder.decode
 def loads_text(text: str) -> Any:
     """``JSON.parse``: raises ``ValueError`` (or ``RecursionError``) on invalid JSON."""
     return _decode(text)
+
+
+def parse_json(text: str) -> tuple[bool, Any]:
+    """(True, value) for text ``JSON.parse`` accepts, else (False, None). Nesting deeper
+    than the interpreter's stack (a hostile line of 200 KB of ``[[``) is no entry any
+    reader can use: refused like invalid JSON, never a ``RecursionError``."""
+    try:
+        return True, _decode(text)
+    except (ValueError, RecursionError):
+        return False, None
+
+
+def json_equal(a: Any, b: Any) -> bool:
+    """Deep strict equality of parsed JSON as Node's ``isDeepStrictEqual`` on
+    ``JSON.parse`` output: key order ignored, bool is not a number, 1 and 1.0 are equal."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b  # JSON numbers are doubles: 1 and 1.0 are the same value
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b, strict=True))
+    if a is None or b is None:
+        return a is None and b is None
+    return type(a) is type(b) and bool(a == b)
 
 
 _FastLoads = Callable[[bytes | memoryview], Any]

@@ -11,7 +11,6 @@ from typing import Any, Union
 __all__ = [
     "DEFAULT_MAX_SUFFIX",
     "DEFAULT_WINDOW",
-    "EMPTY_TAIL_HASH",
     "FINGERPRINT_SETTERS",
     "MISSING",
     "RACY_NS",
@@ -47,9 +46,6 @@ def backoff_seconds(tries: int) -> float:
     if tries < SPIN_TRIES:
         return 0.0
     return 1e-3 if tries - SPIN_TRIES >= 10 else (1 << (tries - SPIN_TRIES)) * 1e-6
-
-
-EMPTY_TAIL_HASH = 0x2D06800538D394C2  # XXH3-64 of b""
 
 
 @dataclass(frozen=True, slots=True)

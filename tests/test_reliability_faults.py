@@ -39,6 +39,7 @@ import pytest
 
 from sessionfence import (
     TornTranscriptError,
+    _util,
     acquire_session_write_lock,
 )
 from sessionfence.lock import _acquire as lock
@@ -179,7 +180,7 @@ def cases(
 
 # -- append ----------------------------------------------------------------------------------
 
-APPEND_MODULES = (transcript, _transcript_io)
+APPEND_MODULES = (transcript, _transcript_io, _util)
 BASE = HEADER + b"".join(
     json.dumps({"type": "custom", "customType": "x", "id": f"e{i}", "parentId": None}).encode()
     + b"\n"

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import sessionfence
-from sessionfence import SessionManager, acquire_session_write_lock
+from sessionfence import SessionManager, _util, acquire_session_write_lock
 from sessionfence.transcript import _io as tio
 from sessionfence.transcript import _manager as transcript_module
 
@@ -88,7 +88,9 @@ def test_a_failing_quarantine_write_leaves_no_partial_copy_and_cuts_nothing(
     path = tmp_path / "s.jsonl"
     path.write_bytes(BASE + TORN)
     m = SessionManager.open(path)
-    monkeypatch.setattr(tio, "os", FaultyOS(**_failing(site, kind, at)))
+    faulty = FaultyOS(**_failing(site, kind, at))
+    monkeypatch.setattr(tio, "os", faulty)
+    monkeypatch.setattr(_util, "os", faulty)  # the shared write_all / fsync_dir
     with pytest.raises(OSError) as info:
         m.repair_torn_tail()
     monkeypatch.undo()

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import importlib
 import os
 import platform
@@ -49,6 +48,7 @@ from typing import Any, Literal
 
 from .. import _impl_py
 from .._types import ChangeKind, Fingerprint
+from .._util import gc_paused
 
 __all__ = [
     "COLUMNS",
@@ -449,24 +449,13 @@ def warm(path: Path) -> None:
 Contender = Callable[[], list[float]]
 
 
-@contextlib.contextmanager
-def _no_gc() -> Iterator[None]:
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def batched(fn: Callable[[], object], inner: int) -> Contender:
     """Times ``inner`` back-to-back calls and yields the per-call mean of the batch."""
     rng = range(inner)
     clock = time.perf_counter_ns
 
     def sample() -> list[float]:
-        with _no_gc():
+        with gc_paused():
             t0 = clock()
             for _ in rng:
                 fn()
@@ -636,7 +625,7 @@ class AppendValidation:
         """(ns before the append, ns after it)."""
         clock = time.perf_counter_ns
         self.reset()
-        with _no_gc():
+        with gc_paused():
             t0 = clock()
             with open(self.path, "rb") as f:
                 before = f.read().decode("utf-8")
@@ -666,7 +655,7 @@ class AppendValidation:
         else:
             fingerprint, check = probe.fingerprint, probe.check_append
         self.reset()
-        with _no_gc():
+        with gc_paused():
             t0 = clock()
             before = fingerprint()
             t1 = clock()

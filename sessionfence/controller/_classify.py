@@ -2,18 +2,18 @@
 
 Ports reference §5.4 (line classification, published-entry matching, owned initialization,
 append advance). The linear-migration rewrite (c) is deliberately not ported: a rewrite is a
-takeover here (SPEC §5.2 item 5). JSON is compared the way the original's
-``isDeepStrictEqual`` on ``JSON.parse`` output does (§10.6-10.9 of the reference).
+takeover here (SPEC §5.2 item 5). The JSON rules (``JSON.parse``, ``trim()``, deep
+equality) are ``_jsonl``'s, shared with the transcript model.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .._callbacks import PublishedEntry
+from .._jsonl import js_trim, json_equal, parse_json
 
 __all__ = [
     "BenignPolicy",
@@ -21,57 +21,15 @@ __all__ = [
     "Line",
     "Rejected",
     "classify_lines",
-    "js_trim",
-    "json_equal",
     "migrates",
     "same_published_entries",
     "split_lines",
 ]
 
-# JavaScript's String.prototype.trim set: Unicode White_Space, line terminators and U+FEFF,
-# which Python's str.strip() leaves alone.
-_JS_WHITESPACE = (
-    "\t\n\v\f\r \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
-    "\u2009\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
-)
 _UNDEFINED = object()
-
 TRANSCRIPT_ONLY = "transcript-only"
 GLOBAL_METADATA = "global-metadata"
 OPAQUE = "opaque"
-
-
-def js_trim(text: str) -> str:
-    return text.strip(_JS_WHITESPACE)
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"JSON.parse rejects {name}")
-
-
-def parse_json(text: str) -> tuple[bool, Any]:
-    """(True, value) for text JSON.parse accepts (no NaN/Infinity), else (False, None)."""
-    try:
-        return True, json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
-        # RecursionError: nesting deeper than the interpreter's stack (a hostile line of
-        # 200 KB of "[["). It is not an entry any reader can use: unparseable.
-        return False, None
-
-
-def json_equal(a: Any, b: Any) -> bool:
-    """Deep strict equality of parsed JSON: key order ignored, bool is not a number."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return isinstance(a, bool) and isinstance(b, bool) and a == b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return a == b  # JSON numbers are doubles: 1 and 1.0 are the same value
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b, strict=True))
-    if a is None or b is None:
-        return a is None and b is None
-    return type(a) is type(b) and bool(a == b)
 
 
 def _nonblank(value: Any) -> bool:

@@ -195,7 +195,3 @@ class SnapshotIO:
         if need_digest:
             return self.fresh_digest(after)
         return FenceSnapshot(after)
-
-    def snapshot_now(self, prev: FenceSnapshot, *, need_digest: bool) -> FenceSnapshot:
-        """Snapshot of the file as it is now, rolled forward from ``prev`` when possible."""
-        return self.advance(prev, self.observe(prev.fingerprint), need_digest=need_digest)

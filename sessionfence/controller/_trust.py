@@ -8,32 +8,19 @@ most once per file per process (SPEC §5.2 item 1).
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from .._callbacks import PublishedEntry
 from .._types import Fingerprint
+from .._util import session_key as session_file_key
 
 __all__ = ["REGISTRY", "OwnedWrite", "Registry", "same_state", "session_file_key"]
 
 # A fleet supervisor may touch thousands of transcripts; one digest each is plenty and the
 # bound keeps a long-lived process from growing without limit.
 _DIGEST_CACHE_KEYS = 4096
-
-
-def session_file_key(path: str | os.PathLike[str]) -> str:
-    """realpath of the file, else realpath of its folder + name, so aliases share a key."""
-    raw = os.fspath(path)
-    absolute = os.path.abspath(raw)
-    if os.path.exists(absolute):
-        return os.path.realpath(absolute)
-    head, tail = os.path.split(absolute)
-    try:
-        return os.path.join(os.path.realpath(head), tail)
-    except OSError:  # pragma: no cover - realpath only fails on exotic platforms
-        return absolute
 
 
 def same_state(a: Fingerprint, b: Fingerprint) -> bool:
@@ -93,10 +80,6 @@ class Registry:
         self._counter += 1
         return self._counter
 
-    @property
-    def generation_counter(self) -> int:
-        return self._counter
-
     def record_owned_write(
         self,
         key: str,
@@ -127,10 +110,6 @@ class Registry:
     def is_trusted(self, key: str, fp: Fingerprint) -> bool:
         trusted = self._trusted.get(key)
         return trusted is not None and same_state(trusted.fingerprint, fp)
-
-    def trusted_fingerprint(self, key: str) -> Fingerprint | None:
-        trusted = self._trusted.get(key)
-        return None if trusted is None else trusted.fingerprint
 
     # owned-write history -----------------------------------------------------------------
 
@@ -176,11 +155,6 @@ class Registry:
         writes = history.writes
         if writes and writes[0].generation <= floor:  # generations grow along the list
             history.writes = [w for w in writes if w.generation > floor]
-
-    def history_size(self, key: str) -> int | None:
-        """Number of retained owned writes, or None when the key has no history (tests)."""
-        history = self._owned.get(key)
-        return None if history is None else len(history.writes)
 
     # content digests ---------------------------------------------------------------------
 

@@ -15,8 +15,9 @@ import shutil
 import uuid
 import zlib
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from typing import Any
+
+from .._util import iso_utc
 
 __all__ = [
     "FOREIGN_ID_BASE",
@@ -47,8 +48,7 @@ _WORDS = tuple(_PHRASE.split())
 
 
 def now_iso() -> str:
-    now = datetime.now(timezone.utc)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+    return iso_utc()
 
 
 def foreign_id(rng: random.Random) -> str:

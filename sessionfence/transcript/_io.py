@@ -19,16 +19,24 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import math
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import _jsonl
+
+# Re-exported: the manager and the tests reach the shared I/O helpers through this module.
+from .._util import fsync_dir as fsync_dir
+from .._util import gc_paused as gc_paused
+from .._util import iso_utc as iso_now
+from .._util import pread as pread
+from .._util import read_exact as read_exact
+from .._util import utc_stamp as utc_stamp
+from .._util import write_all as write_all
 
 if TYPE_CHECKING:
     from .._backend import Digest as DigestT
@@ -64,31 +72,6 @@ def append_flags(create: bool) -> int:
     if create:
         flags |= os.O_CREAT | os.O_EXCL
     return flags
-
-
-if hasattr(os, "pread"):
-
-    def pread(fd: int, length: int, offset: int) -> bytes:
-        return os.pread(fd, length, offset)
-
-else:  # pragma: no cover - Windows has no pread; the descriptor is ours alone
-
-    def pread(fd: int, length: int, offset: int) -> bytes:
-        os.lseek(fd, offset, os.SEEK_SET)
-        return os.read(fd, length)
-
-
-def read_exact(fd: int, length: int, offset: int) -> bytes:
-    """``length`` bytes at ``offset`` (positional reads); ``EIO`` if the file ends first."""
-    parts: list[bytes] = []
-    while length > 0:
-        block = pread(fd, length, offset)
-        if not block:
-            raise OSError(errno.EIO, "file shrank while reading its last line")
-        parts.append(block)
-        offset += len(block)
-        length -= len(block)
-    return b"".join(parts)
 
 
 def parse_last_line(line: bytes, at_start: bool) -> tuple[dict[str, Any] | None, bool]:
@@ -167,32 +150,6 @@ def settled_end(
             return size, False
 
 
-def write_all(fd: int, data: bytes) -> None:
-    """Appends ``data`` with one ``os.write`` on an ``O_APPEND`` descriptor.
-
-    For a regular file the kernel writes the whole buffer in one call (and, with
-    ``O_APPEND``, at the end as one unit) unless the disk fills up, a file size limit is
-    hit, or a signal lands mid-way. Only then is there a short write, and the rest is
-    written by further calls: those bytes still land at the end of the file, but another
-    writer's line may get between the two parts. If a later call fails the file is left
-    ending in a partial line, a torn tail that every following append refuses until
-    ``repair_torn_tail()`` moves it aside: a short write never glues two records silently.
-    """
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        if n <= 0:  # pragma: no cover - a regular file never returns 0 for a non-empty write
-            raise OSError(errno.EIO, "write made no progress")
-        view = view[n:]
-
-
-def iso_now() -> str:
-    """``new Date().toISOString()``: UTC, milliseconds, ``Z``."""
-    ns = time.time_ns()
-    seconds, rest = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{rest // 1_000_000:03d}Z"
-
-
 def new_entry_id(taken: Callable[[str], bool]) -> str:
     """8 hex chars not yet used in the file; after 100 collisions a full UUID (hex)."""
     for _ in range(100):
@@ -212,13 +169,6 @@ def uuid7() -> str:
     value |= 0b10 << 62
     value |= rand & ((1 << 62) - 1)
     return str(uuid.UUID(int=value))
-
-
-def utc_stamp() -> str:
-    """``20260101T120000.123Z``: UTC with milliseconds, safe in a file name."""
-    ns = time.time_ns()
-    seconds, rest = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(seconds)) + f".{rest // 1_000_000:03d}Z"
 
 
 def quarantine_bytes(path: str, data: bytes, mode: int = 0o600) -> str:
@@ -266,19 +216,6 @@ def discard(path: str) -> None:
         os.unlink(path)
 
 
-def fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - Windows cannot open a directory; nothing to sync
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on a directory
-        pass
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class Loaded:
     """What one streaming pass over a transcript found."""
@@ -295,26 +232,6 @@ class Loaded:
     seen_first: bool = False
     # the last line is a complete entry whose newline was never written
     unterminated: bool = False
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pauses the cyclic garbage collector while a transcript is parsed.
-
-    Parsing allocates only acyclic containers (JSON cannot express a cycle), so the
-    collector finds nothing, yet with every parsed value kept alive its generational passes
-    over the growing heap cost more than the parse itself (about 2.5x the time on a 100 MB
-    transcript). Reference counting still frees everything as usual. Re-enabled only if it
-    was enabled, so a caller that turned it off keeps it off.
-    """
-    was_enabled = gc.isenabled()
-    if was_enabled:
-        gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def parse_fd(fd: int, digest: DigestT, chunk: int = DEFAULT_CHUNK) -> Loaded:

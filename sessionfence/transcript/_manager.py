@@ -142,10 +142,6 @@ _UNSET: Final = _Unset()
 Cursor = str | None | _Unset
 
 
-def _nonblank(value: object) -> str | None:
-    return value if isinstance(value, str) and value.strip() else None
-
-
 def _nonempty(value: object) -> bool:
     return isinstance(value, str) and bool(value)
 
