@@ -35,7 +35,8 @@ def test_c_backend_is_the_default_after_a_normal_install() -> None:
 def test_cffi_and_auto_select_the_extension(value: str) -> None:
     code = (
         "import sessionfence\n"
-        "assert sessionfence.fingerprint.__module__ == 'sessionfence._impl_cffi'\n"
+        "import sessionfence._impl_cffi as impl\n"
+        "assert sessionfence.fingerprint is impl.fingerprint\n"
         "print(sessionfence.BACKEND)"
     )
     out = run_python(code, value)
@@ -47,7 +48,8 @@ def test_python_backend_on_request() -> None:
     code = (
         "import sys, sessionfence\n"
         "assert 'sessionfence._impl_cffi' not in sys.modules\n"
-        "assert sessionfence.FileProbe.__module__ == 'sessionfence._impl_py'\n"
+        "import sessionfence._impl_py as impl\n"
+        "assert sessionfence.FileProbe is impl.FileProbe\n"
         "print(sessionfence.BACKEND)"
     )
     out = run_python(code, "python")

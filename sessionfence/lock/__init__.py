@@ -8,6 +8,8 @@ operator settings), ``_registry`` (this process's holds and fork hygiene), ``_wa
 
 from __future__ import annotations
 
+from .. import _LAZY as _ROOT_EXPORTS
+from .._exports import present_as
 from ._acquire import (
     POLL_INTERVAL,
     LockInfo,
@@ -33,3 +35,8 @@ __all__ = [
     "list_locks",
     "lock_path_for",
 ]
+
+# Names the package root re-exports print as ``sessionfence.X``, the others as
+# ``{__name__}.X`` (see sessionfence/_exports.py).
+present_as("sessionfence", [globals()[name] for name in __all__ if name in _ROOT_EXPORTS])
+present_as(__name__, [globals()[name] for name in __all__])

@@ -1,0 +1,190 @@
+"""User code against sessionfence's public API; type-checked by ``mypy --strict``, never run.
+
+See README.md here. The README's examples come first (as functions, so nothing runs at
+import), then one use of every other public name, then the mistakes mypy must reject.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from typing_extensions import assert_type
+
+import sessionfence as sf
+from sessionfence import (
+    SessionFenceController,
+    SessionManager,
+    SessionTakeoverError,
+    SessionWriteLock,
+    acquire_session_write_lock,
+    acquire_session_write_lock_async,
+)
+from sessionfence.lock import LockInfo
+
+# -- README: "Using it" ---------------------------------------------------------------------
+
+
+def readme_check_append() -> None:
+    with open("session.jsonl", "wb") as f:
+        f.write(b'{"type":"session"}\n')
+    before = sf.fingerprint("session.jsonl")  # stat + XXH3-64 of the last 4 KiB
+    # the lock is released, the model thinks; meanwhile another writer appends a line:
+    with open("session.jsonl", "ab") as f:
+        f.write(b'{"type":"custom","customType":"note"}\n')
+    change = sf.check_append("session.jsonl", before)
+    assert change.kind is sf.ChangeKind.APPENDED
+    new_lines = change.appended  # the bytes appended since (None above max_suffix, 1 MiB)
+    assert new_lines == b'{"type":"custom","customType":"note"}\n'
+
+
+# -- README: the controller ------------------------------------------------------------------
+
+
+async def call_model(branch: list[dict[str, Any]]) -> dict[str, Any]:  # stub: your model
+    await asyncio.sleep(0.01)
+    return {"role": "assistant", "content": f"6 x 7 = 42 ({len(branch)} entries read)"}
+
+
+async def readme_controller() -> None:
+    ctl = await SessionFenceController.create("session.jsonl")  # takes the write lock
+    try:
+        manager = SessionManager.open("session.jsonl")  # read under the lock
+        manager.append_message({"role": "user", "content": "What is 6 x 7?"})
+        async with ctl.prompt_released():  # lock released while the model runs
+            reply = await call_model(manager.branch())
+        # leaving the block took the lock back and checked the fence: a takeover raises there,
+        await ctl.with_write_lock(lambda: manager.append_message(reply))  # and in any write
+        print("appended", manager.leaf_id)
+    except SessionTakeoverError as exc:  # someone else changed the transcript: stop
+        print("taken over:", exc.phase, exc.reason, exc.detail)  # where, which check, why
+    finally:
+        await ctl.dispose()  # releases the lock whatever happened
+
+
+# -- README: a published write ---------------------------------------------------------------
+
+
+async def steer(ctl: SessionFenceController, manager: SessionManager) -> str:
+    return await ctl.with_write_lock(
+        lambda: manager.append_message({"role": "user", "content": "steer"}),
+        publish_owned_write=True,
+        resolve_published_entries=lambda entry_id: [{"kind": "id", "id": entry_id}],
+    )
+
+
+async def readme_publication() -> None:
+    manager = SessionManager.open("session.jsonl")
+    manager.append_message({"role": "user", "content": "hi"})
+    ctl = await SessionFenceController.create("session.jsonl")
+    await ctl.release_for_prompt()  # its model thinks
+    peer_view = SessionManager.open("session.jsonl")  # a second attempt on the session
+    peer = await SessionFenceController.create(
+        "session.jsonl", merge_foreign_entries=peer_view.merge_foreign_entries
+    )
+    try:
+        await peer.release_for_prompt()  # the peer's model thinks too
+        entry_id = await steer(ctl, manager)
+        await peer.reacquire_after_prompt()  # its fence check merges the published entry
+        assert peer_view.get_entry(entry_id) is not None
+    finally:
+        await peer.dispose()
+        await ctl.dispose()
+
+
+# -- The hot path: exact types, never Any ----------------------------------------------------
+
+
+def hot_path(path: Path) -> None:
+    assert_type(sf.BACKEND, str)
+    assert_type(sf.__version__, str)
+    before = sf.fingerprint(path, window=8192)
+    assert_type(before, sf.Fingerprint)
+    assert_type(sf.fingerprint_many([path, str(path)]), list[sf.Fingerprint])
+    change = sf.check_append(os.fspath(path), before, window=4096, max_suffix=1 << 20)
+    assert_type(change, sf.Change)
+    assert_type(change.kind, sf.ChangeKind)
+    assert_type(change.appended, bytes | None)
+    if change.kind is sf.ChangeKind.APPENDED and change.appended is None:
+        assert_type(sf.read_range(path, before.size, change.after.size - before.size), bytes)
+    assert_type(sf.same_stat(before, change.after), bool)
+    assert_type(sf.content_digest(path), int)
+    assert_type(sf.MISSING, sf.Fingerprint)
+    digest = sf.RollingDigest.from_file(path, before.size)
+    digest.update(b"{}\n")
+    assert_type(digest.copy().intdigest(), int)
+    with sf.FileProbe(path) as probe:
+        assert_type(probe.check_append(probe.fingerprint()), sf.Change)
+
+
+# -- The lock --------------------------------------------------------------------------------
+
+
+def lock(path: Path) -> None:
+    held = acquire_session_write_lock(path, timeout=math.inf, max_hold=600.0)
+    assert_type(held, SessionWriteLock)
+    with held:
+        assert_type(held.generation, int)
+        assert_type(held.lock_path, str)
+    info = sf.inspect_lock(path)
+    assert_type(info, LockInfo)
+    assert_type(info.stale_reasons, list[str])
+    assert_type(sf.clean_stale_locks(path.parent), list[str])
+    try:
+        acquire_session_write_lock(path, timeout=0)
+    except sf.SessionWriteLockTimeoutError as exc:
+        assert_type(exc.timeout_ms, float)
+        assert_type(exc.lock_path, str)
+    except sf.SessionWriteLockStaleError as exc:
+        assert_type(exc.stale_reasons, list[str])
+
+
+async def lock_async(path: Path) -> None:
+    async with await acquire_session_write_lock_async(path, reentrant_owner="run-7") as held:
+        assert_type(held, SessionWriteLock)
+
+
+# -- Errors ----------------------------------------------------------------------------------
+
+
+def errors(exc: Exception) -> None:
+    if isinstance(exc, SessionTakeoverError):
+        assert_type(exc.before, sf.Fingerprint | None)
+        assert_type(exc.reason, str | None)
+    if isinstance(exc, TimeoutError):  # both timeouts are TimeoutError
+        pass
+    timeout: TimeoutError = sf.SessionFileOwnerTimeoutError(10.0, "session.jsonl")
+    lock_timeout: TimeoutError = sf.SessionWriteLockTimeoutError(1.0, "pid=1", "x.lock")
+    inherited: RuntimeError = sf.LockInheritedError("x.lock")
+    changed: RuntimeError = sf.TranscriptChangedError("emptied")
+    print(timeout, lock_timeout, inherited, changed)
+
+
+# -- Transcripts -----------------------------------------------------------------------------
+
+
+def transcripts(path: Path) -> None:
+    manager = sf.SessionManager.open(path)
+    assert_type(manager.append_message({"role": "user", "content": "hi"}), str)
+    assert_type(manager.leaf_id, str | None)
+    guarded = sf.guard_session_manager(manager)
+    assert_type(guarded, sf.SessionManager)
+    assert_type(sf.is_expected_compaction_append("id-1", b"{}\n"), bool)
+    assert_type(sf.migrate_transcript(path), sf.MigrationResult)
+
+
+# -- Mistakes a type checker must reject (each ignore must be needed) ------------------------
+
+
+def mistakes(path: Path, before: sf.Fingerprint) -> None:
+    sf.fingerprint("x", windw=3)  # type: ignore[call-arg]
+    acquire_session_write_lock(path, timout=1)  # type: ignore[call-arg]
+    sf.check_append(path, "before")  # type: ignore[arg-type]
+    sf.check_append(path, before, max_sufix=10)  # type: ignore[call-arg]
+    sf.read_range(path, 0)  # type: ignore[call-arg]
+    SessionManager.open(path, windw=3)  # type: ignore[call-arg]
+    print(sf.SessionTakeoverError("x").reason + 1)  # type: ignore[operator]
+    print(sf.fingerprnt)  # type: ignore[attr-defined]
