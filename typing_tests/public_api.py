@@ -124,7 +124,7 @@ def hot_path(path: Path) -> None:
 
 
 def lock(path: Path) -> None:
-    held = acquire_session_write_lock(path, timeout=math.inf, max_hold=600.0)
+    held = acquire_session_write_lock(path, timeout=math.inf, max_hold=600.0, mode=0o660)
     assert_type(held, SessionWriteLock)
     with held:
         assert_type(held.generation, int)
@@ -182,6 +182,7 @@ def transcripts(path: Path) -> None:
 def mistakes(path: Path, before: sf.Fingerprint) -> None:
     sf.fingerprint("x", windw=3)  # type: ignore[call-arg]
     acquire_session_write_lock(path, timout=1)  # type: ignore[call-arg]
+    acquire_session_write_lock(path, mode="660")  # type: ignore[arg-type]
     sf.check_append(path, "before")  # type: ignore[arg-type]
     sf.check_append(path, before, max_sufix=10)  # type: ignore[call-arg]
     sf.read_range(path, 0)  # type: ignore[call-arg]

@@ -202,7 +202,7 @@ _RETRY_NOW = object()
 
 
 def _attempt(
-    lock_path: str, max_hold: float, reentrant_owner: str | None
+    lock_path: str, max_hold: float, reentrant_owner: str | None, mode: int
 ) -> _Entry | _Busy | object:
     """One non-blocking try: an ``_Entry`` on success, ``_Busy`` when held, else retry now."""
     with _registry_lock:
@@ -210,7 +210,7 @@ def _attempt(
             return _Busy(None, here=True)
         _claimed.add(lock_path)
     try:
-        outcome = _attempt_os_lock(lock_path, max_hold, reentrant_owner)
+        outcome = _attempt_os_lock(lock_path, max_hold, reentrant_owner, mode)
     except BaseException:
         with _registry_lock:
             _claimed.discard(lock_path)
@@ -237,16 +237,23 @@ def _peek_record(lock_path: str) -> _rec.OwnerRecord | None:
 
 
 def _attempt_os_lock(
-    lock_path: str, max_hold: float, reentrant_owner: str | None
+    lock_path: str, max_hold: float, reentrant_owner: str | None, mode: int
 ) -> _Entry | _Busy | object:
     # Opened through the registry so a fork from another thread, at any point from here
     # until the entry is registered, leaves the child without a copy of the descriptor.
     try:
-        fd = _open_tracked(lock_path)
+        fd = _open_tracked(lock_path, mode=mode)
     except FileNotFoundError:
         # The transcript's folder does not exist yet; its writer is about to create it.
         os.makedirs(os.path.dirname(lock_path), exist_ok=True)
-        fd = _open_tracked(lock_path)
+        fd = _open_tracked(lock_path, mode=mode)
+    except PermissionError:
+        # Another user's process may have created the file an instant ago, with the mode
+        # its umask left, and be about to fchmod it to the shared mode: poll again. Past
+        # that instant a permission problem is reported at once, never as a timeout.
+        if _os.recently_created_by_another_user(lock_path):
+            return _Busy(None)
+        raise
     try:
         if not _os.try_lock(fd):
             size = _os.fstat_regular(fd, lock_path).st_size
@@ -298,6 +305,7 @@ def _acquisition(
     stale: float | None,
     max_hold: float | None,
     reentrant_owner: str | None,
+    mode: int,
 ) -> Generator[float, None, SessionWriteLock]:
     """The acquisition loop shared by the sync and async entry points.
 
@@ -307,6 +315,7 @@ def _acquisition(
     """
     if reentrant_owner is not None and not isinstance(reentrant_owner, str):
         raise TypeError("reentrant_owner must be a str or None")
+    mode = _os.check_mode(mode)
     budget, stale_after, hold_limit = _settings(timeout, stale, max_hold)
     deadline = time.monotonic() + budget
     key, lock_path = lock_path_for(path)
@@ -317,7 +326,7 @@ def _acquisition(
         if joined is not None:
             return SessionWriteLock(joined, key)
         for _ in range(_IMMEDIATE_RETRIES):
-            outcome = _attempt(lock_path, hold_limit, reentrant_owner)
+            outcome = _attempt(lock_path, hold_limit, reentrant_owner, mode)
             if outcome is not _RETRY_NOW:
                 break
         if isinstance(outcome, _Entry):
@@ -344,6 +353,7 @@ def acquire_session_write_lock(
     stale: float | None = _DEFAULT_STALE,
     max_hold: float | None = _DEFAULT_MAX_HOLD,
     reentrant_owner: str | None = None,
+    mode: int = _os.DEFAULT_MODE,
 ) -> SessionWriteLock:
     """Take the write lock of the transcript at ``path``, polling every 50 ms.
 
@@ -351,12 +361,24 @@ def acquire_session_write_lock(
     ``math.inf`` waits forever. A live holder in another process whose record is older than
     ``stale`` or past its own max hold is reported at once with
     ``SessionWriteLockStaleError`` (and left alone); otherwise contention ends in
-    ``SessionWriteLockTimeoutError``. ``max_hold`` bounds this hold: the watchdog logs a
-    warning and releases the lock after it. Defaults (also used for an argument passed as
-    ``None``) may be overridden by the environment variables
-    ``SESSIONFENCE_LOCK_TIMEOUT_MS``, ``_STALE_MS`` and ``_MAX_HOLD_MS``, read at each call.
+    ``SessionWriteLockTimeoutError``.
+
+    ``max_hold`` (default 300 s) bounds this hold: past it, a watchdog thread logs a
+    warning (logger ``sessionfence.lock``) and releases the lock, so a stuck holder cannot
+    block the session forever; this handle's ``held`` then turns False and its
+    ``release()`` does nothing. Pass a larger ``max_hold`` (or ``math.inf``) for longer
+    holds. Defaults (also used for an argument passed as ``None``) may be overridden by the
+    environment variables ``SESSIONFENCE_LOCK_TIMEOUT_MS``, ``SESSIONFENCE_LOCK_STALE_MS``
+    and ``SESSIONFENCE_LOCK_MAX_HOLD_MS`` (milliseconds), read at each call; explicit
+    arguments win.
+
+    ``mode`` (default ``0o600``) is the permission bits of the lock file ``<path>.lock``
+    when this call creates it; use ``0o660`` when processes of several users in one group
+    share the transcripts. The created file gets exactly ``mode``, whatever the umask
+    (it is widened with ``fchmod``); an existing lock file keeps its mode. It must include
+    ``0o600``. Not used on Windows.
     """
-    steps = _acquisition(path, timeout, stale, max_hold, reentrant_owner)
+    steps = _acquisition(path, timeout, stale, max_hold, reentrant_owner, mode)
     try:
         while True:
             time.sleep(next(steps))
@@ -372,6 +394,7 @@ async def acquire_session_write_lock_async(
     stale: float | None = _DEFAULT_STALE,
     max_hold: float | None = _DEFAULT_MAX_HOLD,
     reentrant_owner: str | None = None,
+    mode: int = _os.DEFAULT_MODE,
 ) -> SessionWriteLock:
     """``acquire_session_write_lock`` for asyncio; waiting never blocks the event loop.
 
@@ -379,7 +402,7 @@ async def acquire_session_write_lock_async(
     read and write), run inline; the waits between attempts are ``asyncio.sleep``. An
     attempt is never interrupted half-way, so cancelling the task leaves nothing held.
     """
-    steps = _acquisition(path, timeout, stale, max_hold, reentrant_owner)
+    steps = _acquisition(path, timeout, stale, max_hold, reentrant_owner, mode)
     try:
         while True:
             await asyncio.sleep(next(steps))

@@ -14,15 +14,20 @@ import errno
 import os
 import stat
 import sys
+import time
 
 __all__ = [
+    "CREATION_GRACE_NS",
+    "DEFAULT_MODE",
     "IS_WINDOWS",
     "MAX_RECORD_BYTES",
+    "check_mode",
     "close_quietly",
     "fstat_regular",
     "lock_path_for",
     "open_lock_file",
     "read_at",
+    "recently_created_by_another_user",
     "still_names",
     "try_lock",
     "unlock",
@@ -39,6 +44,17 @@ MAX_RECORD_BYTES = 1 << 20
 # msvcrt.locking() locks from the current position, which the CRT keeps in a C long.
 _WIN_LOCK_OFFSET = 0x7FFF_FFF0
 
+#: Permission bits of a lock file created without ``mode=``: owner read and write only.
+DEFAULT_MODE = 0o600
+
+# A lock file another user created this recently may still have its creator's umask-narrowed
+# mode, about to be widened by the creator's fchmod (see open_lock_file).
+CREATION_GRACE_NS = 1_000_000_000
+
+# Rounds of "open the existing file / create it exclusively" before giving up on a path
+# that keeps vanishing and reappearing under us (a cleaner racing creators).
+_CREATE_ROUNDS = 8
+
 _CONTENDED = frozenset(
     {errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, getattr(errno, "EDEADLOCK", errno.EDEADLK)}
 )
@@ -48,20 +64,39 @@ def _refuse_symlink(lock_path: str) -> OSError:
     return OSError(errno.ELOOP, "lock path is a symlink; refusing to follow it", lock_path)
 
 
-def open_lock_file(lock_path: str, *, create: bool = True, write: bool = True) -> int:
+def check_mode(mode: object) -> int:
+    """``mode`` as lock-file permission bits: within ``0o777``, including owner read and
+    write (``0o600``), without which the lock could not be opened again."""
+    if isinstance(mode, bool) or not isinstance(mode, int):
+        raise TypeError(f"mode must be an int such as 0o660, not {type(mode).__name__}")
+    if mode < 0 or mode & ~0o777 or mode & 0o600 != 0o600:
+        raise ValueError(
+            f"mode must be permission bits within 0o777 that include 0o600 (owner read and "
+            f"write), got {oct(mode)}"
+        )
+    return mode
+
+
+def open_lock_file(
+    lock_path: str, *, create: bool = True, write: bool = True, mode: int = DEFAULT_MODE
+) -> int:
     """Open the lock file without following a symlink in its last component.
 
     Raises ``OSError(ELOOP)`` for a symlink (its target is never opened, let alone
     truncated) and ``PermissionError`` for a directory we may not create in (including a
     read-only filesystem: the caller must see a permission problem at once, not a
     timeout). Callers check that the file is regular with ``fstat_regular``.
+
+    A file this call creates gets exactly ``mode`` (POSIX): it is created exclusively and,
+    when the umask narrowed the mode, widened with ``fchmod``. An existing file's mode is
+    never changed. On Windows ``mode`` is not used (the file inherits the folder's ACL).
     """
     flags = os.O_RDWR if write else os.O_RDONLY
     flags |= getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOINHERIT", 0)
     flags |= getattr(os, "O_BINARY", 0)
-    if create:
-        flags |= os.O_CREAT
     if sys.platform == "win32":
+        if create:
+            flags |= os.O_CREAT
         # No O_NOFOLLOW here: refuse a link (or junction) by lstat before opening and
         # compare identities after, so a link planted in between is still refused.
         try:
@@ -70,7 +105,7 @@ def open_lock_file(lock_path: str, *, create: bool = True, write: bool = True) -
             before = None
         if before is not None and not stat.S_ISREG(before.st_mode):
             raise _refuse_symlink(lock_path)
-        fd = os.open(lock_path, flags, 0o600)
+        fd = os.open(lock_path, flags, DEFAULT_MODE)
         try:
             after = os.lstat(lock_path)
             st = os.fstat(fd)
@@ -88,13 +123,7 @@ def open_lock_file(lock_path: str, *, create: bool = True, write: bool = True) -
     # file is regular is checked by the caller's fstat/lstat (one syscall fewer here).
     flags |= os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        return os.open(lock_path, flags, 0o600)
-    except PermissionError:
-        # A sticky directory (e.g. /tmp) refuses O_CREAT on another user's existing file
-        # (protected_regular); opening it without O_CREAT may still work.
-        if not (create and os.path.lexists(lock_path)):
-            raise
-        return os.open(lock_path, flags & ~os.O_CREAT)
+        return _open_or_create(lock_path, flags, mode) if create else os.open(lock_path, flags)
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.EMLINK) and os.path.islink(lock_path):
             raise _refuse_symlink(lock_path) from None
@@ -103,6 +132,54 @@ def open_lock_file(lock_path: str, *, create: bool = True, write: bool = True) -
                 errno.EROFS, "cannot create lock file on a read-only filesystem", lock_path
             ) from None
         raise
+
+
+def _open_or_create(lock_path: str, flags: int, mode: int) -> int:
+    # The existing file first (the common case, one syscall). Without O_CREAT this also
+    # works in a sticky directory (e.g. /tmp) on another user's file, which refuses
+    # O_CREAT (protected_regular).
+    for _ in range(_CREATE_ROUNDS):
+        try:
+            return os.open(lock_path, flags)
+        except FileNotFoundError:
+            pass
+        try:
+            fd = os.open(lock_path, flags | os.O_CREAT | os.O_EXCL, mode)
+        except FileExistsError:
+            continue  # another process created it meanwhile: open theirs
+        _exact_mode(fd, mode)
+        return fd
+    return os.open(lock_path, flags)
+
+
+def _exact_mode(fd: int, mode: int) -> None:
+    """Give a file we just created exactly ``mode``: the umask only ever removes bits."""
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+            os.fchmod(fd, mode)
+    except OSError:
+        pass  # a filesystem without POSIX permission bits (FAT, some FUSE) decides itself
+
+
+def recently_created_by_another_user(lock_path: str) -> bool:
+    """Whether the lock file is another user's and was created (or chmod'ed) just now.
+
+    Such a file may still have the mode its creator's umask left, for the instant before
+    the creator's ``fchmod`` gives it the requested mode (e.g. ``0o660``): a contender's
+    ``PermissionError`` on it is worth one more poll. After ``CREATION_GRACE_NS`` it is a
+    real permission problem.
+    """
+    if sys.platform == "win32":
+        return False
+    try:
+        st = os.lstat(lock_path)
+    except OSError:
+        return False
+    return (
+        stat.S_ISREG(st.st_mode)
+        and st.st_uid != os.geteuid()
+        and time.time_ns() - st.st_ctime_ns < CREATION_GRACE_NS
+    )
 
 
 def fstat_regular(fd: int, lock_path: str) -> os.stat_result:

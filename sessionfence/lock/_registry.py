@@ -85,10 +85,12 @@ fork_guard = threading.Lock()
 unregistered: set[int] = set()
 
 
-def open_tracked(lock_path: str, *, create: bool = True, write: bool = True) -> int:
+def open_tracked(
+    lock_path: str, *, create: bool = True, write: bool = True, mode: int = _os.DEFAULT_MODE
+) -> int:
     """``open_lock_file``, atomically with recording the descriptor for the fork hooks."""
     with fork_guard:
-        fd = _os.open_lock_file(lock_path, create=create, write=write)
+        fd = _os.open_lock_file(lock_path, create=create, write=write, mode=mode)
         unregistered.add(fd)
     return fd
 
