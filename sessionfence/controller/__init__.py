@@ -8,6 +8,8 @@ owned-write history), ``_classify`` (the benign policy and line classification),
 
 from __future__ import annotations
 
+from .. import _LAZY as _ROOT_EXPORTS
+from .._exports import present_as
 from ._controller import (
     BenignPolicy,
     CleanupLock,
@@ -31,3 +33,8 @@ __all__ = [
     "acquire_session_file_owner",
     "reset_for_tests",
 ]
+
+# Names the package root re-exports print as ``sessionfence.X``, the others as
+# ``{__name__}.X`` (see sessionfence/_exports.py).
+present_as("sessionfence", [globals()[name] for name in __all__ if name in _ROOT_EXPORTS])
+present_as(__name__, [globals()[name] for name in __all__])

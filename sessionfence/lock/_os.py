@@ -16,6 +16,8 @@ import stat
 import sys
 import time
 
+from .._util import session_key
+
 __all__ = [
     "CREATION_GRACE_NS",
     "DEFAULT_MODE",
@@ -301,8 +303,5 @@ def lock_path_for(path: str | os.PathLike[str]) -> tuple[str, str]:
     name = os.path.basename(absolute)
     if not name or text.endswith((os.sep, os.altsep or os.sep)):
         raise ValueError(f"not a transcript path: {text!r}")
-    if os.path.exists(absolute):
-        key = os.path.realpath(absolute)
-    else:
-        key = os.path.join(os.path.realpath(os.path.dirname(absolute)), name)
+    key = session_key(absolute)  # the one rule the controller's trust registry uses too
     return key, key + ".lock"
