@@ -136,8 +136,8 @@ lib.sf_xxh3_64(b, 64)" >"$WORK/canary.log" 2>&1; then
 fi
 grep -m1 "ERROR: AddressSanitizer: heap-buffer-overflow" "$WORK/canary.log"
 HOT=()
-for f in test_fingerprint.py test_check_append.py test_hash_vectors.py test_bad_input.py \
-         test_properties.py; do
+for f in hotpath/test_fingerprint.py hotpath/test_check_append.py hotpath/test_hash_vectors.py \
+         hotpath/test_bad_input.py hotpath/test_properties.py; do
     [[ -f "tests/$f" ]] && HOT+=("tests/$f")
 done
 run_sanitized -m pytest -p no:cacheprovider -q -m cffi "${HOT[@]}"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from sessionfence._backend import IMPLEMENTATIONS
+from sessionfence import _backend
+from sessionfence._backend import IMPLEMENTATIONS, HotPath
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -43,6 +45,28 @@ def impl(request: pytest.FixtureRequest) -> ModuleType:
 
 @pytest.fixture
 def transcript(tmp_path: Path) -> Path:
+    path = tmp_path / "session.jsonl"
+    path.write_bytes(b'{"type":"session"}\n')
+    return path
+
+
+@pytest.fixture(
+    name="backend", params=[pytest.param("cffi", marks=pytest.mark.cffi), "python"], ids=str
+)
+def backend_fixture(request: pytest.FixtureRequest) -> Iterator[HotPath]:
+    """Controllers and managers created in the test use this backend (``_backend.use``),
+    with the process-wide fence state reset around the test."""
+    from sessionfence.controller import reset_for_tests
+
+    with _backend.use(request.param) as impl:
+        reset_for_tests()
+        yield impl
+        reset_for_tests()
+
+
+@pytest.fixture(name="session_file")
+def session_file_fixture(tmp_path: Path) -> Path:
+    """A transcript holding only a session header."""
     path = tmp_path / "session.jsonl"
     path.write_bytes(b'{"type":"session"}\n')
     return path
