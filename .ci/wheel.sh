@@ -77,7 +77,8 @@ NAME=$(basename "$SDIST" .tar.gz)
 for f in csrc/sessionfence.c csrc/sessionfence.h csrc/build_ffi.py csrc/xxhash/xxhash.h \
          csrc/xxhash/LICENSE csrc/xxhash/VENDORED.md csrc/tests/test_sessionfence.c \
          setup.py pyproject.toml LICENSE README.md tests/conftest.py sessionfence/__init__.py \
-         CHANGELOG.md changelog.d/README.md docs/platforms.md docs/fleet.md; do
+         CHANGELOG.md changelog.d/README.md docs/platforms.md docs/fleet.md \
+         examples/own_chat_log.py typing_tests/public_api.py MANIFEST.in; do
     if grep -qx "$NAME/$f" <<<"$LISTING"; then
         echo "  has $f"
     else
@@ -153,7 +154,12 @@ V="$WORK/venv/bin/python"
 pipq "$V" -m pip install -q --disable-pip-version-check "${REPAIRED}[test]"
 TESTDIR="$WORK/testrun"
 mkdir -p "$TESTDIR"
-cp -r "$UNPACKED/tests" "$UNPACKED/pyproject.toml" "$TESTDIR/" # tests + pytest settings only
+# The tests, the pytest settings, and what the doc/packaging tests read (README snippets,
+# docs, examples, the changelog): all from the unpacked sdist, none from the checkout.
+for item in tests pyproject.toml README.md docs examples typing_tests CHANGELOG.md changelog.d \
+            MANIFEST.in LICENSE; do
+    cp -r "$UNPACKED/$item" "$TESTDIR/"
+done
 (
     cd "$TESTDIR"
     export SESSIONFENCE_BACKEND=cffi
