@@ -6,20 +6,31 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import math
 import os
 import time
 from collections.abc import Iterator
 
 __all__ = [
+    "MAX_TIMER_MS",
+    "MAX_TIMER_SECONDS",
     "fsync_dir",
     "gc_paused",
     "iso_utc",
     "pread",
+    "read_at",
     "read_exact",
     "session_key",
     "utc_stamp",
     "write_all",
+    "write_at",
 ]
+
+
+# The longest delay a timer may be given and still fire when expected: JavaScript's setTimeout
+# (whose semantics the lock and owner timeouts keep) caps at 2**31 - 1 ms; just under it.
+MAX_TIMER_MS = 2_147_000_000
+MAX_TIMER_SECONDS = MAX_TIMER_MS / 1000
 
 
 def session_key(path: str | os.PathLike[str]) -> str:
@@ -80,11 +91,12 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def iso_utc() -> str:
-    """``new Date().toISOString()``: UTC, milliseconds, ``Z``."""
-    ns = time.time_ns()
-    seconds, rest = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{rest // 1_000_000:03d}Z"
+def iso_utc(wall: float | None = None) -> str:
+    """``new Date().toISOString()``: UTC, milliseconds, ``Z``; of now, or of ``wall``
+    (seconds since the epoch)."""
+    millis = time.time_ns() // 1_000_000 if wall is None else math.floor(wall * 1000)
+    seconds, rest = divmod(millis, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{rest:03d}Z"
 
 
 def utc_stamp() -> str:
@@ -125,3 +137,39 @@ def gc_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+def read_at(fd: int, size: int, offset: int = 0) -> bytes:
+    """Up to ``size`` bytes at ``offset`` (positional reads); shorter only at end of file."""
+    chunks: list[bytes] = []
+    while size > 0:
+        chunk = pread(fd, size, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size -= len(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+if hasattr(os, "pwrite"):
+
+    def _pwrite(fd: int, data: memoryview, offset: int) -> int:
+        return os.pwrite(fd, data, offset)
+
+else:  # pragma: no cover - Windows has no pwrite; the descriptor is ours alone
+
+    def _pwrite(fd: int, data: memoryview, offset: int) -> int:
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.write(fd, data)
+
+
+def write_at(fd: int, data: bytes, offset: int = 0) -> None:
+    """All of ``data`` at ``offset`` (positional writes); ``EIO`` on a zero-length write."""
+    view = memoryview(data)
+    while view:
+        written = _pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(errno.EIO, "short positional write")
+        view = view[written:]
+        offset += written

@@ -22,12 +22,11 @@ import threading
 from dataclasses import dataclass, field
 from types import TracebackType
 
+from .._util import MAX_TIMER_MS as MAX_TIMER_MS
 from ..errors import SessionFileOwnerTimeoutError
 from ._trust import session_file_key
 
 __all__ = ["SessionFileOwner", "acquire_session_file_owner", "reset_owners"]
-
-MAX_TIMER_MS = 2_147_000_000
 
 
 @dataclass

@@ -16,7 +16,9 @@ import stat
 import sys
 import time
 
+from .._util import read_at as read_at
 from .._util import session_key
+from .._util import write_at as write_at
 
 __all__ = [
     "CREATION_GRACE_NS",
@@ -258,36 +260,6 @@ def still_names(fd: int, lock_path: str) -> os.stat_result | None:
     if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
         return None
     return st
-
-
-def read_at(fd: int, size: int, offset: int = 0) -> bytes:
-    chunks: list[bytes] = []
-    while size > 0:
-        if sys.platform == "win32":
-            os.lseek(fd, offset, os.SEEK_SET)
-            chunk = os.read(fd, size)
-        else:
-            chunk = os.pread(fd, size, offset)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size -= len(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
-
-
-def write_at(fd: int, data: bytes, offset: int = 0) -> None:
-    view = memoryview(data)
-    while view:
-        if sys.platform == "win32":
-            os.lseek(fd, offset, os.SEEK_SET)
-            written = os.write(fd, view)
-        else:
-            written = os.pwrite(fd, view, offset)
-        if written <= 0:
-            raise OSError(errno.EIO, "short write to the lock file")
-        view = view[written:]
-        offset += written
 
 
 def lock_path_for(path: str | os.PathLike[str]) -> tuple[str, str]:

@@ -20,6 +20,9 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+from .._util import MAX_TIMER_SECONDS as MAX_TIMER_SECONDS
+from .._util import iso_utc
+
 __all__ = [
     "DEFAULT_MAX_HOLD",
     "DEFAULT_STALE",
@@ -51,7 +54,6 @@ OwnerRecord = dict[str, Any]
 
 # The original clamps timers to this (just under 2**31 ms); an "infinite" max hold is
 # recorded and watched as this many seconds.
-MAX_TIMER_SECONDS = 2_147_000.0
 _MAX_SAFE_INTEGER = 2**53 - 1
 _DIGITS = re.compile(r"[0-9]+")
 
@@ -221,13 +223,6 @@ def pid_alive(pid: int) -> bool:
     return not (fields is not None and fields and fields[0] in ("Z", "X"))
 
 
-def _iso_utc(wall: float) -> str:
-    millis = math.floor(wall * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(millis // 1000)) + (
-        f".{millis % 1000:03d}Z"
-    )
-
-
 # The fields that only change with the process, serialised once per pid: acquisition is
 # on every writer's hot path, and json.dumps of the whole record dominated its cost.
 _static_head: tuple[int, str] | None = None
@@ -253,7 +248,7 @@ def encode_record(
     token = secrets.token_hex(16)
     max_hold_ms = int(min(max_hold, MAX_TIMER_SECONDS) * 1000)
     prefix = (
-        f'{_head()},"created_at":"{_iso_utc(wall)}","max_hold_ms":{max_hold_ms},'
+        f'{_head()},"created_at":"{iso_utc(wall)}","max_hold_ms":{max_hold_ms},'
         f'"generation":{int(generation)},"token":"{token}","boot_id":{json.dumps(boot_id())},'
         f'"monotonic":{float(monotonic)!r},"state":"'
     ).encode("ascii")

@@ -319,7 +319,7 @@ def test_repair_faults_never_truncate_without_a_quarantine_copy(tmp_path: Path) 
 
 # -- lock ------------------------------------------------------------------------------------
 
-LOCK_MODULES = (_lock_os, lock)
+LOCK_MODULES = (_lock_os, lock, _util)  # _util: the shared positional I/O
 
 
 def assert_lock_free(path: Path, lock_path: str, label: str) -> None:
