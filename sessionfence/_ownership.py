@@ -4,8 +4,8 @@
 (dev, ino), the offset where the bytes landed (read back from the ``O_APPEND`` descriptor,
 so it is exact even when another process appended just before) and an XXH3-128 of the
 bytes. ``refresh_after_owned_write()`` accepts an appended suffix only when it is exactly a
-run of such records (SPEC §5.2 item 6); a foreign line before, between or after ours makes it
-fall through to the fence check.
+run of such records (docs/design.md, "Nothing is adopted"); a foreign line before, between
+or after ours makes it fall through to the fence check.
 
 ``LIVE_MANAGERS`` lets the fence ask whether an entry id already exists in the transcript
 (a benign-looking line that reuses an id would shadow an entry for later readers) when a

@@ -1,9 +1,10 @@
 """What an appended run of JSONL lines is: the benign policy and owned-entry matching.
 
-Ports reference §5.4 (line classification, published-entry matching, owned initialization,
-append advance). The linear-migration rewrite (c) is deliberately not ported: a rewrite is a
-takeover here (SPEC §5.2 item 5). The JSON rules (``JSON.parse``, ``trim()``, deep
-equality) are ``_jsonl``'s, shared with the transcript model.
+Line classification, published-entry matching, owned initialization and the append advance
+(docs/design.md, "Benign policy" and "Publications"). A rewrite of old lines is always a
+takeover; the openclaw controller's acceptance of the v1 linear-migration rewrite is
+deliberately not ported (docs/design.md, "Provenance"). The JSON rules (``JSON.parse``,
+``trim()``, deep equality) are ``_jsonl``'s, shared with the transcript model.
 """
 
 from __future__ import annotations
@@ -94,13 +95,13 @@ def is_side_leaf_control(entry: Any) -> bool:
 
 
 class BenignPolicy:
-    """Which unowned appended entries a fence may accept (SPEC §5.3).
+    """Which unowned appended entries a fence may accept (docs/design.md, "Benign policy").
 
-    The default is the original's: transcript-only assistant messages (delivery mirrors and
-    gateway injections), ``custom`` / ``label`` / ``session_info`` records and side-mode
-    ``leaf`` controls; without a merge callback only the transcript-only messages. Subclass
-    and override :meth:`classify_entry` (or pass other ``transcript_only_models``) to name
-    another framework's mirror entries.
+    The default accepts openclaw's benign entries: transcript-only assistant messages
+    (delivery mirrors and gateway injections), ``custom`` / ``label`` / ``session_info``
+    records and side-mode ``leaf`` controls; without a merge callback only the
+    transcript-only messages. Subclass and override :meth:`classify_entry` (or pass other
+    ``transcript_only_models``) to name another framework's mirror entries.
     """
 
     DEFAULT_TRANSCRIPT_ONLY_MODELS = frozenset({"delivery-mirror", "gateway-injected"})

@@ -493,8 +493,9 @@ class SessionFenceController:
     # the fence check ----------------------------------------------------------------------------
 
     async def _assert_fence(self, phase: str, *, prove_racy: bool = True) -> None:
-        """Reference §5.3: did the transcript change, since this fence last saw it, in a
-        way this controller does not own? Raises SessionTakeoverError when it did."""
+        """Did the transcript change, since this fence last saw it, in a way this
+        controller does not own? Raises SessionTakeoverError when it did (docs/design.md,
+        "Fence check order")."""
         if not self._fence_active:
             return
         change = self._io.observe_quiet(self._fence.fingerprint)
@@ -578,7 +579,7 @@ class SessionFenceController:
 
     def _accept_identical_content(self, change: Change, phase: str) -> None:
         """Same file, same size, times moved: accepted only when the content digest is
-        unchanged, for any size (no 32 MiB cliff: SPEC §5.2 item 2)."""
+        unchanged, whatever the file's size (docs/design.md, "Fence check order")."""
         fence = self._fence
         if fence.digest is None:
             raise self._change_takeover(
@@ -718,7 +719,7 @@ class SessionFenceController:
         phase: str,
         classified: Classified | None = None,
     ) -> _Merged | Rejected:
-        """Hand the appended entries to the merge callback (reference §5.5)."""
+        """Hand the appended entries to the merge callback (docs/design.md, "Merge")."""
         assert self._merge_cb is not None
         if classified is None:
             result = self._classify(prev, change, expected)
@@ -901,7 +902,7 @@ class SessionFenceController:
 
     @contextlib.asynccontextmanager
     async def _publication(self, parent: ScopeState, handle: WriteScope) -> AsyncIterator[None]:
-        """A write whose result is published as owned (reference §5.7 runPublication).
+        """A write whose result is published as owned (docs/design.md, "Publications").
 
         A publication started inside another one that still accepts nested publications
         only adds its entries to the parent's; otherwise it is a top-level publication,
@@ -966,10 +967,11 @@ class SessionFenceController:
     async def _publish_owned_fence(
         self, before: FenceSnapshot, expected: list[PublishedEntry] | None
     ) -> None:
-        """Record what a publishing write scope wrote as owned (reference §5.7), if it is a
-        proven append (or the declared creation of the transcript) of exactly the declared
-        entries. Own entries are not fed to the merge callback: the writer already has them
-        (a peer controller merges them at its own fence check)."""
+        """Record what a publishing write scope wrote as owned, if it is a proven append
+        (or the declared creation of the transcript) of exactly the declared entries
+        (docs/design.md, "Publications"). Own entries are not fed to the merge callback:
+        the writer already has them (a peer controller merges them at its own fence
+        check)."""
         if self._takeover is not None:
             return
         change = self._io.observe(before.fingerprint)
@@ -1038,7 +1040,7 @@ class SessionFenceController:
         for a refused publication."""
         before = self._io.fingerprint()
         if validate_append is not None and not before.exists:
-            # As the original: a validated append needs the file it appends to.
+            # A validated append needs the file it appends to (as in the openclaw controller).
             raise FileNotFoundError(2, "session file does not exist", self._session_file)
         if self._held_lock_lost():
             return run()  # recorded as lock-lost; nothing this run writes is published
@@ -1063,7 +1065,7 @@ class SessionFenceController:
         if change.kind is ChangeKind.UNCHANGED or not trusted:
             return result
         if change.kind is not ChangeKind.APPENDED:
-            return result  # only a proven append is published (SPEC §5.1)
+            return result  # only a proven append is published (docs/design.md, "Owned writes")
         prev = reference if reference is not None else self._snapshot_for(before)
         proven = False
         if self._full:
@@ -1235,10 +1237,10 @@ class SessionFenceController:
         """Release the held lock and leave the fence on the file as it is now.
 
         An active fence judges what happened while the lock was held exactly as it judges
-        a prompt window (SPEC §5.2 item 6): nothing is adopted, and a lock lost while held
+        a prompt window (docs/design.md, "Nothing is adopted"), and a lock lost while held
         is a takeover (``lock-lost``). The takeover is recorded, the lock released, and the
         error raised. Before the first release the fence is inactive: the state at release
-        becomes its baseline (reference §5.1)."""
+        becomes its baseline (docs/design.md, "Attempt lifecycle")."""
         if self._hold.lock is None:
             await self._hold.wait_drain()
             return

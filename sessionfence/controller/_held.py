@@ -52,7 +52,8 @@ class Signal:
 
 
 class HeldLock:
-    """The retained lock, its borrowers and the single-owner drain (reference §5.9)."""
+    """The retained lock, its borrowers and the single-owner drain (docs/design.md,
+    "Retained lock and drains")."""
 
     def __init__(self, inside_active_scope: Callable[[], bool]) -> None:
         self.lock: Any | None = None

@@ -3,8 +3,9 @@
 A physical scope holds the write lock (the retained one, borrowed, or a short one of its
 own) after a fence check; nested calls reuse it through a per-controller context variable
 whose value is shared by reference with every task started inside, so a detached
-descendant sees the scope turn inactive (reference §10.1). ``WriteScope`` drives one use;
-the controller does the locking, checking and publishing behind ``ScopeHost``."""
+descendant sees the scope turn inactive (docs/design.md, "Write scopes"). ``WriteScope``
+drives one use; the controller does the locking, checking and publishing behind
+``ScopeHost``."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ class Scope:
 @dataclass(eq=False)
 class ScopeState:
     """The context variable's value: shared by reference with every task started inside,
-    so a detached descendant sees it turn inactive (reference §10.1)."""
+    so a detached descendant sees it turn inactive (docs/design.md, "Write scopes")."""
 
     scope: Scope
     active: bool = True

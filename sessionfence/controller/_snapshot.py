@@ -1,11 +1,11 @@
 """Fence snapshots: a Fingerprint plus a rolling content digest, never the file's bytes.
 
-The original kept the whole transcript (<= 8 MiB) or its SHA-256 (<= 32 MiB) per fence and
-reread it after every write. Here a snapshot is the file's fingerprint and, when known, an
-XXH3-128 ``RollingDigest`` of bytes ``[0, size)``. Appends roll the digest forward with the
-appended bytes only (read positionally), so keeping it costs O(appended bytes); the digest is
-computed from the file at most once per file per process (the registry caches it) and that
-is the only whole-file read on the hot path (SPEC §5.2 item 1).
+A snapshot is the file's fingerprint and, when known, an XXH3-128 ``RollingDigest`` of bytes
+``[0, size)``. Appends roll the digest forward with the appended bytes only (read
+positionally), so keeping it costs O(appended bytes); the digest is computed from the file at
+most once per file per process (the registry caches it) and that is the only whole-file read
+on the hot path (docs/design.md, "Fence snapshots"). The openclaw controller kept the whole
+transcript (<= 8 MiB) or its SHA-256 (<= 32 MiB) per fence and reread it after every write.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class FenceSnapshot(NamedTuple):
     stat prove the whole content unchanged (git's racy-clean rule): a write after that read
     stamps a later time. A snapshot of a file written within the granule is *racy*: a
     same-size rewrite in the same tick leaves the stat equal, so ``verify="full"`` proves the
-    content by digest at the next check instead (SPEC §5.2 item 6)."""
+    content by digest at the next check instead (docs/design.md, "Racy fences")."""
 
     fingerprint: Fingerprint
     digest: Any | None = None  # RollingDigest of [0, fingerprint.size); shared, never mutated

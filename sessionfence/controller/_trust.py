@@ -1,9 +1,9 @@
-"""Process-wide fence state shared by every controller (reference §5.2).
+"""Process-wide fence state shared by every controller (docs/design.md, "Trust registry").
 
-One registry per process, keyed by the session file key (§1 of the reference): the trusted
-state of each transcript, the history of owned writes that fences have not seen yet, one
-global generation counter, and the content digest cache that lets a digest be computed at
-most once per file per process (SPEC §5.2 item 1).
+One registry per process, keyed by the session file key (``_util.session_key``, the lock's
+key too): the trusted state of each transcript, the history of owned writes that fences have
+not seen yet, one global generation counter, and the content digest cache that lets a digest
+be computed at most once per file per process (docs/design.md, "Fence snapshots").
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ class Registry:
     """Trust registry, owned-write history, generation counter and digest cache.
 
     States are compared as whole fingerprints (stat *and* tail-window hash), never by stat
-    alone: with coarse timestamps a same-size rewrite can keep the stat (SPEC §5.2 item 6)."""
+    alone: with coarse timestamps a same-size rewrite can keep the stat (docs/design.md,
+    "Racy fences")."""
 
     def __init__(self) -> None:
         self.reset()
