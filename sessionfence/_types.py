@@ -1,4 +1,4 @@
-"""Value types and argument checks shared by both backends (SPEC §2)."""
+"""Value types and argument checks shared by both backends (docs/design.md, "The hot path")."""
 
 from __future__ import annotations
 
@@ -119,7 +119,10 @@ existing_fingerprint = _fast_constructor()
 
 
 def same_stat(a: Fingerprint, b: Fingerprint) -> bool:
-    """The original's fingerprint equality: existence, identity, size and both times."""
+    """Stat equality: existence and, for existing files, identity, size and both times.
+
+    The tail hash is not compared (``Fingerprint.__eq__`` compares every field). This is the
+    openclaw controller's fingerprint equality; the fence compares tail hashes as well."""
     if a.exists != b.exists:
         return False
     if not a.exists:

@@ -1,8 +1,8 @@
-"""The in-process session file owner: one attempt per transcript per process (reference §4).
+"""The in-process session file owner: one attempt per transcript per process.
 
 Separate from the cross-process lock and held for a whole attempt, so two attempts in one
-process cannot interleave their fences. Symlinked paths share an owner (same key as the
-registry).
+process cannot interleave their fences (docs/design.md, "In-process owner"). Symlinked paths
+share an owner (same key as the registry).
 
 Attempts may run on different event loops in different threads. The table is guarded by a
 thread lock, and a waiter parked on another loop is woken through that loop's

@@ -1,4 +1,4 @@
-"""The session write lock (SPEC §3): one lock per transcript, shared by every process on a host.
+"""The session write lock: one lock per transcript, shared by every process on a host.
 
 The lock is an OS lock on a sidecar ``<key>.lock`` file that is never unlinked, so a holder
 that crashes leaves nothing behind: the kernel drops the lock with the process, and the

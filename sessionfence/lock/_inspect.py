@@ -9,15 +9,15 @@ file ``<name>.lock`` with no other hard links, where ``<name>`` beside it is eit
 (the session was deleted) or a regular file (the transcript: a symlinked transcript's lock
 lives beside its target), and whose content is
 
-- a sessionfence owner record (``_lock_record.is_owner_record``: every field of SPEC §3
-  with its type), or
+- a sessionfence owner record (``_record.is_owner_record``: every field of the record
+  sessionfence writes, with its type; docs/design.md, "Owner record"), or
 - empty, and ``<name>`` is a session transcript (its first line is a ``"type":"session"``
   header). A first acquirer killed between locking and writing its record leaves such a
   file; an empty ``<name>.lock`` beside anything else (or nothing) may be another tool's
   lock file (py-filelock, for one, leaves empty ``<file>.lock`` files) and is left alone.
 
 Anything else (``poetry.lock``, ``yarn.lock``, ``Cargo.lock``, ``composer.lock``, a lock
-file of the TypeScript original, garbage) is never locked, rewritten or removed.
+file written by openclaw's own lock, garbage) is never locked, rewritten or removed.
 """
 
 from __future__ import annotations

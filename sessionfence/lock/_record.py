@@ -20,6 +20,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+# An "infinite" max hold is recorded and watched as MAX_TIMER_SECONDS (the timer cap).
 from .._util import MAX_TIMER_SECONDS as MAX_TIMER_SECONDS
 from .._util import iso_utc
 
@@ -52,8 +53,6 @@ __all__ = [
 
 OwnerRecord = dict[str, Any]
 
-# The original clamps timers to this (just under 2**31 ms); an "infinite" max hold is
-# recorded and watched as this many seconds.
 _MAX_SAFE_INTEGER = 2**53 - 1
 _DIGITS = re.compile(r"[0-9]+")
 
@@ -266,7 +265,8 @@ def parse_record(raw: bytes) -> OwnerRecord | None:
     return value if isinstance(value, dict) else None
 
 
-# The fields every record sessionfence writes has (SPEC §3), with their JSON types.
+# The fields every record sessionfence writes has, with their JSON types (docs/design.md,
+# "Owner record").
 _RECORD_FIELDS: tuple[tuple[str, type], ...] = (
     ("pid", int),
     ("host", str),
@@ -281,8 +281,8 @@ def is_owner_record(record: OwnerRecord | None) -> bool:
     """Whether ``record`` is an owner record as sessionfence writes it.
 
     Tells a session lock file apart from other ``*.lock`` files (``poetry.lock``,
-    ``composer.lock``, another program's JSON lock file): every field of SPEC §3 present
-    with its type, a positive pid, a parseable ``created_at`` and, if there is a
+    ``composer.lock``, another program's JSON lock file): every field of ``_RECORD_FIELDS``
+    present with its type, a positive pid, a parseable ``created_at`` and, if there is a
     ``state``, one of ours.
     """
     if record is None:
@@ -393,7 +393,7 @@ def _same_boot_or_unknown(record: OwnerRecord) -> bool:
 
 
 def describe_owner(record: OwnerRecord | None) -> str:
-    """``pid=123 host=h alive=true ageMs=5000``, as SPEC §3 words it."""
+    """``pid=123 host=h alive=true ageMs=5000``: the owner as the lock errors print it."""
     if record is None:
         return "owner=unknown"
     pid, alive, _ = _owner_facts(record)
