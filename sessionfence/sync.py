@@ -821,10 +821,12 @@ class SyncSessionFenceController:
 
     @property
     def session_file(self) -> str:
+        """The transcript's path, as given to ``create``."""
         return self._ctl.session_file
 
     @property
     def has_takeover(self) -> bool:
+        """Whether a takeover stopped this controller (every later write raises it)."""
         return self._ctl.has_takeover
 
     @property
@@ -834,18 +836,22 @@ class SyncSessionFenceController:
 
     @property
     def fence_active(self) -> bool:
+        """Whether the fence is active (from the first ``release_for_prompt`` on)."""
         return self._ctl.fence_active
 
     @property
     def fence_fingerprint(self) -> Fingerprint:
+        """The transcript's state as the fence last accepted it."""
         return self._ctl.fence_fingerprint
 
     @property
     def holds_lock(self) -> bool:
+        """Whether the controller holds the write lock between calls (the retained lock)."""
         return self._ctl.holds_lock
 
     @property
     def disposed(self) -> bool:
+        """Whether ``dispose()`` (or ``close()``, or leaving ``with``) has run."""
         return self._disposed
 
     def __repr__(self) -> str:
