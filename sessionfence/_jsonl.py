@@ -1,6 +1,6 @@
-"""JSON and JSONL helpers for the transcript model (SPEC §6, reference §10.6-§10.9).
+"""JSON and JSONL helpers for the transcript model (docs/design.md, "JavaScript JSON rules").
 
-Reading follows what the TypeScript original sees after ``readFileSync(path, "utf8")`` and
+Reading follows what the JavaScript readers see after ``readFileSync(path, "utf8")`` and
 ``JSON.parse``: invalid UTF-8 becomes U+FFFD (``errors="replace"``), ``NaN``/``Infinity``
 literals are rejected, and a value that is not a JSON object is not an entry. The standard
 ``json`` module is the reference. A faster parser, when installed, is only a quicker route
@@ -72,7 +72,7 @@ __all__ = [
 ]
 
 # What JavaScript's String.prototype.trim() strips: WhiteSpace and LineTerminator, which
-# include U+FEFF; Python's str.strip() does not strip U+FEFF (reference §10.7).
+# include U+FEFF; Python's str.strip() does not strip U+FEFF.
 JS_WHITESPACE = (
     "\t\n\v\f\r \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009"
     "\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"

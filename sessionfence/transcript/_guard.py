@@ -1,5 +1,5 @@
-"""The compaction guard of reference §7 (SPEC §6): ``guard_session_manager`` and the
-validator it hands to ``with_compaction_persistence``."""
+"""The compaction guard (docs/design.md, "Compaction guard"): ``guard_session_manager`` and
+the validator it hands to ``with_compaction_persistence``."""
 
 from __future__ import annotations
 
@@ -66,14 +66,14 @@ def guard_session_manager(
     """Installs the guard on ``manager`` (in place) and returns the same object.
 
     - ``append_compaction(...)`` becomes ``with_compaction_persistence(append,
-      is_expected_compaction_append)``, where ``append()`` runs the original call and
+      is_expected_compaction_append)``, where ``append()`` runs the unguarded call and
       returns its entry id (wire it to ``ctl.owned_file_write``). Without the option the
-      append runs directly, bypassing the fence, as in the original.
+      append runs directly, bypassing the fence (as openclaw's guard does).
     - ``append_message(...)`` calls ``on_message_persisted()`` after the line is written
       (wire it to ``ctl.refresh_after_owned_write``); not when the append raised.
 
     Idempotent: a manager that is already guarded is returned unchanged, and the options
-    of the first call stay in force (the original detects its own guard the same way).
+    of the first call stay in force (openclaw's guard detects itself the same way).
     """
     if getattr(manager, GUARD_ATTRIBUTE, None) is not None:
         return manager

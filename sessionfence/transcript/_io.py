@@ -160,7 +160,7 @@ def new_entry_id(taken: Callable[[str], bool]) -> str:
 
 
 def uuid7() -> str:
-    """A time-ordered UUID (version 7) for new session headers, as the original writes."""
+    """A time-ordered UUID (version 7) for new session headers, as openclaw writes them."""
     ms = time.time_ns() // 1_000_000
     rand = int.from_bytes(os.urandom(10), "big")
     value = (ms & ((1 << 48) - 1)) << 80
@@ -269,7 +269,8 @@ def parse_fd(fd: int, digest: DigestT, chunk: int = DEFAULT_CHUNK) -> Loaded:
             lines.append(b"".join(pending))
             pending = []
         elif first and data.startswith(_UTF8_BOM):
-            # JS trim() drops a BOM at the start of the file's text (reference §10.7)
+            # JS trim() drops a BOM at the start of the file's text (docs/design.md,
+            # "JavaScript JSON rules")
             start = len(_UTF8_BOM)
         if first:
             first = False

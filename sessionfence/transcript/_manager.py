@@ -1,11 +1,11 @@
-"""The JSONL transcript model (SPEC §6): ``SessionManager``, the compaction guard and the
-foreign-entry merge.
+"""The JSONL transcript model: ``SessionManager``, the compaction guard and the
+foreign-entry merge (docs/design.md, "The transcript model").
 
 A transcript is a header line (``{"type":"session",...}``) and then one compact JSON object
 per line, every line ending in ``\\n``. Entries form a tree through ``parentId``; the
 *visible leaf* (``leaf_id``) is where the next own append hangs, and a *side cursor* is where
 entries merged from other writers hang, so that they never enter the active branch
-(reference §5.5).
+(docs/design.md, "Merge").
 
 Notes for the fence controller (everything is O(appended bytes) after ``open``):
 
@@ -41,7 +41,8 @@ the reasons, is in ``docs/transcripts.md``). The references are pi-mono's ``Sess
   references: pi-mono ``loadEntriesFromFile``, openclaw ``hasReadableSessionHeader``);
   otherwise ``not_a_session`` says what the file looks like and appends raise
   ``NotASessionError`` (the references would replace or rewrite the file). A header
-  without an ``id`` (a bare ``{"type":"session"}``) is accepted, as SPEC §6 requires.
+  without an ``id`` (a bare ``{"type":"session"}``) is accepted (docs/design.md,
+  "Format").
 - *Last line.* A last line without its newline that parses as a JSON object is a complete
   entry (both references parse it); only one that does not parse is a torn tail. The next
   append writes the separating ``\n`` in the same ``os.write`` as its record (openclaw
@@ -384,8 +385,8 @@ class SessionManager:
 
     def _apply_leaf_control(self, ident: str, entry: Entry) -> None:
         # A leaf control moves the visible leaf (and the side cursor) without content. One
-        # that names an unknown entry, or is not shaped like a control, is ignored, as the
-        # original ignores it.
+        # that names an unknown entry, or is not shaped like a control, is ignored, as
+        # openclaw's reader ignores it.
         self._by_id[ident] = entry
         if "parentId" not in entry or "targetId" not in entry:
             return
@@ -566,7 +567,7 @@ class SessionManager:
         """Root-to-leaf path ending at ``leaf_id`` (default: the visible leaf).
 
         Leaf controls on the way stand for their targets and are not listed. An unknown id
-        gives ``[]``, as the original's ``getBranch`` does; a parent cycle stops the walk.
+        gives ``[]``, as pi-mono's ``getBranch`` does; a parent cycle stops the walk.
         """
         current = self._leaf if leaf_id is None else leaf_id
         path: list[Entry] = []
@@ -616,7 +617,8 @@ class SessionManager:
         from_hook: bool = False,
     ) -> str:
         """Appends a ``compaction`` entry. ``details`` is omitted when None and ``fromHook``
-        when false (JSON.stringify drops undefined), so default lines match the original."""
+        when false (JSON.stringify drops undefined), so default lines match what the
+        JavaScript writers write."""
         fields: Entry = {
             "type": "compaction",
             "summary": summary,
@@ -638,7 +640,7 @@ class SessionManager:
 
     def append_label(self, target_id: str, label: str | None) -> str:
         """Labels an existing entry; ``None`` or ``""`` clears its label. ``ValueError`` when
-        ``target_id`` is not in the transcript (the original throws too)."""
+        ``target_id`` is not in the transcript (the JavaScript session managers throw too)."""
         if target_id not in self._by_id:
             raise ValueError(f"cannot label entry {target_id!r}: no such entry")
         fields: Entry = {"type": "label", "targetId": target_id}
@@ -676,7 +678,7 @@ class SessionManager:
             ident = _io.new_entry_id(self._by_id.__contains__)
         parent = fields.get("parentId", self._leaf)
         timestamp = fields["timestamp"] if "timestamp" in fields else _io.iso_now()
-        # Base fields first, in the original's order; the type's own fields follow.
+        # Base fields first, in the JavaScript writers' order; the type's own fields follow.
         entry: Entry = {"type": fields["type"], "id": ident, "parentId": parent}
         entry["timestamp"] = timestamp
         for key, value in fields.items():
@@ -921,7 +923,7 @@ class SessionManager:
         self._clean_offset = None
 
     # ------------------------------------------------------------------------------------
-    # Merging foreign entries (reference §5.5, session-manager side).
+    # Merging foreign entries (the session-manager side of docs/design.md, "Merge").
     # ------------------------------------------------------------------------------------
 
     def merge_foreign_entries(
