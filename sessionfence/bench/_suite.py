@@ -1,12 +1,13 @@
-"""The performance measures of SPEC §8, run for ``sessionfence bench``.
+"""The performance measures of docs/design.md, "Performance targets", run for
+``sessionfence bench``.
 
-Every measure runs the ``naive`` path (the original's algorithm in Python: read the whole
-file before and after an append and compare the prefix), the pure ``python`` backend and
-the ``cffi`` backend in the same process and the same run. Contenders are interleaved round
-by round, so that noise from other processes on the machine hits all of them alike and the
-ratios stay meaningful even when the absolute figures wobble. The one exception is the naive
-whole-file path, which runs on its own: it would flush the CPU caches before every fenced
-sample, and at ratios of 10^3 and more drift does not matter.
+Every measure runs the ``naive`` path (a whole-file fence in Python: read the whole file
+before and after an append and compare the prefix, as the openclaw controller did), the pure
+``python`` backend and the ``cffi`` backend in the same process and the same run. Contenders
+are interleaved round by round, so that noise from other processes on the machine hits all
+of them alike and the ratios stay meaningful even when the absolute figures wobble. The one
+exception is the naive whole-file path, which runs on its own: it would flush the CPU caches
+before every fenced sample, and at ratios of 10^3 and more drift does not matter.
 
 Conventions that every measure follows:
 
@@ -600,8 +601,8 @@ class AppendValidation:
     """Append 1 KiB to a transcript and prove it was only that append.
 
     naive: read the whole file as UTF-8 before the append and again after it, require
-    ``after.startswith(before)`` and the new text to be the line written (the original's
-    owned-append validation, reference §5.8). The fenced paths: ``fingerprint`` before,
+    ``after.startswith(before)`` and the new text to be the line written (the openclaw
+    controller's owned-append validation). The fenced paths: ``fingerprint`` before,
     ``check_append(before)`` after, require APPENDED with exactly the bytes written. The
     append itself and the truncate that restores the file between rounds are not timed.
     """

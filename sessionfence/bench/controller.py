@@ -1,14 +1,17 @@
-"""Controller measures of SPEC §8 for ``sessionfence bench``: P7, and P2 through the controller.
+"""Controller measures for ``sessionfence bench``: P7, and P2 through the controller.
+
+The targets are in docs/design.md, "Performance targets".
 
 - **P7**: ``release_for_prompt()`` + ``reacquire_after_prompt()`` with no change in between,
   1 GiB ÷ 1 KiB transcript (cffi), target <= 1.5. Beside it, in the same run: the pure
-  backend, and ``naive`` = what a content-checking fence without a rolling digest does (the
-  original's algorithm: read the whole file at release and again at reacquire, compare).
+  backend, and ``naive`` = what a content-checking fence without a rolling digest does
+  (read the whole file at release and again at reacquire, compare; the openclaw
+  controller's algorithm).
 - **P2c**: the synchronous owned write of a compaction line (``owned_file_write`` with
   ``is_expected_compaction_append``) on a 100 MiB transcript, naive ÷ cffi, target >= 10 000.
-  ``naive`` is the original's validation (reference §5.8): read the whole file as UTF-8
-  before and after the append, ``startswith``, then validate the suffix. The append itself
-  is not timed on either side.
+  ``naive`` reads the whole file as UTF-8 before and after the append, checks
+  ``startswith``, then validates the suffix (the openclaw controller's validation). The
+  append itself is not timed on either side.
 
 The lock is a no-op injected ``acquire``: the measures are about the fence, and a real
 lock's cost does not depend on the transcript's size. Each controller runs on its own event
@@ -165,8 +168,8 @@ def naive_release_reacquire(path: Path) -> float:
 
 
 def naive_owned_compaction(path: Path, counter: list[int]) -> float:
-    """ns of the original's owned compaction validation (two whole-file UTF-8 reads and a
-    prefix compare), minus the append itself."""
+    """ns of the naive owned compaction validation (two whole-file UTF-8 reads and a
+    prefix compare, as the openclaw controller did), minus the append itself."""
     counter[0] += 1
     entry_id = f"{counter[0]:08x}"
     line = compaction_line(entry_id)

@@ -1,4 +1,5 @@
-"""``sessionfence bench``: the naive / python / cffi comparison of SPEC §8 as a table."""
+"""``sessionfence bench``: the naive / python / cffi comparison as a table (the measures and
+their targets: docs/design.md, "Performance targets")."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ CHART_SUFFIXES = (".png", ".svg", ".pdf")
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "bench",
-        help="compare the naive, pure-Python and C paths (SPEC §8, P1-P6)",
+        help="compare the naive, pure-Python and C paths (P1-P6)",
         description="Runs the performance measures P1-P6 on generated transcripts and prints "
         "each ratio next to its target. Files go to a temporary directory that is removed "
         "afterwards; the page cache is warmed on purpose before anything is timed.",
@@ -233,7 +234,7 @@ def print_table(report: Report) -> None:
     except ImportError:
         _print_plain(rows, _footer(report))
         return
-    table = Table(title="sessionfence bench: SPEC §8", title_justify="left")
+    table = Table(title="sessionfence bench: performance targets", title_justify="left")
     for h in HEADERS:
         justify: Any = "right" if h in ("ratio", "of minima", "target") else "left"
         table.add_column(h, justify=justify, overflow="fold")

@@ -2,9 +2,9 @@
 
 Workers run attempts (reacquire + fence check, owned appends, compactions, release for a
 simulated model call) on shared transcripts; a delivery mirror appends benign lines in the
-released windows; a chaos process makes foreign edits of every kind in SPEC §9 and the
-supervisor SIGKILLs workers. Every event is logged as ground truth and the oracle checks the
-fence's verdicts and every acknowledged line against it.
+released windows; a chaos process makes foreign edits of every kind (docs/fleet.md, "Chaos
+kinds") and the supervisor SIGKILLs workers. Every event is logged as ground truth and the
+oracle checks the fence's verdicts and every acknowledged line against it.
 """
 
 from __future__ import annotations

@@ -10,12 +10,13 @@ made under, so the oracle can order it against the worker's own acquisition.
 Chaos makes at most one event per released window, and in a window that already grew (a
 mirror append, an owned publication) only appends, replacement or metadata events: cutting
 or rewriting what was just appended could leave a net change that is benign, owned or nil,
-which is no takeover. In ``verify="tail"`` mode it never
-combines an edit outside the tail window with an append in the same window (the mirror skips
-such a window too): tail mode by design cannot see that combination (SPEC §2.2, §5). For the
-same reason an edit outside the tail window that leaves the stat exactly as it was (same
-timestamp tick on a coarse-timestamp filesystem) is logged as ``unseen`` in tail mode, not as
-a takeover to detect: only ``verify="full"`` proves content outside the tail window.
+which is no takeover. In ``verify="tail"`` mode it never combines an edit outside the tail
+window with an append in the same window (the mirror skips such a window too): tail mode by
+design cannot see that combination (docs/design.md, "check_append rules" and "Verify
+modes"). For the same reason an edit outside the tail window that leaves the stat exactly as
+it was (same timestamp tick on a coarse-timestamp filesystem) is logged as ``unseen`` in
+tail mode, not as a takeover to detect: only ``verify="full"`` proves content outside the
+tail window.
 """
 
 from __future__ import annotations
@@ -470,7 +471,8 @@ def mirror_main(
             parent = entry_id
         kind = "mirror"
         if rng.random() < _METADATA_SHARE:
-            # The other benign kinds a merge callback takes (SPEC §5.3): global metadata.
+            # The other benign kinds a merge callback takes (docs/design.md, "Benign
+            # policy"): global metadata.
             kind = "mirror+metadata"
             entry_id, line = _metadata_line(rng, added[-1])
             added.append(entry_id)

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 __all__ = ["FULL_VERIFY_MAX_MB", "FleetConfig", "FleetConfigError"]
 
 # Above this size a full-content proof per accepted append would be paid for every window,
-# so `--verify` defaults to tail there (SPEC §5: tail reads only the window and the suffix).
+# so `--verify` defaults to tail there (tail reads only the window and the suffix:
+# docs/design.md, "Verify modes").
 FULL_VERIFY_MAX_MB = 64.0
 
 VERIFY_MODES = ("full", "tail")

@@ -62,8 +62,9 @@ def _round(value: float | None) -> float | None:
 
 
 def failures(report: Mapping[str, Any]) -> list[str]:
-    """Why the run fails (empty when it passes): the exit status rule of SPEC §7. An
-    interrupted run is judged on what ran; it never passes (see ``_assemble``)."""
+    """Why the run fails (empty when it passes): the exit status rule (docs/fleet.md,
+    "When a run fails"). An interrupted run is judged on what ran; it never passes (see
+    ``_assemble``)."""
     out = []
     lines = report["lines"]
     takeovers = report["takeovers"]

@@ -1,11 +1,12 @@
 """A fleet worker process: runs attempts on sessions the supervisor hands it, one at a time.
 
-An attempt is what an embedded agent run does to its transcript (reference §7): parse the
-``SessionManager`` once, take the write lock with a ``SessionFenceController`` (eager),
-check the parse still describes the file, guard the manager, then for each turn append owned
-entries under the write lock (sometimes a compaction through the guarded manager, i.e.
-``ctl.owned_file_write``), release the lock for the simulated model call (sometimes making
-an owned publication meanwhile) and take it back, which is where the fence check runs.
+An attempt is what an embedded agent run does to its transcript (docs/design.md, "Attempt
+lifecycle"): parse the ``SessionManager`` once, take the write lock with a
+``SessionFenceController`` (eager), check the parse still describes the file, guard the
+manager, then for each turn append owned entries under the write lock (sometimes a
+compaction through the guarded manager, i.e. ``ctl.owned_file_write``), release the lock for
+the simulated model call (sometimes making an owned publication meanwhile) and take it back,
+which is where the fence check runs.
 
 Everything the oracle needs is logged as it happens, one record per ``os.write``: an entry
 id is acknowledged only after its append returned; a detection records the window and the
@@ -188,8 +189,9 @@ async def run_attempt(task: Task, cfg: FleetConfig, board: Board, log: LogWriter
     (the run was stopped by ^C: the attempt ends at a turn boundary, see supervisor)."""
     if board.stopping:
         return "interrupted"
-    # The in-process attempt owner comes first, as in the embedded runner's wiring
-    # (reference §7); the supervisor never runs two attempts on one session anyway.
+    # The in-process attempt owner comes first, as in an embedded runner's wiring
+    # (docs/design.md, "Attempt lifecycle"); the supervisor never runs two attempts on one
+    # session anyway.
     async with await acquire_session_file_owner(task.path, timeout=cfg.lock_timeout):
         return await _owned_attempt(task, cfg, board, log)
 
@@ -224,7 +226,8 @@ async def _owned_attempt(task: Task, cfg: FleetConfig, board: Board, log: LogWri
         att.manager = manager
         torn = manager.torn_tail
         if torn is not None:
-            # Never append after a torn line: move it to quarantine first (SPEC §6).
+            # Never append after a torn line: move it to quarantine first (docs/transcripts.md,
+            # "Torn-tail repair").
             quarantine = manager.repair_torn_tail()
             att.record("torn", offset=torn[0], length=torn[1], repaired=quarantine is not None)
         elif manager.digest_size == manager.parsed_fingerprint.size:
