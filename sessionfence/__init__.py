@@ -84,6 +84,7 @@ if TYPE_CHECKING:
     from .lock import acquire_session_write_lock_async as acquire_session_write_lock_async
     from .lock import clean_stale_locks as clean_stale_locks
     from .lock import inspect_lock as inspect_lock
+    from .sync import SyncSessionFenceController as SyncSessionFenceController
     from .transcript import MigrationResult as MigrationResult
     from .transcript import SessionManager as SessionManager
     from .transcript import guard_session_manager as guard_session_manager
@@ -106,6 +107,7 @@ _LAZY: dict[str, str] = {
     "SessionFenceController": "controller",
     "acquire_session_file_owner": "controller",
     "reset_for_tests": "controller",
+    "SyncSessionFenceController": "sync",
     "LockInfo": "lock",
     "SessionWriteLock": "lock",
     "acquire_session_write_lock": "lock",
@@ -141,6 +143,7 @@ __all__ = [
     "SessionWriteLockAcquireError",
     "SessionWriteLockStaleError",
     "SessionWriteLockTimeoutError",
+    "SyncSessionFenceController",
     "TornTranscriptError",
     "TranscriptChangedError",
     "TranscriptFormatError",

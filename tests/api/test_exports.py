@@ -41,6 +41,7 @@ PUBLIC_MODULES = [
     "sessionfence.lock",
     "sessionfence.transcript",
     "sessionfence.controller",
+    "sessionfence.sync",
 ]
 HOT_PATH = {
     "FileProbe",

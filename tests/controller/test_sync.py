@@ -36,13 +36,10 @@ from sessionfence import (
     SessionTakeoverError,
     SessionWriteLockTimeoutError,
 )
+from sessionfence._sync import LOOP_THREAD_NAME
 from sessionfence.controller import reset_for_tests
 from sessionfence.lock import acquire_session_write_lock
-from sessionfence.sync import (
-    LOOP_THREAD_NAME,
-    SyncCleanupLock,
-    SyncSessionFenceController,
-)
+from sessionfence.sync import SyncCleanupLock, SyncSessionFenceController
 from sessionfence.transcript import SessionManager, guard_session_manager
 
 pytestmark = pytest.mark.timeout(120)
