@@ -13,7 +13,7 @@
 
 Sizes 1 KiB, 100 MiB and 1 GiB (sparse with a real JSONL tail); the lock is a no-op
 injected ``acquire`` (its cost does not depend on the transcript). ``test_p7_ratio`` and
-``test_p2c_ratio`` run the SPEC §8 measures (``sessionfence.bench.controller``) and record
+``test_p2c_ratio`` run the P7 and P2c measures (``sessionfence.bench.controller``) and record
 the ratio in ``extra_info`` (P7 target <= 1.5, P2 target >= 10 000); they do not assert it.
 """
 
@@ -139,8 +139,8 @@ def _record(benchmark: Benchmark, results: list[benchsuite.Result]) -> None:
 @pytest.mark.bench_large
 @pytest.mark.cffi
 def test_p7_ratio(benchmark: Benchmark, bench_dir: Path) -> None:
-    """SPEC §8 P7: release + reacquire, 1 GiB ÷ 1 KiB transcript (cffi)."""
-    benchmark.group = "controller SPEC §8 ratios"
+    """P7 (docs/design.md, "Performance targets"): release + reacquire, 1 GiB ÷ 1 KiB transcript (cffi)."""
+    benchmark.group = "controller ratios (P7, P2c)"
     bench = _bench(bench_dir)
     results = benchmark.pedantic(
         lambda: cb.measure_p7(bench, 1 * GiB, 1 * KiB), rounds=1, iterations=1
@@ -151,8 +151,8 @@ def test_p7_ratio(benchmark: Benchmark, bench_dir: Path) -> None:
 @pytest.mark.bench_large
 @pytest.mark.cffi
 def test_p2c_ratio(benchmark: Benchmark, bench_dir: Path) -> None:
-    """SPEC §8 P2 through the controller: owned compaction append at 100 MiB, naive ÷ cffi."""
-    benchmark.group = "controller SPEC §8 ratios"
+    """P2 through the controller: owned compaction append at 100 MiB, naive ÷ cffi."""
+    benchmark.group = "controller ratios (P7, P2c)"
     bench = _bench(bench_dir)
     results = benchmark.pedantic(
         lambda: cb.measure_p2_controller(bench, 100 * MiB), rounds=1, iterations=1
