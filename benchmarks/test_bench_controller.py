@@ -139,7 +139,8 @@ def _record(benchmark: Benchmark, results: list[benchsuite.Result]) -> None:
 @pytest.mark.bench_large
 @pytest.mark.cffi
 def test_p7_ratio(benchmark: Benchmark, bench_dir: Path) -> None:
-    """P7 (docs/design.md, "Performance targets"): release + reacquire, 1 GiB ÷ 1 KiB transcript (cffi)."""
+    """P7 (docs/design.md, "Performance targets"): release + reacquire, 1 GiB ÷ 1 KiB
+    transcript (cffi)."""
     benchmark.group = "controller ratios (P7, P2c)"
     bench = _bench(bench_dir)
     results = benchmark.pedantic(

@@ -5,7 +5,8 @@
 
 Each group holds the paths of one operation at one size, so pytest-benchmark prints them
 next to each other. ``sessionfence bench`` turns the same operations into the ratios of
-the performance targets (docs/design.md); this file is for looking closer (histograms, --benchmark-compare, CodSpeed).
+the performance targets (docs/design.md); this file is for looking closer (histograms,
+--benchmark-compare, CodSpeed).
 """
 
 from __future__ import annotations
