@@ -12,18 +12,18 @@ what a 1 GiB file should do. Large files are sparse with a real JSONL tail.
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-from sessionfence._backend import IMPLEMENTATIONS
 from sessionfence.bench import _suite as benchsuite
+
+# The one backend fixture, shared with the tests (one map: sessionfence._backend).
+from tests.conftest import impl  # noqa: F401
 
 QUICK_ENV = "SESSIONFENCE_BENCH_QUICK"
 
@@ -68,16 +68,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def bench_quick(pytestconfig: pytest.Config) -> bool:
     return is_quick(pytestconfig)
-
-
-@pytest.fixture(
-    scope="session",
-    params=[pytest.param("cffi", marks=pytest.mark.cffi), "python"],
-    ids=str,
-)
-def impl(request: pytest.FixtureRequest) -> ModuleType:
-    """The backend under measurement. A missing C extension is an error, never a skip."""
-    return importlib.import_module(IMPLEMENTATIONS[request.param])
 
 
 @pytest.fixture(scope="session")
