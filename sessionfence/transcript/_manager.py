@@ -714,7 +714,7 @@ class SessionManager:
         The end-of-file check: a file that ends in ``\n`` (or is empty) takes the line as
         is (one ``fstat``, one one-byte ``pread``). Otherwise the last line is watched until
         it gains its newline (another writer's append in flight) or holds still
-        (``_transcript_io.settled_end``); then, if it parses as a JSON object, it is a
+        (``transcript._io.settled_end``); then, if it parses as a JSON object, it is a
         complete entry whose newline is missing and the record is written as ``"\n" +
         line``, in the same single ``os.write``; if it does not, it is torn and the append
         raises ``TornTranscriptError``. A writer that stalls longer than the settle time
@@ -1115,7 +1115,7 @@ def migrate_transcript(
 ) -> MigrationResult:
     """Rewrites a pre-tree (v1) or v2 session in the current format (version 3), the way
     pi-mono and openclaw migrate it when they open it, so that appends to it stay valid
-    for them afterwards. See ``_transcript_io.plan_migration`` for the exact rules (pi-mono
+    for them afterwards. See ``transcript._io.plan_migration`` for the exact rules (pi-mono
     ``migrateV1ToV2``/``migrateV2ToV3`` in ``packages/coding-agent/src/core/session-manager.ts``).
 
     Under the session write lock (taken here with ``acquire_session_write_lock(path,

@@ -1,4 +1,4 @@
-"""Shared oracles and workers of the reliability suite (``tests/test_reliability_*.py``).
+"""Shared oracles and workers of the reliability suite (``tests/reliability/test_*.py``).
 
 No tests here and no pytest import at module level, so forked workers stay cheap. The
 oracles are independent of the code under test: they read raw bytes and monotonic
