@@ -56,8 +56,8 @@ from .._types import (
     ChangeKind,
     Fingerprint,
     check_window,
-    same_stat,
 )
+from .._util import session_key
 from ..errors import (
     SessionTakeoverError,
     SessionWriteLockAcquireError,
@@ -77,7 +77,7 @@ from ._held import CleanupLock, HeldLock, NoopCleanupLock, release_lock
 from ._owner import SessionFileOwner, acquire_session_file_owner, reset_owners
 from ._scope import Scope, ScopeState, WriteScope, drain, settle, track
 from ._snapshot import FenceSnapshot, SnapshotIO
-from ._trust import REGISTRY, same_state, session_file_key
+from ._trust import REGISTRY, same_state
 
 __all__ = [
     "BenignPolicy",
@@ -154,11 +154,6 @@ class _Merged:
         self.published_entries = published_entries
         self.post_merge_published = post_merge_published
         self.requires_reload = requires_reload
-
-
-def _same_state(a: Fingerprint, b: Fingerprint) -> bool:
-    """Equal stat, and equal tail hash when both cover the same window."""
-    return same_stat(a, b) and (a.tail_len != b.tail_len or a.tail_hash == b.tail_hash)
 
 
 def _detail(rejected: Rejected) -> str:
@@ -300,7 +295,7 @@ class SessionFenceController:
         self._reload_cb = reload_session_file
         self._full = verify == "full"
         self._policy = benign_policy if benign_policy is not None else BenignPolicy()
-        self._key = session_file_key(self._session_file)
+        self._key = session_key(self._session_file)
         self._id = f"fence-{os.getpid()}-{next(_ids)}"
         self._io = SnapshotIO(self._session_file, self._key, window, _backend.active())
         self._fence = FenceSnapshot(MISSING)
@@ -754,7 +749,7 @@ class SessionFenceController:
             moved = self._io.observe(change.after)
             # The callback may have rewritten the file (declared by requires_reload); it
             # must report the state it left: same stat, and same tail where comparable.
-            if not (reported.exists and _same_state(moved.after, reported)):
+            if not (reported.exists and same_state(moved.after, reported)):
                 raise self._record_takeover(
                     "merge-rejected",
                     phase,

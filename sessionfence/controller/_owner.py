@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from .._util import MAX_TIMER_MS as MAX_TIMER_MS
+from .._util import session_key
 from ..errors import SessionFileOwnerTimeoutError
-from ._trust import session_file_key
 
 __all__ = ["SessionFileOwner", "acquire_session_file_owner", "reset_owners"]
 
@@ -87,7 +87,7 @@ async def acquire_session_file_owner(
 ) -> SessionFileOwner:
     """Wait until no other attempt in this process owns ``path``; ``timeout`` in seconds
     applies to each wait (None or inf: wait forever)."""
-    key = session_file_key(path)
+    key = session_key(path)
     timeout_ms = math.inf if timeout is None else timeout * 1000.0
     delay_ms = clamp_timeout_ms(timeout_ms)
     loop = asyncio.get_running_loop()

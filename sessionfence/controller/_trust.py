@@ -14,9 +14,8 @@ from typing import Any, NamedTuple
 
 from .._callbacks import PublishedEntry
 from .._types import Fingerprint
-from .._util import session_key as session_file_key
 
-__all__ = ["REGISTRY", "OwnedWrite", "Registry", "same_state", "session_file_key"]
+__all__ = ["REGISTRY", "OwnedWrite", "Registry", "same_state"]
 
 # A fleet supervisor may touch thousands of transcripts; one digest each is plenty and the
 # bound keeps a long-lived process from growing without limit.

@@ -77,7 +77,7 @@ from .. import _backend, _jsonl
 from .._callbacks import MergeResult, PublishedEntry
 from .._ownership import LIVE_MANAGERS, OWN_WRITES
 from .._types import DEFAULT_WINDOW, MISSING, Fingerprint, PathArg
-from ..controller._trust import session_file_key
+from .._util import session_key
 from ..errors import (
     NotASessionError,
     TornTranscriptError,
@@ -199,7 +199,7 @@ class SessionManager:
         self._load()
         # The fence asks open managers whether an id exists (a foreign line reusing one
         # is refused), and recognises the lines they wrote as this process's own.
-        LIVE_MANAGERS.register(session_file_key(self._path), self)
+        LIVE_MANAGERS.register(session_key(self._path), self)
 
     @classmethod
     def open(
