@@ -56,7 +56,7 @@ from .errors import (
     UnstableFileError,
 )
 
-_impl = _backend.load()
+_impl = _backend.active()  # decided once; the library's objects use the same
 
 #: The hot path in use: ``"cffi"`` (the C extension) or ``"python"``.
 BACKEND: str = _impl.NAME

@@ -19,14 +19,14 @@ from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any
 
+from .._callbacks import call_maybe_async
+
 __all__ = ["CleanupLock", "HeldLock", "NoopCleanupLock", "Signal", "release_lock"]
 
 
 async def release_lock(lock: Any) -> None:
     """Release a lock whose ``release()`` may be sync or async."""
-    value = lock.release()
-    if inspect.isawaitable(value):
-        await value
+    await call_maybe_async(lock.release)
 
 
 class Signal:
