@@ -102,16 +102,17 @@ import os
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
+from ._callbacks import MergeCallback, ReloadCallback, Resolver
 from .controller import (
     BenignPolicy,
     CleanupLock,
-    MergeResult,
     NoopCleanupLock,
     SessionFenceController,
     WriteScope,
 )
+from .controller._controller import Verify
 from .errors import SessionTakeoverError
 
 if TYPE_CHECKING:
@@ -124,13 +125,6 @@ __all__ = ["SyncCleanupLock", "SyncSessionFenceController", "SyncWriteScope"]
 T = TypeVar("T")
 P = ParamSpec("P")
 
-Verify = Literal["tail", "full"]
-# {"kind": "id", "id": ...} | {"kind": "serialized", "serialized": line}
-# | {"kind": "header", "serialized": line}
-PublishedEntry = dict[str, Any]
-MergeCallback = Callable[[list[Any]], "Awaitable[MergeResult | None] | MergeResult | None"]
-ReloadCallback = Callable[[], "Awaitable[None] | None"]
-Resolver = Callable[..., "list[PublishedEntry] | None"]
 
 LOOP_THREAD_NAME = "sessionfence-sync-loop"
 
