@@ -70,3 +70,13 @@ def session_file_fixture(tmp_path: Path) -> Path:
     path = tmp_path / "session.jsonl"
     path.write_bytes(b'{"type":"session"}\n')
     return path
+
+
+@pytest.fixture
+def no_lock_left_held() -> Iterator[None]:
+    """After the test, this process holds no session write lock: a leaked hold would skew
+    later lock tests (the tests that use it dispose of every controller they create)."""
+    yield
+    from sessionfence.lock import _registry
+
+    assert not _registry.held, "a test left a session write lock held"

@@ -20,7 +20,7 @@ from typing import Any
 
 from sessionfence import SessionWriteLockStaleError, SessionWriteLockTimeoutError
 from sessionfence.controller import SessionFenceController
-from sessionfence.transcript import (  # noqa: F401 (re-exported for the tests)
+from sessionfence.transcript import (
     is_expected_compaction_append as is_expected_compaction,
 )
 
@@ -220,3 +220,24 @@ class MergeSpy:
     def __call__(self, entries: list[Any]) -> Any:
         self.calls.append(entries)
         return self.result
+
+
+async def owned_step(ctl: Any, path: Path, step: str) -> None:
+    """One owned action of the schedule tests: a compaction (owned_file_write with the
+    validator), a publication, an ordinary write scope, or an append vouched for with
+    refresh_after_owned_write(written)."""
+    if step == "compaction":
+        ctl.owned_file_write(compaction_append(path), is_expected_compaction)
+    elif step == "publication":
+        steer = user_message("steer")
+        await ctl.with_write_lock(
+            lambda: append_entries(path, steer),
+            publish_owned_write=True,
+            resolve_published_entries=lambda _: [{"kind": "id", "id": steer["id"]}],
+        )
+    elif step == "ordinary":
+        await ctl.with_write_lock(lambda: append_entries(path, user_message("mine")))
+    elif step == "refresh":
+        ctl.refresh_after_owned_write(append_entries(path, user_message("persisted")))
+    else:  # pragma: no cover
+        raise AssertionError(step)

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +32,7 @@ from .helpers import (
     write_at,
 )
 
-pytestmark = pytest.mark.usefixtures("backend")
-
-
-@pytest.fixture(autouse=True)
-def _no_lock_left_held() -> Iterator[None]:
-    """Every test releases what it took: a leaked hold would skew later lock tests."""
-    yield
-    from sessionfence.lock import _registry as _lock_registry
-
-    assert not _lock_registry.held, "a test left a session write lock held"
+pytestmark = pytest.mark.usefixtures("backend", "no_lock_left_held")
 
 
 # -- foreign edits made before our own append ---------------------------------------------------

@@ -30,13 +30,7 @@ from ..coarse_fs import ext2_image, ramfs, same_tick_rewrite
 MOUNTS = {"ramfs": ramfs, "ext2": ext2_image}
 
 
-@pytest.fixture(autouse=True)
-def _no_lock_left_held() -> Iterator[None]:
-    """Every test releases what it took: a leaked hold would skew later lock tests."""
-    yield
-    from sessionfence.lock import _registry as _lock_registry
-
-    assert not _lock_registry.held, "a test left a session write lock held"
+pytestmark = pytest.mark.usefixtures("no_lock_left_held")
 
 
 @pytest.fixture(scope="module", params=sorted(MOUNTS), name="coarse_dir")

@@ -28,11 +28,10 @@ from sessionfence.controller import reset_for_tests
 from .helpers import (
     MergeSpy,
     append_entries,
-    compaction_append,
-    is_expected_compaction,
     line,
     make,
     mirror_message,
+    owned_step,
     rewrite_in_place,
     user_message,
 )
@@ -87,23 +86,6 @@ def foreign(path: Path, event: str) -> None:
         os.chmod(path, 0o600 if (st_before.st_mode & 0o777) != 0o600 else 0o640)
     else:  # pragma: no cover
         raise AssertionError(event)
-
-
-async def owned_step(ctl: Any, path: Path, step: str) -> None:
-    """One owned action while the prompt lock is released."""
-    if step == "compaction":
-        ctl.owned_file_write(compaction_append(path), is_expected_compaction)
-    elif step == "publication":
-        steer = user_message("steer")
-        await ctl.with_write_lock(
-            lambda: append_entries(path, steer),
-            publish_owned_write=True,
-            resolve_published_entries=lambda _: [{"kind": "id", "id": steer["id"]}],
-        )
-    elif step == "ordinary":
-        await ctl.with_write_lock(lambda: append_entries(path, user_message("mine")))
-    elif step == "refresh":
-        ctl.refresh_after_owned_write(append_entries(path, user_message("persisted")))
 
 
 async def run_schedule(

@@ -40,15 +40,14 @@ from hypothesis import strategies as st
 
 from sessionfence import SessionTakeoverError
 from sessionfence.controller import SessionFenceController, reset_for_tests
-from sessionfence.transcript import is_expected_compaction_append as is_expected_compaction
 
 from ..controller.helpers import (
     Locks,
     append_entries,
     compaction,
-    compaction_append,
     line,
     mirror_message,
+    owned_step,
     rewrite_in_place,
     user_message,
 )
@@ -128,24 +127,6 @@ def foreign(path: Path, kind: str, fraction: float, limit: int | None = None) ->
         raise AssertionError(kind)
 
 
-async def owned(ctl: SessionFenceController, path: Path, kind: str) -> None:
-    if kind == "compaction":
-        ctl.owned_file_write(compaction_append(path), is_expected_compaction)
-    elif kind == "publication":
-        steer = user_message("steer")
-        await ctl.with_write_lock(
-            lambda: append_entries(path, steer),
-            publish_owned_write=True,
-            resolve_published_entries=lambda _: [{"kind": "id", "id": steer["id"]}],
-        )
-    elif kind == "ordinary":
-        await ctl.with_write_lock(lambda: append_entries(path, user_message("mine")))
-    elif kind == "refresh":
-        ctl.refresh_after_owned_write(append_entries(path, user_message("persisted")))
-    else:  # pragma: no cover
-        raise AssertionError(kind)
-
-
 async def run_schedule(
     path: Path, windows: list[Window], real_lock: bool
 ) -> tuple[int, int] | None:
@@ -164,7 +145,7 @@ async def run_schedule(
             for i, (kind, fraction) in enumerate(window):
                 try:
                     if kind in OWNED:
-                        await owned(ctl, path, kind)
+                        await owned_step(ctl, path, kind)
                     elif kind == "mirror":
                         if vouched is None:
                             vouched = path.stat().st_size
