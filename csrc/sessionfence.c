@@ -840,18 +840,24 @@ static int probe_attach(sf_probe *probe, const char *path, int reopen, sf_stat *
  * 2 s covers FAT, ext3, HFS+ and NFS servers) cannot describe content that changed while
  * the stat stayed equal, because a later write stamps a time past T - racy_ns.
  */
-static int racy_clean(const sf_probe *probe, const sf_stat *st, int64_t window)
+static int racy_clean_fp(const sf_fp *last, int64_t read_at_ns, int64_t racy_ns,
+                         const sf_stat *st, int64_t window)
 {
-    const sf_fp *last = &probe->last;
     int64_t horizon;
-    if (!probe->has_last || !last->exists || probe->racy_ns < 0 ||
-        probe->read_at_ns == INT64_MIN || probe->read_at_ns < INT64_MIN + probe->racy_ns)
+    if (!last->exists || racy_ns < 0 || read_at_ns == INT64_MIN ||
+        read_at_ns < INT64_MIN + racy_ns)
         return 0;
-    horizon = probe->read_at_ns - probe->racy_ns;
+    horizon = read_at_ns - racy_ns;
     return st->dev == last->dev && st->ino == last->ino && st->size == last->size &&
            st->mtime_ns == last->mtime_ns && st->ctime_ns == last->ctime_ns &&
            last->tail_len == min64(st->size, window) && last->mtime_ns < horizon &&
            last->ctime_ns < horizon;
+}
+
+static int racy_clean(const sf_probe *probe, const sf_stat *st, int64_t window)
+{
+    return probe->has_last && racy_clean_fp(&probe->last, probe->read_at_ns, probe->racy_ns,
+                                            st, window);
 }
 
 int sf_probe_fingerprint(sf_probe *probe, const char *path, int64_t window, sf_fp *out,
@@ -1075,8 +1081,14 @@ static int check_target(const sf_target *t, sf_stat *st, const sf_fp *before, in
     return fail_unstable(err);
 }
 
-int sf_check_append(sf_probe *probe, const char *path, const sf_fp *before, int64_t window,
-                    int64_t max_suffix, sf_change *out, sf_err *err)
+/*
+ * sf_check_append, and with `racy` (a probe's poll against its own `last`) the racy-clean
+ * shortcut of sf_probe_fingerprint: a kept handle whose stat equals `last`, read long
+ * enough after the file's last change, is UNCHANGED without a read.
+ */
+static int check_append_impl(sf_probe *probe, const char *path, const sf_fp *before,
+                             int64_t window, int64_t max_suffix, int racy, sf_change *out,
+                             sf_err *err)
 {
     int reopen;
 
@@ -1101,12 +1113,83 @@ int sf_check_append(sf_probe *probe, const char *path, const sf_fp *before, int6
             fp_missing(&out->after);
             return 0;
         }
+        if (racy && t.linked && racy_clean(probe, &st, window)) {
+            out->kind = SF_UNCHANGED;
+            out->after = probe->last;
+            return 0;
+        }
         rc = check_target(&t, &st, before, window, max_suffix, out, err);
         target_close(&t);
         if (rc != SF_STALE)
             return rc;
         memset(out, 0, sizeof(*out));
     }
+}
+
+int sf_check_append(sf_probe *probe, const char *path, const sf_fp *before, int64_t window,
+                    int64_t max_suffix, sf_change *out, sf_err *err)
+{
+    return check_append_impl(probe, path, before, window, max_suffix, 0, out, err);
+}
+
+void sf_probe_adopt(sf_probe *probe, const sf_fp *fp)
+{
+    probe->last = *fp;
+    probe->has_last = 1;
+    probe->read_at_ns = INT64_MIN; /* unknown read time: never racy-clean */
+}
+
+int sf_probe_poll(sf_probe *probe, const char *path, int64_t window, int64_t max_suffix,
+                  sf_change *out, sf_err *err)
+{
+    sf_fp before;
+    int64_t started = realtime_ns();
+    if (!probe->has_last) {
+        memset(out, 0, sizeof(*out));
+        return fail_value(err, 0);
+    }
+    before = probe->last;
+    if (check_append_impl(probe, path, &before, window, max_suffix, 1, out, err) != 0)
+        return -1;
+    /* `after` was read (or proven by the racy-clean rule) after `started`. */
+    probe->read_at_ns = started;
+    probe->last = out->after;
+    return 0;
+}
+
+int sf_many_poll(const char *paths, int64_t count, int64_t window, int64_t racy_ns,
+                 int64_t read_at_ns, sf_fp *last, sf_fp *next, int64_t *changed,
+                 int64_t *n_changed, int64_t *started, sf_err *err)
+{
+    const char *p = paths;
+    int64_t i, n = 0;
+    *n_changed = 0;
+    *started = realtime_ns();
+    if (window_ok(window, err) != 0 || count < 0)
+        return count < 0 ? fail_value(err, count) : -1;
+    for (i = 0; i < count; i++, p += strlen(p) + 1) {
+        sf_stat st;
+        int missing;
+        if (path_stat(p, &st, &missing, err) != 0)
+            goto failed;
+        if (missing) {
+            fp_missing(&next[i]);
+        } else if (racy_clean_fp(&last[i], read_at_ns, racy_ns, &st, window)) {
+            next[i] = last[i];
+            continue;
+        } else if (sf_fingerprint(p, window, &next[i], err) != 0) {
+            goto failed;
+        }
+        if (memcmp(&next[i], &last[i], sizeof(sf_fp)) != 0)
+            changed[n++] = i;
+    }
+    for (i = 0; i < n; i++)
+        last[changed[i]] = next[changed[i]];
+    *n_changed = n;
+    return 0;
+failed:
+    err->where = (int32_t)(i > INT32_MAX ? INT32_MAX : i);
+    return -1;
 }
 
 int sf_read_range(sf_probe *probe, const char *path, int64_t offset, int64_t length,

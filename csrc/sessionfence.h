@@ -82,6 +82,30 @@ void sf_probe_init(sf_probe *probe);
 int sf_probe_fingerprint(sf_probe *probe, const char *path, int64_t window, sf_fp *out,
                          int32_t *same_as_last, sf_err *err);
 void sf_probe_close(sf_probe *probe);
+/*
+ * Held-probe verdicts: the probe's last look (its `last` fingerprint, from
+ * sf_probe_fingerprint, sf_probe_adopt or sf_probe_poll) is the baseline. sf_probe_adopt
+ * makes a known fingerprint the baseline (never taken as racy-clean: its read time is
+ * unknown). sf_probe_poll classifies the change since the baseline like sf_check_append
+ * (an unchanged, racy-clean file costs one stat) and makes `out->after` the new baseline.
+ * SF_EVALUE when the probe has no baseline yet.
+ */
+void sf_probe_adopt(sf_probe *probe, const sf_fp *fp);
+int sf_probe_poll(sf_probe *probe, const char *path, int64_t window, int64_t max_suffix,
+                  sf_change *out, sf_err *err);
+
+/*
+ * One poll of many files (a ManyProbe): `last` holds each file's fingerprint from the
+ * previous poll (all zero = MISSING before the first), read at `read_at_ns` (INT64_MIN: no
+ * previous poll). Each file costs one stat when it is racy-clean against `last`, else a
+ * stable fingerprint. The new fingerprints go to `next` and, when every file succeeded, are
+ * copied to `last`; `changed` gets the indices (ascending) of the files whose fingerprint
+ * differs, `*n_changed` their count, `*started` the read time to pass to the next poll.
+ * On an error nothing is copied and err->where names the failing file.
+ */
+int sf_many_poll(const char *paths, int64_t count, int64_t window, int64_t racy_ns,
+                 int64_t read_at_ns, sf_fp *last, sf_fp *next, int64_t *changed,
+                 int64_t *n_changed, int64_t *started, sf_err *err);
 
 int sf_check_append(sf_probe *probe, const char *path, const sf_fp *before, int64_t window,
                     int64_t max_suffix, sf_change *out, sf_err *err);

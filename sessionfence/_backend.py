@@ -17,13 +17,15 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Protocol, cast
 
-from ._types import Change, Fingerprint, PathArg
+from ._types import Change, ChangeKind, Fingerprint, PathArg
 
 __all__ = [
     "ENV",
     "IMPLEMENTATIONS",
     "VALID",
     "HotPath",
+    "ManyProbe",
+    "Probe",
     "active",
     "load",
     "requested",
@@ -49,10 +51,35 @@ class Probe(Protocol):
 
     def read_range(self, offset: int, length: int) -> bytes: ...
 
+    def mark(self, fp: Fingerprint | None = ...) -> None: ...
+
+    def poll(self, *, max_suffix: int = ...) -> tuple[ChangeKind, bytes | None]: ...
+
+    @property
+    def baseline(self) -> Fingerprint | None: ...
+
     def close(self) -> None: ...
 
     @property
     def closed(self) -> bool: ...
+
+
+class ManyProbe(Protocol):
+    """A ``ManyProbe``: which of many files changed since the previous poll."""
+
+    def poll(self) -> list[int]: ...
+
+    def __getitem__(self, index: int) -> Fingerprint: ...
+
+    def fingerprints(self) -> list[Fingerprint]: ...
+
+    def __len__(self) -> int: ...
+
+    @property
+    def paths(self) -> tuple[PathArg, ...]: ...
+
+    @property
+    def window(self) -> int: ...
 
 
 class Digest(Protocol):
@@ -93,6 +120,8 @@ class HotPath(Protocol):
     def content_digest(self, path: PathArg, size: int | None = ...) -> int: ...
 
     def FileProbe(self, path: PathArg, *, window: int = ...) -> Probe: ...
+
+    def ManyProbe(self, paths: Iterable[PathArg], *, window: int = ...) -> ManyProbe: ...
 
     @property
     def RollingDigest(self) -> DigestType: ...

@@ -10,12 +10,13 @@ from collections.abc import Iterable
 from typing import Any, NoReturn
 
 from ._ffi import ffi, lib
-from ._probe_base import ProbeBase
+from ._probe_base import ManyProbeBase, ProbeBase
 from ._types import (
     DEFAULT_MAX_SUFFIX,
     DEFAULT_WINDOW,
     FINGERPRINT_SETTERS,
     MISSING,
+    RACY_NS,
     STABLE_TRIES,
     WINDOW_MAX,
     Change,
@@ -37,6 +38,7 @@ from .errors import UnstableFileError
 __all__ = [
     "NAME",
     "FileProbe",
+    "ManyProbe",
     "RollingDigest",
     "check_append",
     "content_digest",
@@ -68,6 +70,7 @@ _KINDS = {
     lib.SF_DELETED: ChangeKind.DELETED,
 }
 _new = ffi.new
+_NO_BASELINE = "FileProbe.poll() needs a baseline: call mark() or fingerprint() first"
 _buffer = ffi.buffer
 _FS_ENCODING = sys.getfilesystemencoding()
 _FS_ERRORS = sys.getfilesystemencodeerrors()
@@ -367,7 +370,18 @@ class RollingDigest:
 class FileProbe(ProbeBase):
     """Keeps the file open between checks; follows the path to a new file by itself."""
 
-    __slots__ = ("_cpath", "_err", "_last", "_out", "_probe", "_same", "_view")
+    __slots__ = (
+        "_before",
+        "_before_view",
+        "_change",
+        "_cpath",
+        "_err",
+        "_last",
+        "_out",
+        "_probe",
+        "_same",
+        "_view",
+    )
 
     def __init__(self, path: PathArg, *, window: int = DEFAULT_WINDOW) -> None:
         self._init_base(path, check_window(window))
@@ -380,7 +394,10 @@ class FileProbe(ProbeBase):
         self._view = _buffer(self._out)
         self._err = _new("sf_err *")
         self._same = _new("int32_t *")
-        self._last: Fingerprint | None = None
+        self._change = _new("sf_change *")
+        self._before = _new("sf_fp *")
+        self._before_view = _buffer(self._before)
+        self._last: Fingerprint | None = None  # the Python twin of probe.last, when built
 
     @property
     def _racy_ns(self) -> int:
@@ -404,6 +421,48 @@ class FileProbe(ProbeBase):
         self._last = fp
         return fp
 
+    def _do_mark(self, fp: Fingerprint | None) -> None:
+        if self._closed:
+            self._ensure_open()
+        if fp is None:
+            if lib.sf_probe_fingerprint(
+                self._probe, self._cpath, self._window, self._out, self._same, self._err
+            ):
+                _raise(self._err, self._path)
+            if not self._same[0]:
+                self._last = None  # built on demand (baseline, fingerprint())
+            return
+        _pack_before(self._before_view, fp)
+        lib.sf_probe_adopt(self._probe, self._before)
+        self._last = fp
+
+    def _do_poll(self, max_suffix: int) -> tuple[ChangeKind, bytes | None]:
+        if self._closed:
+            self._ensure_open()
+        if type(max_suffix) is not int or max_suffix < 0:
+            max_suffix = check_max_suffix(max_suffix)
+        out = self._change
+        if lib.sf_probe_poll(self._probe, self._cpath, self._window, max_suffix, out, self._err):
+            if self._err.code == lib.SF_EVALUE and not self._probe.has_last:
+                raise ValueError(_NO_BASELINE)
+            _raise(self._err, self._path)
+        kind = out.kind
+        self._last = None  # probe.last moved (maybe to an equal state): built on demand
+        if not out.has_suffix:
+            return _KINDS[kind], None
+        try:
+            return _KINDS[kind], _buffer(out.suffix, out.suffix_len)[:]
+        finally:
+            lib.sf_free(out.suffix)
+
+    def _do_baseline(self) -> Fingerprint | None:
+        if self._closed or not self._probe.has_last:
+            return None
+        last = self._last
+        if last is None:
+            last = self._last = _fp_from_view(_buffer(ffi.addressof(self._probe, "last")))
+        return last
+
     def _do_check_append(self, before: Fingerprint, window: int | None, max_suffix: int) -> Change:
         self._ensure_open()
         w = self._window if window is None else window
@@ -423,3 +482,48 @@ class FileProbe(ProbeBase):
         probe = getattr(self, "_probe", None)
         if probe is not None and not getattr(self, "_closed", True):
             lib.sf_probe_close(probe)
+
+
+class ManyProbe(ManyProbeBase):
+    """Watches many files; ``poll()`` gives the indices of those that changed since the
+    previous poll (see ``ManyProbeBase``). The fingerprints live in C: a poll builds no
+    Python object for a file that did not change."""
+
+    __slots__ = ("_changed", "_cpaths", "_err", "_last", "_next", "_out", "_racy_ns", "_read_at")
+
+    def __init__(self, paths: Iterable[PathArg], *, window: int = DEFAULT_WINDOW) -> None:
+        items = tuple(paths)
+        self._init_base(items, check_window(window))
+        n = max(len(items), 1)
+        self._cpaths = _joined_paths(list(items)) if items else b"\0"
+        self._last = _new("sf_fp[]", n)  # zeroed: MISSING before the first poll
+        self._next = _new("sf_fp[]", n)
+        self._changed = _new("int64_t[]", n)
+        self._out = _new("int64_t[2]")  # changed count, read time of this poll
+        self._err = _new("sf_err *")
+        self._read_at = -(1 << 63)  # INT64_MIN: no previous poll
+        self._racy_ns = RACY_NS
+        self._do_poll()
+
+    def _do_poll(self) -> list[int]:
+        out = self._out
+        if lib.sf_many_poll(
+            self._cpaths,
+            len(self._paths),
+            self._window,
+            self._racy_ns,
+            self._read_at,
+            self._last,
+            self._next,
+            self._changed,
+            out,
+            out + 1,
+            self._err,
+        ):
+            _raise(self._err, self._paths[self._err.where])
+        self._read_at = out[1]
+        count = out[0]
+        return ffi.unpack(self._changed, count) if count else []
+
+    def _do_fingerprint(self, index: int) -> Fingerprint:
+        return _fp_from_view(_buffer(self._last + index))

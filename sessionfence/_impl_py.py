@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import xxhash
 
-from ._probe_base import ProbeBase
+from ._probe_base import ManyProbeBase, ProbeBase
 from ._types import (
     DEFAULT_MAX_SUFFIX,
     DEFAULT_WINDOW,
@@ -38,6 +38,7 @@ from .errors import UnstableFileError
 __all__ = [
     "NAME",
     "FileProbe",
+    "ManyProbe",
     "RollingDigest",
     "check_append",
     "content_digest",
@@ -62,6 +63,8 @@ if sys.platform == "win32":  # os with the C backend's stat numbers and share mo
 
     os = os_view()
 _MISSING_ERRNOS = (errno.ENOENT, errno.ENOTDIR)
+_NEVER = -(1 << 63)  # read time of a fingerprint adopted by mark(fp): never racy-clean
+_NO_BASELINE = "FileProbe.poll() needs a baseline: call mark() or fingerprint() first"
 
 
 if sys.platform == "win32":
@@ -142,12 +145,18 @@ def _fp(st: os.stat_result, tail_len: int, tail_hash: int) -> Fingerprint:
     )
 
 
-def _stable_tail(fd: int, st: os.stat_result, window: int, path: PathArg) -> Fingerprint:
+def _stable_tail(
+    fd: int, st: os.stat_result, window: int, path: PathArg, linked: bool = False
+) -> Fingerprint | None:
+    """The stable tail fingerprint; None when ``linked`` (a probe's kept descriptor) and
+    the file lost its last link (the C backend's SF_STALE: the caller re-opens the path)."""
     for tries in range(STABLE_TRIES):
         _pause(tries)
         tl = min(st.st_size, window)
         data = _pread(fd, tl, st.st_size - tl) if tl else b""
         post = os.fstat(fd)
+        if linked and post.st_nlink == 0:
+            return None
         if len(data) == tl and _same_state(st, post):
             return _fp(st, tl, _xxh3_64(data))
         st = post
@@ -155,22 +164,27 @@ def _stable_tail(fd: int, st: os.stat_result, window: int, path: PathArg) -> Fin
 
 
 def fingerprint(path: PathArg, *, window: int = DEFAULT_WINDOW) -> Fingerprint:
-    window = check_window(window)
+    return _fingerprint(path, check_window(window))
+
+
+def _fingerprint(path: PathArg, window: int) -> Fingerprint:
     opened = _open(path)
     if opened is None:
         return MISSING
     fd, st = opened
     try:
-        return _stable_tail(fd, st, window, path)
+        fp = _stable_tail(fd, st, window, path)
     finally:
         os.close(fd)
+    assert fp is not None  # only a linked descriptor goes stale
+    return fp
 
 
 def fingerprint_many(
     paths: Iterable[PathArg], *, window: int = DEFAULT_WINDOW
 ) -> list[Fingerprint]:
     window = check_window(window)
-    return [fingerprint(p, window=window) for p in paths]
+    return [_fingerprint(p, window) for p in paths]
 
 
 def _classify(
@@ -240,11 +254,15 @@ def _check_append_fd(
     window: int,
     max_suffix: int,
     path: PathArg,
-) -> Change:
+    linked: bool = False,
+) -> Change | None:
+    """None when ``linked`` and the file lost its last link (see ``_stable_tail``)."""
     for tries in range(STABLE_TRIES):
         _pause(tries)
         change = _classify(fd, st, before, window, max_suffix)
         post = os.fstat(fd)
+        if linked and post.st_nlink == 0:
+            return None
         if change is not None and _same_state(st, post):
             return change
         st = post
@@ -271,9 +289,11 @@ def check_append(
         return _missing_change(before)
     fd, st = opened
     try:
-        return _check_append_fd(fd, st, before, window, max_suffix, path)
+        change = _check_append_fd(fd, st, before, window, max_suffix, path)
     finally:
         os.close(fd)
+    assert change is not None  # only a linked descriptor goes stale
+    return change
 
 
 def _read_range_fd(fd: int, size: int, offset: int, length: int, path: PathArg) -> bytes:
@@ -369,8 +389,8 @@ class FileProbe(ProbeBase):
         self._init_base(path, check_window(window))
         self._fd: int | None = None
         self._ident: tuple[int, int] = (0, 0)
-        self._last: Fingerprint | None = None
-        self._read_at = 0
+        self._last: Fingerprint | None = None  # the last look: poll()'s baseline
+        self._read_at = _NEVER
         self._racy_ns = RACY_NS
 
     def _drop(self) -> None:
@@ -378,7 +398,12 @@ class FileProbe(ProbeBase):
             fd, self._fd = self._fd, None
             os.close(fd)
 
-    def _attach(self) -> tuple[int, os.stat_result] | None:
+    def _attach(self, reopen: bool = False) -> tuple[int, os.stat_result, bool] | None:
+        """(descriptor, stat, linked) for the file the path names now, None when it names
+        nothing. ``linked``: a descriptor kept from an earlier call, whose file may have
+        lost its last link since (unlinked between checks, or an inode number a FUSE or
+        network file system handed out again): the read through it checks (``_stable_tail``)
+        and the caller re-attaches with ``reopen`` (as sf_probe_fingerprint does)."""
         self._ensure_open()
         try:
             st = os.stat(self._path)
@@ -388,54 +413,112 @@ class FileProbe(ProbeBase):
                 return None
             raise
         _check_regular(st, self._path)
-        # Equal dev/ino is not enough: the held file may have lost its last link (unlinked
-        # between checks, or an inode number a FUSE/network FS handed out again).
-        if (
-            self._fd is not None
-            and self._ident == (st.st_dev, st.st_ino)
-            and os.fstat(self._fd).st_nlink > 0
-        ):
-            return self._fd, st
+        if not reopen and self._fd is not None and self._ident == (st.st_dev, st.st_ino):
+            return self._fd, st, True
         self._drop()
         opened = _open(self._path)
         if opened is None:
             return None
         self._fd, st = opened
         self._ident = (st.st_dev, st.st_ino)
-        return self._fd, st
+        return self._fd, st, False
+
+    def _racy_clean(self, st: os.stat_result) -> bool:
+        fields = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        return racy_clean(self._last, fields, self._window, self._read_at, self._racy_ns)
 
     def _do_fingerprint(self) -> Fingerprint:
         started = time.time_ns()
-        attached = self._attach()
         last = self._last
-        if attached is not None:
-            st = attached[1]
-            fields = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            if racy_clean(last, fields, self._window, self._read_at, self._racy_ns):
+        reopen = False
+        while True:
+            attached = self._attach(reopen)
+            if attached is None:
+                fp = MISSING
+                break
+            fd, st, linked = attached
+            if linked and self._racy_clean(st):
                 return last  # type: ignore[return-value]  # racy_clean implies not None
-        fp = MISSING if attached is None else _stable_tail(*attached, self._window, self._path)
+            found = _stable_tail(fd, st, self._window, self._path, linked)
+            if found is not None:
+                fp = found
+                break
+            reopen = True  # the kept descriptor's file is gone: open the path anew
         self._read_at = started
         if last is not None and last == fp:
             return last  # immutable: hand back the object callers already hold
         self._last = fp
         return fp
 
+    def _do_mark(self, fp: Fingerprint | None) -> None:
+        if fp is None:
+            self._do_fingerprint()
+            return
+        self._ensure_open()
+        self._last = check_before(fp)
+        self._read_at = _NEVER  # an adopted fingerprint's read time is unknown
+
+    def _do_poll(self, max_suffix: int) -> tuple[ChangeKind, bytes | None]:
+        max_suffix = check_max_suffix(max_suffix)
+        self._ensure_open()
+        before = self._last
+        if before is None:
+            raise ValueError(_NO_BASELINE)
+        started = time.time_ns()
+        reopen = False
+        while True:
+            attached = self._attach(reopen)
+            if attached is None:
+                change = _missing_change(before)
+                break
+            fd, st, linked = attached
+            if linked and self._racy_clean(st):
+                self._read_at = started
+                return ChangeKind.UNCHANGED, None
+            found = _check_append_fd(fd, st, before, self._window, max_suffix, self._path, linked)
+            if found is not None:
+                change = found
+                break
+            reopen = True
+        self._read_at = started
+        self._last = change.after
+        return change.kind, change.appended
+
+    def _do_baseline(self) -> Fingerprint | None:
+        return self._last
+
     def _do_check_append(self, before: Fingerprint, window: int | None, max_suffix: int) -> Change:
         w = self._window if window is None else check_window(window)
         max_suffix = check_max_suffix(max_suffix)
         before = check_before(before)
-        attached = self._attach()
-        if attached is None:
-            return _missing_change(before)
-        return _check_append_fd(*attached, before, w, max_suffix, self._path)
+        reopen = False
+        while True:
+            attached = self._attach(reopen)
+            if attached is None:
+                return _missing_change(before)
+            fd, st, linked = attached
+            change = _check_append_fd(fd, st, before, w, max_suffix, self._path, linked)
+            if change is not None:
+                return change
+            reopen = True
 
     def _do_read_range(self, offset: int, length: int) -> bytes:
         offset, length = check_range(offset, length)
-        attached = self._attach()
-        if attached is None:
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), self._path)
-        fd, st = attached
-        return _read_range_fd(fd, st.st_size, offset, length, self._path)
+        reopen = False
+        while True:
+            attached = self._attach(reopen)
+            if attached is None:
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), self._path)
+            fd, st, linked = attached
+            if offset > st.st_size or length > st.st_size - offset:
+                raise past_end(self._path, offset, length, st.st_size)
+            data = _pread(fd, length, offset)
+            if linked and os.fstat(fd).st_nlink == 0:
+                reopen = True  # read the file the path names now
+                continue
+            if len(data) != length:
+                raise past_end(self._path, offset, length, offset + len(data))
+            return data
 
     def _do_close(self) -> None:
         self._drop()
@@ -447,3 +530,48 @@ class FileProbe(ProbeBase):
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+class ManyProbe(ManyProbeBase):
+    """Watches many files; ``poll()`` gives the indices of those that changed since the
+    previous poll (see ``ManyProbeBase``)."""
+
+    __slots__ = ("_fps", "_racy_ns", "_read_at")
+
+    def __init__(self, paths: Iterable[PathArg], *, window: int = DEFAULT_WINDOW) -> None:
+        items = tuple(paths)
+        for p in items:
+            os.fspath(p)  # TypeError for what is not a path, as the C backend
+        self._init_base(items, check_window(window))
+        self._fps: list[Fingerprint] = [MISSING] * len(items)
+        self._read_at = _NEVER
+        self._racy_ns = RACY_NS
+        self._do_poll()
+
+    def _do_poll(self) -> list[int]:
+        started = time.time_ns()
+        window, read_at, racy_ns = self._window, self._read_at, self._racy_ns
+        old = self._fps
+        new = old.copy()  # committed only when every file succeeded
+        changed: list[int] = []
+        for i, path in enumerate(self._paths):
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                if exc.errno not in _MISSING_ERRNOS:
+                    raise
+                fp = MISSING
+            else:
+                fields = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                if racy_clean(old[i], fields, window, read_at, racy_ns):
+                    continue
+                fp = _fingerprint(path, window)
+            if fp != old[i]:
+                new[i] = fp
+                changed.append(i)
+        self._fps = new
+        self._read_at = started
+        return changed
+
+    def _do_fingerprint(self, index: int) -> Fingerprint:
+        return self._fps[index]
