@@ -514,11 +514,26 @@ static int h_stat(sf_handle h, sf_stat *st, sf_err *err)
 static int h_open(const char *path, sf_handle *out, int *missing, sf_err *err)
 {
     int fd;
+    int flags = O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK;
     *missing = 0;
-    do {
+#ifdef O_NOATIME
+    /* Our reads leave the access time alone: relatime would otherwise dirty the inode on
+       the first read after every write. Only the file's owner may ask (EPERM else). */
+    flags |= O_NOATIME;
+#endif
+    for (;;) {
         /* O_NONBLOCK: opening a FIFO must not hang; regular files ignore it. */
-        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
-    } while (fd < 0 && errno == EINTR);
+        fd = open(path, flags);
+        if (fd >= 0 || errno != EINTR) {
+#ifdef O_NOATIME
+            if (fd < 0 && errno == EPERM && (flags & O_NOATIME)) {
+                flags &= ~O_NOATIME;
+                continue;
+            }
+#endif
+            break;
+        }
+    }
     if (fd < 0) {
         if (errno == ENOENT || errno == ENOTDIR) {
             *missing = 1;
