@@ -669,6 +669,25 @@ class AppendValidation:
             raise AssertionError(f"{impl.NAME}: check_append gave {change.kind}")
         return t1 - t0, t3 - t2
 
+    def held(self, probe: Any) -> tuple[int, int]:
+        """(ns of ``probe.mark()`` before the append, ns of ``probe.poll()`` after it): the
+        whole validation as two calls on a held probe, the baseline kept inside it."""
+        clock = time.perf_counter_ns
+        mark, poll = probe.mark, probe.poll
+        self.reset()
+        with gc_paused():
+            t0 = clock()
+            mark()
+            t1 = clock()
+            self.append()
+            t2 = clock()
+            kind, appended = poll()
+            ok = kind is ChangeKind.APPENDED and appended == self.line
+            t3 = clock()
+        if not ok:  # pragma: no cover
+            raise AssertionError(f"{probe!r}: poll gave {kind}")
+        return t1 - t0, t3 - t2
+
 
 def _validation_contenders(
     v: AppendValidation, impls: Mapping[str, ModuleType], part: Literal["total", "check"]
@@ -743,7 +762,7 @@ def p2(bench: Bench) -> list[Result]:
     try:
         for name, probe in probes.items():
             contenders[f"{name}-probe"] = functools.partial(
-                lambda i, pr: [float(sum(v.fenced(i, pr)))], bench.impls[name], probe
+                lambda pr: [float(sum(v.held(pr)))], probe
             )
         for c in contenders.values():
             c()  # warm-up round, not recorded
@@ -753,8 +772,8 @@ def p2(bench: Bench) -> list[Result]:
             probe.close()
     results = []
     for suffix, title, info in (
-        ("", "fingerprint + check_append", False),
-        ("-probe", "held FileProbe", True),
+        ("", "fingerprint + check_append", True),
+        ("-probe", "held FileProbe, mark() + poll()", False),
     ):
         ratio, ratio_min = _ratio(stats["naive"], stats[f"cffi{suffix}"])
         results.append(
@@ -772,7 +791,8 @@ def p2(bench: Bench) -> list[Result]:
                 },
                 ratio_min,
                 {"size": size, "append": APPEND_BYTES},
-                note="before + after, the append itself untimed",
+                note="before + after, the append itself untimed"
+                + ("; one-shot calls open the file twice" if info else ""),
                 informational=info,
             )
         )
@@ -1016,6 +1036,146 @@ def p6(bench: Bench) -> list[Result]:
             ratio_min,
             {"size": size},
         )
+    ]
+
+
+@measure("V1", "owned append validation: python ÷ cffi")
+def v1(bench: Bench) -> list[Result]:
+    """The validation of P2 on a 1 MiB transcript, pure backend ÷ C backend: the held
+    probe's ``mark()`` + ``poll()`` (the counted row) and the one-shot ``fingerprint`` +
+    ``check_append``. Both backends make the same system calls (held: stat, pread, fstat
+    before and after; one-shot: open, fstat, pread, fstat, close twice), so the ratio is
+    what the C path saves around them, and those calls bound it."""
+    path = bench.transcript(1 * MiB, "v1")
+    warm(path)
+    v = AppendValidation(path)
+    contenders = _validation_contenders(v, bench.impls, "total")
+    probes = {name: impl.FileProbe(str(path)) for name, impl in bench.impls.items()}
+    try:
+        for name, probe in probes.items():
+            contenders[f"{name}-held"] = functools.partial(
+                lambda pr: [float(sum(v.held(pr)))], probe
+            )
+        for c in contenders.values():
+            c()  # warm-up round, not recorded
+        stats = race(contenders, bench.rounds)
+    finally:
+        for probe in probes.values():
+            probe.close()
+    results = []
+    for suffix, title, info in (
+        ("-held", "held FileProbe: mark() + poll()", False),
+        ("", "one-shot fingerprint + check_append", True),
+    ):
+        ratio, ratio_min = _ratio(stats[f"python{suffix}"], stats[f"cffi{suffix}"])
+        results.append(
+            Result(
+                "V1",
+                "validation" + suffix.replace("-", "_"),
+                f"owned append validation, 1 MiB: {title}",
+                ratio,
+                "python ÷ cffi",
+                Target(">=", 3),
+                {
+                    "python": _time_fig(stats[f"python{suffix}"]),
+                    "cffi": _time_fig(stats[f"cffi{suffix}"]),
+                },
+                ratio_min,
+                {"size": 1 * MiB, "append": APPEND_BYTES},
+                note="before + after, the append itself untimed; same system calls on both",
+                informational=info,
+            )
+        )
+    return results
+
+
+HOT_FILES = 10  # of the watched files, this many change between two polls (V2)
+
+
+def _watched(bench: Bench, tag: str, count: int) -> list[str]:
+    d = bench.dir / f"watch-{tag}-{count}"
+    d.mkdir(exist_ok=True)
+    return [str(write_transcript(d / f"s{i:05d}.jsonl", KiB * (1 + i % 16))) for i in range(count)]
+
+
+@measure("V2", "changed-files poll of many transcripts (ManyProbe): python ÷ cffi")
+def v2(bench: Bench) -> list[Result]:
+    """A gateway's poll: ``ManyProbe.poll()`` over the profile's file count after
+    ``HOT_FILES`` of them got a 1 KiB append (untimed); it must report exactly those. The
+    others were last written long enough ago for the racy-clean rule (one stat each). Each
+    backend watches its own copy of the files, so both see the same changes. Beside it:
+    ``fingerprint_many`` of the same files (what a poll without a baseline costs)."""
+    n = bench.profile.many_files
+    sets = {name: _watched(bench, name, n) for name in bench.impls}
+    line = filler_line(APPEND_BYTES)
+    hot = list(range(0, n, max(1, n // HOT_FILES)))[:HOT_FILES]
+    age = time.time() - max(os.stat(p).st_ctime for ps in sets.values() for p in ps)
+    if age < QUIET_AFTER_S and bench.profile.quiet_wait:
+        time.sleep(QUIET_AFTER_S - age)
+    watchers = {name: impl.ManyProbe(sets[name]) for name, impl in bench.impls.items()}
+
+    def poll_after_appends(name: str) -> list[float]:
+        paths = sets[name]
+        for i in hot:
+            fd = os.open(paths[i], os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+        poll = watchers[name].poll
+        with gc_paused():
+            t0 = time.perf_counter_ns()
+            changed = poll()
+            t1 = time.perf_counter_ns()
+        if changed != hot:  # pragma: no cover
+            raise AssertionError(f"{name}: poll reported {changed[:20]}, expected {hot}")
+        return [float(t1 - t0)]
+
+    contenders: dict[str, Contender] = {
+        name: functools.partial(poll_after_appends, name) for name in bench.impls
+    }
+    for name, impl in bench.impls.items():
+        contenders[f"{name}-many"] = bench.batch(
+            functools.partial(impl.fingerprint_many, sets[name])
+        )
+    for c in contenders.values():
+        c()
+    stats = race(contenders, bench.rounds)
+    ratio, ratio_min = _ratio(stats["python"], stats["cffi"])
+    many_ratio, many_min = _ratio(stats["python-many"], stats["cffi-many"])
+
+    def cell(s: Stats) -> Figure:
+        return Figure(f"{format_ns(s.median)} ({format_ns(s.median / n)}/file)", s)
+
+    return [
+        Result(
+            "V2",
+            "many_poll",
+            f"ManyProbe.poll(), {n} files, {len(hot)} changed",
+            ratio,
+            "python ÷ cffi",
+            Target(">=", 3),
+            {
+                "baseline": Figure(f"fingerprint_many {format_ns(stats['cffi-many'].median)}"),
+                "python": cell(stats["python"]),
+                "cffi": cell(stats["cffi"]),
+            },
+            ratio_min,
+            {"files": n, "changed": len(hot), "append": APPEND_BYTES},
+            note="baseline: cffi fingerprint_many of the same files (every file re-read)",
+        ),
+        Result(
+            "V2",
+            "fingerprint_many",
+            f"fingerprint_many({n}) of the same files",
+            many_ratio,
+            "python ÷ cffi",
+            Target(">=", 3),
+            {"python": cell(stats["python-many"]), "cffi": cell(stats["cffi-many"])},
+            many_min,
+            {"files": n},
+            informational=True,
+        ),
     ]
 
 
