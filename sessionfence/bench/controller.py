@@ -292,3 +292,167 @@ P7 = bs.measure("P7", "controller release + reacquire, no change: 1 GiB ÷ 1 KiB
 P2C = bs.measure("P2c", "owned compaction append through the controller: naive ÷ cffi")(
     measure_p2_controller
 )
+
+
+# ------------------------------------------------------------------------------------------
+# One turn with the real lock: T1 (1 GiB ÷ 1 MiB) and T2 (÷ the same syscalls done directly).
+# ------------------------------------------------------------------------------------------
+
+_TURN_LINE = (
+    b'{"type":"message","id":"00000000","parentId":null,"timestamp":"2026-01-01T00:00:00.000Z",'
+    b'"message":{"role":"assistant","content":[{"type":"text","text":"ok"}]}}\n'
+)
+
+
+class TurnBench:
+    """One controller with the real session write lock (tail mode): a turn is an owned
+    append under ``write_lock()`` (the retained lock), ``release_for_prompt()`` and
+    ``reacquire_after_prompt()``, as a fleet worker's turn without the model call."""
+
+    def __init__(self, path: Path, backend: str = "cffi") -> None:
+        self.path = path
+        self.loop = asyncio.new_event_loop()
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        with _backend.use(backend):
+            self.ctl = self.loop.run_until_complete(SessionFenceController.create(path))
+        self.loop.run_until_complete(self._turns(2))  # activates the fence, warms up
+
+    async def _turns(self, n: int) -> int:
+        clock = time.perf_counter_ns
+        ctl, fd = self.ctl, self.fd
+        t0 = clock()
+        for _ in range(n):
+            async with ctl.write_lock():
+                os.write(fd, _TURN_LINE)
+            await ctl.release_for_prompt()
+            await ctl.reacquire_after_prompt()
+        return clock() - t0
+
+    def turns(self, n: int = 1) -> float:
+        ns = self.loop.run_until_complete(self._turns(n))
+        if self.ctl.has_takeover:  # pragma: no cover
+            raise AssertionError(f"unexpected takeover: {self.ctl.takeover!r}")
+        return ns / n
+
+    def close(self) -> None:
+        try:
+            self.loop.run_until_complete(self.ctl.dispose())
+        finally:
+            self.loop.close()
+            os.close(self.fd)
+
+
+class SyscallFloor:
+    """The system calls of one turn made directly from Python, nothing else: the owned
+    append and its refresh (write, stat, pread of the tail window and the suffix, fstat),
+    the release (flock unlock, close), the reacquire (open, flock, write of the owner record,
+    fstat) and the fence check (stat, pread of the tail window, fstat)."""
+
+    def __init__(self, path: Path, window: int = 4096) -> None:
+        import fcntl  # POSIX only: T2 is skipped elsewhere
+
+        self.fcntl = fcntl
+        self.path = str(path)
+        self.lock_path = str(path) + ".floor.lock"
+        self.window = window
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        self.rfd = os.open(path, os.O_RDONLY)
+        self.lfd = self._lock()
+        self.record = (
+            b'{"pid":1,"host":"h","starttime":null,"created_at":"2026-01-01T00:00:00.000Z",'
+            b'"max_hold_ms":300000,"generation":1,"token":"0123456789abcdef"}\n'
+        )
+
+    def _lock(self) -> int:
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        self.fcntl.flock(fd, self.fcntl.LOCK_EX | self.fcntl.LOCK_NB)
+        return fd
+
+    def turns(self, n: int = 1) -> float:
+        clock = time.perf_counter_ns
+        fcntl, path, rfd, w, line = self.fcntl, self.path, self.rfd, self.window, _TURN_LINE
+        t0 = clock()
+        for _ in range(n):
+            os.write(self.fd, line)
+            size = os.stat(path).st_size
+            os.pread(rfd, w + len(line), size - w - len(line))
+            os.fstat(rfd)
+            fcntl.flock(self.lfd, fcntl.LOCK_UN)
+            os.close(self.lfd)
+            self.lfd = self._lock()
+            os.pwrite(self.lfd, self.record, 0)
+            os.fstat(self.lfd)
+            os.stat(path)
+            os.pread(rfd, w, size - w)
+            os.fstat(rfd)
+        return (clock() - t0) / n
+
+    def close(self) -> None:
+        for fd in (self.fd, self.rfd, self.lfd):
+            os.close(fd)
+
+
+def measure_turn(
+    bench: bs.Bench, large: int = 1 * bs.GiB, small: int = 1 * bs.MiB
+) -> list[bs.Result]:
+    if bench.profile.name == "tiny":
+        large, small = bench.profile.p1_sizes
+    turns: dict[str, Any] = {}
+    try:
+        for size in (large, small):
+            for name in bench.impls:
+                path = bench.transcript(size, f"turn-{name}")
+                bs.warm(path)
+                turns[f"{name}@{size}"] = TurnBench(path, name)
+        turns["floor"] = SyscallFloor(bench.transcript(small, "turn-floor"))
+        contenders: dict[str, bs.Contender] = {}
+        for key, tb in turns.items():
+            inner = bs.calibrate(tb.turns, bench.profile.batch_ns)
+            contenders[key] = _samples(functools.partial(tb.turns, inner))
+        stats = bs.race(contenders, bench.rounds)
+    finally:
+        for tb in turns.values():
+            tb.close()
+    a, b, floor = stats[f"cffi@{large}"], stats[f"cffi@{small}"], stats["floor"]
+    pa, pb = stats[f"python@{large}"], stats[f"python@{small}"]
+    sizes = f"{bs.format_bytes(large)} / {bs.format_bytes(small)}"
+    return [
+        bs.Result(
+            "T1",
+            "turn_size",
+            f"one turn (append + release + reacquire, tail mode), {bs.format_bytes(large)} ÷ "
+            f"{bs.format_bytes(small)}",
+            a.median / b.median,
+            f"cffi {bs.format_bytes(large)} ÷ cffi {bs.format_bytes(small)}",
+            bs.Target("<=", 1.3),
+            {
+                "python": bs.Figure(f"{bs.format_ns(pa.median)} / {bs.format_ns(pb.median)}", pa),
+                "cffi": bs.Figure(f"{bs.format_ns(a.median)} / {bs.format_ns(b.median)}", a),
+            },
+            a.min / b.min,
+            {"large": large, "small": small, "lock": "real"},
+            note=f"cells: {sizes} transcript; real lock, owned append under write_lock()",
+        ),
+        bs.Result(
+            "T2",
+            "turn_floor",
+            "one turn ÷ the same syscalls done directly",
+            b.median / floor.median,
+            "cffi turn ÷ syscall floor",
+            bs.Target("<=", 3),
+            {
+                "baseline": bs._time_fig(floor, "floor "),
+                "python": bs._time_fig(pb),
+                "cffi": bs._time_fig(b),
+            },
+            b.min / floor.min,
+            {"size": small, "lock": "real"},
+            note="floor: write, stat, pread, fstat; flock unlock, close; open, flock, "
+            "record write, fstat; stat, pread, fstat (from Python)",
+        ),
+    ]
+
+
+TURN = bs.measure("T1", "one turn with the real lock: 1 GiB ÷ 1 MiB, and ÷ its syscall floor")(
+    measure_turn
+)

@@ -23,9 +23,10 @@ CHART_SUFFIXES = (".png", ".svg", ".pdf")
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "bench",
-        help="compare the naive, pure-Python and C paths (P1-P6)",
-        description="Runs the performance measures P1-P6 on generated transcripts and prints "
-        "each ratio next to its target. Files go to a temporary directory that is removed "
+        help="compare the naive, pure-Python and C paths (P1-P7, V1-V2, T1-T2)",
+        description="Runs the performance measures (P1-P7, V1-V2 for the held probes, T1-T2 "
+        "for one turn with the real lock) on generated transcripts and prints each ratio next "
+        "to its target. Files go to a temporary directory that is removed "
         "afterwards; the page cache is warmed on purpose before anything is timed.",
     )
     p.add_argument(
