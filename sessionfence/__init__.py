@@ -15,7 +15,8 @@ controller names are loaded on first use so ``import sessionfence`` stays cheap.
 #
 # errors.py holds every public error. lock/ is the session write lock (an OS lock on a
 # sidecar <transcript>.lock), transcript/ the JSONL transcript model (SessionManager,
-# migration), controller/ the fence controller built on both, sync.py its blocking facade.
+# migration), journal/ the owned-write journal and writer claims (<transcript>.fence),
+# controller/ the fence controller built on them, sync.py its blocking facade.
 # The private root modules (_jsonl, _ownership, ...) are rules those share.
 #
 # cli/, fleet/ and bench/ are the command line and the tools behind it; the library never
@@ -42,9 +43,11 @@ from ._exports import present_as
 from ._types import MISSING, Change, ChangeKind, Fingerprint, same_stat
 from ._version import __version__
 from .errors import (
+    JournalError,
     LockInheritedError,
     NotASessionError,
     SessionFileOwnerTimeoutError,
+    SessionSupersededError,
     SessionTakeoverError,
     SessionWriteLockAcquireError,
     SessionWriteLockStaleError,
@@ -78,6 +81,13 @@ if TYPE_CHECKING:
     from .controller import SessionFenceController as SessionFenceController
     from .controller import acquire_session_file_owner as acquire_session_file_owner
     from .controller import reset_for_tests as reset_for_tests
+    from .journal import JournalInfo as JournalInfo
+    from .journal import SessionWriter as SessionWriter
+    from .journal import append_as_cotenant as append_as_cotenant
+    from .journal import claim_session as claim_session
+    from .journal import inspect_journal as inspect_journal
+    from .journal import journal_path_for as journal_path_for
+    from .journal import repair_journal as repair_journal
     from .lock import LockInfo as LockInfo
     from .lock import SessionWriteLock as SessionWriteLock
     from .lock import acquire_session_write_lock as acquire_session_write_lock
@@ -108,6 +118,13 @@ _LAZY: dict[str, str] = {
     "acquire_session_file_owner": "controller",
     "reset_for_tests": "controller",
     "SyncSessionFenceController": "sync",
+    "JournalInfo": "journal",
+    "SessionWriter": "journal",
+    "append_as_cotenant": "journal",
+    "claim_session": "journal",
+    "inspect_journal": "journal",
+    "journal_path_for": "journal",
+    "repair_journal": "journal",
     "LockInfo": "lock",
     "SessionWriteLock": "lock",
     "acquire_session_write_lock": "lock",
@@ -129,6 +146,8 @@ __all__ = [
     "ChangeKind",
     "FileProbe",
     "Fingerprint",
+    "JournalError",
+    "JournalInfo",
     "LockInfo",
     "LockInheritedError",
     "MergeResult",
@@ -138,11 +157,13 @@ __all__ = [
     "SessionFenceController",
     "SessionFileOwnerTimeoutError",
     "SessionManager",
+    "SessionSupersededError",
     "SessionTakeoverError",
     "SessionWriteLock",
     "SessionWriteLockAcquireError",
     "SessionWriteLockStaleError",
     "SessionWriteLockTimeoutError",
+    "SessionWriter",
     "SyncSessionFenceController",
     "TornTranscriptError",
     "TranscriptChangedError",
@@ -153,16 +174,21 @@ __all__ = [
     "acquire_session_file_owner",
     "acquire_session_write_lock",
     "acquire_session_write_lock_async",
+    "append_as_cotenant",
     "check_append",
+    "claim_session",
     "clean_stale_locks",
     "content_digest",
     "fingerprint",
     "fingerprint_many",
     "guard_session_manager",
+    "inspect_journal",
     "inspect_lock",
     "is_expected_compaction_append",
+    "journal_path_for",
     "migrate_transcript",
     "read_range",
+    "repair_journal",
     "reset_for_tests",
     "same_stat",
 ]

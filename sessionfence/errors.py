@@ -16,9 +16,11 @@ if TYPE_CHECKING:
     from ._types import Fingerprint
 
 __all__ = [
+    "JournalError",
     "LockInheritedError",
     "NotASessionError",
     "SessionFileOwnerTimeoutError",
+    "SessionSupersededError",
     "SessionTakeoverError",
     "SessionWriteLockAcquireError",
     "SessionWriteLockStaleError",
@@ -118,6 +120,8 @@ TAKEOVER_REASONS = frozenset(
         "lock-timeout",
         "lock-stale",
         "lock-lost",
+        "superseded",
+        "journal-invalid",
     }
 )
 
@@ -128,8 +132,10 @@ class SessionTakeoverError(Exception):
     ``phase`` says where it was seen (``prompt_reacquire``, ``cleanup``, ``fence_check``),
     ``reason`` which check tripped (``replaced``, ``truncated``, ``rewritten``, ``deleted``,
     ``created``, ``foreign-append``, ``merge-rejected``, ``reload-failed``,
-    ``lock-timeout``, ``lock-stale``, ``lock-lost``), ``before`` and ``after`` are the
-    fingerprints compared, and ``detail`` is free text (e.g. the first foreign entry).
+    ``lock-timeout``, ``lock-stale``, ``lock-lost``, ``superseded``, ``journal-invalid``),
+    ``before`` and ``after`` are the fingerprints compared, and ``detail`` is free text
+    (e.g. the first foreign entry). A supersession is raised as the subclass
+    ``SessionSupersededError``.
     """
 
     def __init__(
@@ -156,6 +162,66 @@ class SessionTakeoverError(Exception):
         return _reduce(
             self, self.session_file, self.phase, self.reason, self.before, self.after, self.detail
         )
+
+
+class SessionSupersededError(SessionTakeoverError):
+    """Another run claimed the session: this run must stop writing (reason ``superseded``).
+
+    ``run_id``/``revision`` are this run's claim, ``superseded_by``/``new_revision`` the
+    claim that replaced it. Raised by the fence check that finds the new claim in the
+    session's journal, and by a claimant's append, under the lock, right before its bytes
+    would land: a superseded run never appends after its successor.
+    """
+
+    def __init__(
+        self,
+        session_file: str,
+        phase: str | None = None,
+        run_id: str | None = None,
+        revision: int | None = None,
+        superseded_by: str | None = None,
+        new_revision: int | None = None,
+        before: Fingerprint | None = None,
+        after: Fingerprint | None = None,
+    ) -> None:
+        detail = (
+            f"run {run_id} (revision {revision}) was superseded by run {superseded_by} "
+            f"(revision {new_revision})"
+        )
+        super().__init__(session_file, phase, "superseded", before, after, detail)
+        self.run_id = run_id
+        self.revision = revision
+        self.superseded_by = superseded_by
+        self.new_revision = new_revision
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _reduce(
+            self,
+            self.session_file,
+            self.phase,
+            self.run_id,
+            self.revision,
+            self.superseded_by,
+            self.new_revision,
+            self.before,
+            self.after,
+        )
+
+
+class JournalError(Exception):
+    """A session's owned-write journal (``<transcript>.fence``) cannot be trusted: it is
+    torn, edited, truncated or was replaced. Raised to writers, who must not extend it;
+    ``sessionfence inspect`` says what is wrong and ``repair_journal(path)`` moves it aside
+    and starts a new one (every active fence then fails closed with ``journal-invalid``).
+    ``journal_path`` is the file, ``detail`` what is wrong."""
+
+    def __init__(self, journal_path: str, detail: str) -> None:
+        super().__init__(f"session journal cannot be trusted ({detail}): {journal_path}")
+        self.journal_path = journal_path
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _reduce(self, self.journal_path, self.detail)
 
 
 class TornTranscriptError(Exception):

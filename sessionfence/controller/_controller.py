@@ -59,10 +59,14 @@ from .._types import (
 )
 from .._util import session_key
 from ..errors import (
+    SessionSupersededError,
     SessionTakeoverError,
     SessionWriteLockAcquireError,
     SessionWriteLockStaleError,
 )
+from ..journal._fence import Delta, FenceJournal
+from ..journal._format import CLAIMANT, COTENANT, digest_bytes
+from ..journal._writer import SessionWriter, forget_all, new_run_id
 from ..lock._record import resolve_settings as resolve_lock_settings
 from ._classify import (
     BenignPolicy,
@@ -179,6 +183,7 @@ def reset_for_tests() -> None:
     REGISTRY.reset()
     OWN_WRITES.reset()
     LIVE_MANAGERS.reset()
+    forget_all()
     reset_owners()
 
 
@@ -234,8 +239,13 @@ class SessionFenceController:
         verify: Verify = "tail",
         window: int = DEFAULT_WINDOW,
         benign_policy: BenignPolicy | None = None,
+        run_id: str | None = None,
     ) -> SessionFenceController:
-        """Build a controller and take the write lock at once (the eager lock).
+        """Build a controller, take the write lock at once (the eager lock) and claim the
+        session for the run ``run_id`` (a fresh id when None) in its journal: a run that
+        held the claim is superseded (docs/journal.md). Pass ``writer`` to the
+        ``SessionManager`` that appends for this run (``SessionManager.open(path,
+        writer=ctl.writer)``) so its appends are journaled and checked at commit.
 
         Lock times left unset default to 60 s / 1800 s / 300 s, or to the operator's
         ``SESSIONFENCE_LOCK_*_MS`` overrides, read now; ``acquire`` always receives numbers.
@@ -259,11 +269,13 @@ class SessionFenceController:
             verify=verify,
             window=window,
             benign_policy=benign_policy,
+            run_id=run_id,
             _token=CREATE,
         )
         lock = await call_maybe_async(acquire, ctl._session_file, **ctl._lock_options)
         ctl._hold.lock = lock
         try:
+            ctl._journal.claim()
             fp = ctl._io.fingerprint()
         except BaseException:
             await release_lock(lock)
@@ -284,6 +296,7 @@ class SessionFenceController:
         verify: Verify,
         window: int,
         benign_policy: BenignPolicy | None,
+        run_id: str | None = None,
         _token: object = None,
     ) -> None:
         if _token is not CREATE:
@@ -313,6 +326,7 @@ class SessionFenceController:
         )
         self._hold = HeldLock(self._inside_active_scope)
         self._scope_host = _ScopeHost(self)
+        self._journal = FenceJournal(self._session_file, run_id if run_id else new_run_id())
 
     # state --------------------------------------------------------------------------------------
 
@@ -339,6 +353,22 @@ class SessionFenceController:
     @property
     def holds_lock(self) -> bool:
         return self._hold.lock is not None
+
+    @property
+    def run_id(self) -> str:
+        """This attempt's run id (its claim in the session's journal)."""
+        return self._journal.writer.run_id
+
+    @property
+    def revision(self) -> int:
+        """The revision of this run's claim (each new claim of the session bumps it)."""
+        return self._journal.writer.revision
+
+    @property
+    def writer(self) -> SessionWriter:
+        """The claimant writer of this run: give it to the ``SessionManager`` that appends
+        for the run, whose appends are then journaled and refused once superseded."""
+        return self._journal.writer
 
     def _inside_active_scope(self) -> bool:
         state = self._scope_var.get()
@@ -400,6 +430,17 @@ class SessionFenceController:
         """A fresh error carrying the first takeover's verdict (takeover is sticky)."""
         first = self._takeover
         assert first is not None
+        if isinstance(first, SessionSupersededError):
+            return SessionSupersededError(
+                first.session_file,
+                first.phase,
+                first.run_id,
+                first.revision,
+                first.superseded_by,
+                first.new_revision,
+                first.before,
+                first.after,
+            )
         return SessionTakeoverError(
             first.session_file,
             phase=first.phase,
@@ -503,6 +544,10 @@ class SessionFenceController:
         ``prove_racy=False`` (at release) leaves the whole-content proof of a racy fence to
         the next fence check, which makes it anyway: one digest per prompt window."""
         fence = self._fence
+        delta = self._read_journal(change, phase)
+        if delta.attributed and change.kind is ChangeKind.APPENDED:
+            await self._accept_journaled(change, delta, phase)
+            return
         if change.kind is ChangeKind.UNCHANGED:
             if prove_racy and self._full and not fence.quiet:
                 # Racy fence: the stat cannot prove the content, the digest must.
@@ -543,6 +588,124 @@ class SessionFenceController:
         if not self._policy.accepts(classified.kind, has_merge_callback=True):
             raise self._change_takeover(change, phase, f"{classified.kind} entries are not benign")
         merged = await self._merge_change(fence, change, None, phase, classified)
+        if isinstance(merged, Rejected):
+            raise self._change_takeover(change, phase, _detail(merged), "merge-rejected")
+        self._fence = merged.snapshot
+        self._set_fence_generation(
+            REGISTRY.record_owned_write(
+                self._key,
+                merged.snapshot.fingerprint,
+                merged.published_entries,
+                merged.requires_reload,
+            )
+        )
+
+    # the journal -------------------------------------------------------------------------------
+
+    def _read_journal(self, change: Change, phase: str) -> Delta:
+        """The records written since the fence last looked (one ``stat``-sized look when
+        none were): a newer claim is a supersession, a journal that cannot be trusted fails
+        closed (docs/journal.md, "The fence check with the journal")."""
+        fenced = self._fence.fingerprint
+        delta = self._journal.delta(
+            fenced.size if fenced.exists else 0,
+            change.after.size if change.after.exists else 0,
+        )
+        if delta.problem is not None:
+            raise self._change_takeover(change, phase, delta.problem, "journal-invalid")
+        if delta.superseded_by is not None:
+            mine = self._journal.writer
+            error = SessionSupersededError(
+                self._session_file,
+                phase,
+                mine.run_id,
+                mine.revision,
+                delta.superseded_by[0],
+                delta.superseded_by[1],
+                change.before,
+                change.after,
+            )
+            if self._takeover is None:
+                self._takeover = error
+            raise error
+        self._journal.advance(delta)
+        return delta
+
+    async def _accept_journaled(self, change: Change, delta: Delta, phase: str) -> None:
+        """An append some of whose bytes journal records announce: this run's own and
+        co-tenants' appends are taken without judging their content (their digests must
+        match); bytes no record covers go through the content rules as before; co-tenant
+        and benign entries go to the merge callback in file order."""
+        fence = self._fence
+        if not self._prove_prefix(fence, change):
+            raise self._change_takeover(
+                change, phase, "content before the append changed (verify=full)", "rewritten"
+            )
+        data = self._io.suffix(change)
+        if data is None:
+            raise self._change_takeover(
+                change, phase, "the transcript moved on while its appended bytes were read"
+            )
+        base = fence.fingerprint.size
+        last_attributed = max(i for i, seg in enumerate(delta.segments) if seg.record)
+        entries: list[Any] = []
+        published: list[PublishedEntry] = []
+        kinds: set[str] = set()
+        current = change.after
+        for index, seg in enumerate(delta.segments):
+            chunk = data[seg.start - base : seg.end - base]
+            record = seg.record
+            if record is not None and digest_bytes(chunk) != record.digest:
+                if index != last_attributed:
+                    raise self._change_takeover(
+                        change,
+                        phase,
+                        f"bytes [{seg.start}, {seg.end}) differ from what journal record "
+                        f"{record.seq} announced",
+                        "journal-invalid",
+                    )
+                record = None  # an intent whose bytes never landed; these are nobody's
+            if (
+                record is not None
+                and record.role == CLAIMANT
+                and self._journal.own_run(record.run_id)
+            ):
+                continue  # this run's own append (or a live in-process peer's)
+            lines = split_lines(chunk, seg.start)
+            if isinstance(lines, Rejected):
+                raise self._change_takeover(change, phase, _detail(lines))
+            if record is not None and record.role == COTENANT:
+                result = classify_lines(lines, policy=None)
+            elif OWN_WRITES.covers(current.dev, current.ino, seg.start, chunk):
+                continue  # lines a SessionManager of this process wrote without a writer
+            else:
+                prefix = seg.start
+
+                def known_id(entry_id: str, _at: int = prefix) -> bool:
+                    return LIVE_MANAGERS.knows_id(self._key, entry_id, _at)
+
+                result = classify_lines(lines, policy=self._policy, known_id=known_id)
+                if not isinstance(result, Rejected):
+                    kinds.add(result.kind)
+            if isinstance(result, Rejected):
+                raise self._change_takeover(change, phase, _detail(result))
+            entries.extend(result.entries)
+            published.extend(result.published)
+        has_merge = self._merge_cb is not None
+        for kind in kinds:
+            if not self._policy.accepts(kind, has_merge_callback=has_merge):
+                raise self._change_takeover(change, phase, f"{kind} entries need a merge callback")
+        if not entries or not has_merge:
+            self._fence = self._roll(fence, change, need_digest=True, proven=True)
+            generation = REGISTRY.trust_state(self._key, current)
+            self._set_fence_generation(
+                generation if generation is not None else self._fence_generation
+            )
+            return
+        kind = next(iter(kinds)) if len(kinds) == 1 else "journaled"
+        merged = await self._merge_change(
+            fence, change, None, phase, Classified(kind, entries, published)
+        )
         if isinstance(merged, Rejected):
             raise self._change_takeover(change, phase, _detail(merged), "merge-rejected")
         self._fence = merged.snapshot
@@ -1256,6 +1419,7 @@ class SessionFenceController:
                     )
                     if not self._fence.has_digest:
                         self._fence = self._io.fresh_digest(self._fence.fingerprint)
+                    self._journal.publish_slot()
                     return
                 change = self._io.observe_quiet(self._fence.fingerprint)
                 fp = change.after
@@ -1269,6 +1433,13 @@ class SessionFenceController:
                 else:
                     generation = self._fence_generation
                 self._activate_fence(generation)
+                # The fence starts here: the records of the held period (own appends) are
+                # behind it; compaction keeps what comes after.
+                size = fp.size if fp.exists else 0
+                start = self._journal.delta(size, size)
+                if start.problem is None and start.superseded_by is None:
+                    self._journal.advance(start)
+                self._journal.publish_slot()
             finally:
                 await release_lock(lock)
 
@@ -1336,6 +1507,7 @@ class SessionFenceController:
             await self._hold.drop()
         finally:
             self._deactivate_fence()
+            self._journal.retire()
             self._io.close()  # a later call (cleanup after dispose) reopens it
 
     def __repr__(self) -> str:

@@ -85,6 +85,7 @@ from ..errors import (
     TranscriptNeedsMigrationError,
     UnstableFileError,
 )
+from ..journal._writer import SessionWriter, journaled
 from . import _io
 from ._guard import guard_session_manager, is_expected_compaction_append
 
@@ -188,6 +189,7 @@ class SessionManager:
         window: int = DEFAULT_WINDOW,
         chunk_size: int = _io.DEFAULT_CHUNK,
         cwd: str | None = None,
+        writer: SessionWriter | None = None,
     ) -> None:
         raw = os.fspath(path)
         self._path: str = os.fsdecode(raw) if isinstance(raw, bytes) else raw
@@ -196,6 +198,7 @@ class SessionManager:
         self._window = window
         self._chunk = chunk_size
         self._cwd = cwd
+        self.writer = writer
         self._load()
         # The fence asks open managers whether an id exists (a foreign line reusing one
         # is refused), and recognises the lines they wrote as this process's own.
@@ -209,14 +212,20 @@ class SessionManager:
         window: int = DEFAULT_WINDOW,
         chunk_size: int = _io.DEFAULT_CHUNK,
         cwd: str | None = None,
+        writer: SessionWriter | None = None,
     ) -> SessionManager:
         """Parses ``path`` (see the class docstring).
 
         ``window`` is the tail window of ``parsed_fingerprint`` and of the fingerprints
         merges return (use the controller's). ``cwd`` goes into the header written when the
-        file is created (default: the process's working directory then).
+        file is created (default: the process's working directory then). ``writer`` (also
+        settable later as ``manager.writer``) journals every append in the session's
+        owned-write journal as that writer (docs/journal.md): a claimant's append fails
+        with ``SessionSupersededError`` once another run claimed the session, and appends
+        may carry an ``idempotency_key``. Journaled appends must be made under the
+        session's write lock, as every append should.
         """
-        return cls(path, window=window, chunk_size=chunk_size, cwd=cwd)
+        return cls(path, window=window, chunk_size=chunk_size, cwd=cwd, writer=writer)
 
     # ------------------------------------------------------------------------------------
     # Loading.
@@ -604,9 +613,16 @@ class SessionManager:
     # Appending.
     # ------------------------------------------------------------------------------------
 
-    def append_message(self, message: Mapping[str, Any]) -> str:
-        """Appends ``{"type":"message", id, parentId, timestamp, message}``; returns the id."""
-        return self._append({"type": "message", "message": message})
+    def append_message(
+        self, message: Mapping[str, Any], *, idempotency_key: str | None = None
+    ) -> str:
+        """Appends ``{"type":"message", id, parentId, timestamp, message}``; returns the id.
+
+        ``idempotency_key`` (journaled managers only, see ``open``): when an append with
+        this key already landed (a retry after a lost acknowledgement), nothing is
+        written and the id of that entry is returned (the entry joins this manager's
+        model if it was missing). The key is looked up in the journal, not the file."""
+        return self._append({"type": "message", "message": message}, idempotency_key)
 
     def append_compaction(
         self,
@@ -631,12 +647,15 @@ class SessionManager:
             fields["fromHook"] = True
         return self._append(fields)
 
-    def append_custom(self, custom_type: str, data: Any = None) -> str:
-        """Appends ``{"type":"custom", customType, data?}`` (persisted, never sent to a model)."""
+    def append_custom(
+        self, custom_type: str, data: Any = None, *, idempotency_key: str | None = None
+    ) -> str:
+        """Appends ``{"type":"custom", customType, data?}`` (persisted, never sent to a
+        model). ``idempotency_key``: as for ``append_message``."""
         fields: Entry = {"type": "custom", "customType": custom_type}
         if data is not None:
             fields["data"] = data
-        return self._append(fields)
+        return self._append(fields, idempotency_key)
 
     def append_label(self, target_id: str, label: str | None) -> str:
         """Labels an existing entry; ``None`` or ``""`` clears its label. ``ValueError`` when
@@ -655,12 +674,13 @@ class SessionManager:
             fields["name"] = _jsonl.js_trim(name)
         return self._append(fields)
 
-    def append_entry(self, entry: Mapping[str, Any]) -> str:
+    def append_entry(self, entry: Mapping[str, Any], *, idempotency_key: str | None = None) -> str:
         """Appends any entry type (``thinking_level_change``, ``model_change``, ...).
 
         ``type`` is required; ``id``, ``parentId`` and ``timestamp`` are filled in when
         absent (a given ``id`` must be new). ``appendMode: "side"`` moves the side cursor
-        instead of the leaf, as it does for a reader of the file.
+        instead of the leaf, as it does for a reader of the file. ``idempotency_key``: as
+        for ``append_message``.
         """
         kind = entry.get("type")
         if not isinstance(kind, str) or not kind or kind == "session":
@@ -670,9 +690,11 @@ class SessionManager:
             raise ValueError("an entry's 'id' must be a non-empty string")
         if isinstance(given, str) and given in self._by_id:
             raise ValueError(f"entry {given} already exists")
-        return self._append(dict(entry))
+        return self._append(dict(entry), idempotency_key)
 
-    def _append(self, fields: Entry) -> str:
+    def _append(self, fields: Entry, idempotency_key: str | None = None) -> str:
+        if idempotency_key is not None and self.writer is None:
+            raise ValueError("an idempotency key needs a journaled manager (writer=...)")
         ident = fields.get("id")
         if not isinstance(ident, str):
             ident = _io.new_entry_id(self._by_id.__contains__)
@@ -684,7 +706,15 @@ class SessionManager:
         for key, value in fields.items():
             if key not in entry:
                 entry[key] = value
-        self._write(entry)
+        existing = self._write(entry, idempotency_key)
+        if existing is not None:
+            # A retry: the entry that key wrote. Known already, or its acknowledgement was
+            # lost before this manager learnt it.
+            known = existing.get("id")
+            if isinstance(known, str) and known not in self._by_id:
+                self._entries.append(existing)
+                self._apply(existing)
+            return str(known)
         self._entries.append(entry)
         self._apply(entry)
         return ident
@@ -704,7 +734,7 @@ class SessionManager:
         if self.needs_migration:
             raise TranscriptNeedsMigrationError(self._path, self._version or 1.0)
 
-    def _write(self, entry: Entry) -> None:
+    def _write(self, entry: Entry, idempotency_key: str | None = None) -> Entry | None:
         """Writes one entry line (plus the header line when the file is new) with one
         ``os.write`` on an ``O_APPEND`` descriptor, after the one-byte end-of-file check.
 
@@ -740,38 +770,65 @@ class SessionManager:
             ) from exc
         try:
             self._file_known = True
-            # The one-byte check: a file that does not end in a newline ends in a complete
-            # entry that lacks it (we write the separator) or in a torn line (refused:
-            # appending would glue this record onto it).
-            size, clean = _io.settled_end(fd)
-            separator = b""
-            if not clean:
-                offset, _, complete = _io.last_line(fd, size)
-                if not complete:
-                    self._torn = (offset, size - offset)
-                    raise TornTranscriptError(self._path, offset, size - offset)
-                separator = b"\n"
-            self._torn = None  # whatever open() saw, the file ends cleanly now
-            header: Entry | None = None
-            if size == 0:
-                if self._header is not None or self._digest_size:
-                    raise TranscriptChangedError(
-                        f"transcript was emptied behind this manager: {self._path}"
-                    )
-                stamp = entry.get("timestamp")
-                header = self._new_header(stamp if isinstance(stamp, str) else _io.iso_now())
-                data = _jsonl.dumps_line(header) + line
-            else:
-                data = separator + line
-            _io.write_all(fd, data)
-            # Where the bytes landed, read back from the O_APPEND descriptor (exact even
-            # when another process appended first): the fence adopts these bytes only.
-            end = os.lseek(fd, 0, os.SEEK_CUR)
-            st = os.fstat(fd)
-            after = st.st_size
-            OWN_WRITES.record(st.st_dev, st.st_ino, end - len(data), data)
+            if self.writer is None:
+                self._put(fd, entry, line, None)
+                return None
+            with journaled(
+                self._path, self.writer, fd, want_keys=idempotency_key is not None
+            ) as commit:
+                if idempotency_key is not None:
+                    hit = commit.find_key(idempotency_key, fd, os.fstat(fd).st_size)
+                    if hit is not None:
+                        return _entry_at(fd, hit.start, hit.end)
+                self._put(fd, entry, line, commit, idempotency_key)
+            return None
         finally:
             os.close(fd)
+
+    def _put(
+        self,
+        fd: int,
+        entry: Entry,
+        line: bytes,
+        commit: Any,
+        idempotency_key: str | None = None,
+    ) -> None:
+        """The write itself (see ``_write``); with ``commit``, its journal record goes
+        first, announcing exactly the bytes written (write-ahead)."""
+        # The one-byte check: a file that does not end in a newline ends in a complete
+        # entry that lacks it (we write the separator) or in a torn line (refused:
+        # appending would glue this record onto it).
+        size, clean = _io.settled_end(fd)
+        separator = b""
+        if not clean:
+            offset, _, complete = _io.last_line(fd, size)
+            if not complete:
+                self._torn = (offset, size - offset)
+                raise TornTranscriptError(self._path, offset, size - offset)
+            separator = b"\n"
+        self._torn = None  # whatever open() saw, the file ends cleanly now
+        header: Entry | None = None
+        if size == 0:
+            if self._header is not None or self._digest_size:
+                raise TranscriptChangedError(
+                    f"transcript was emptied behind this manager: {self._path}"
+                )
+            stamp = entry.get("timestamp")
+            header = self._new_header(stamp if isinstance(stamp, str) else _io.iso_now())
+            data = _jsonl.dumps_line(header) + line
+        else:
+            data = separator + line
+        if commit is not None:
+            commit.intent(size, data, idempotency_key)
+        _io.write_all(fd, data)
+        # Where the bytes landed, read back from the O_APPEND descriptor (exact even
+        # when another process appended first): the fence adopts these bytes only.
+        end = os.lseek(fd, 0, os.SEEK_CUR)
+        if commit is not None:
+            commit.landed(end - len(data))
+        st = os.fstat(fd)
+        after = st.st_size
+        OWN_WRITES.record(st.st_dev, st.st_ino, end - len(data), data)
         if header is not None:
             self._header = header
             self._version = float(CURRENT_VERSION)
@@ -1054,6 +1111,19 @@ class SessionManager:
             plan.append((source, adopted))
             side = ident
         return plan
+
+
+def _entry_at(fd: int, start: int, end: int) -> Entry:
+    """The entry a journaled append wrote at ``[start, end)`` (its last line: the bytes may
+    begin with a separator or the header)."""
+    data = _io.read_exact(fd, end - start, start)
+    for raw in reversed(data.split(b"\n")):
+        if raw.strip():
+            value, _ = _io.parse_last_line(raw, False)
+            if value is not None:
+                return value
+            break
+    raise TranscriptChangedError(f"the entry at [{start}, {end}) does not parse")
 
 
 def _cut(fd: int, size: int) -> bool:

@@ -72,6 +72,30 @@ def _samples() -> dict[str, tuple[Callable[[], BaseException], dict[str, Any], s
             },
             "session file changed while prompt lock was released: /s/a.jsonl (phase: fence_check)",
         ),
+        "SessionSupersededError": (
+            lambda: e.SessionSupersededError(
+                "/s/a.jsonl", "prompt_reacquire", "run-a", 3, "run-b", 4, BEFORE, AFTER
+            ),
+            {
+                "session_file": "/s/a.jsonl",
+                "phase": "prompt_reacquire",
+                "reason": "superseded",
+                "run_id": "run-a",
+                "revision": 3,
+                "superseded_by": "run-b",
+                "new_revision": 4,
+                "before": BEFORE,
+                "after": AFTER,
+                "detail": "run run-a (revision 3) was superseded by run run-b (revision 4)",
+            },
+            "session file changed while prompt lock was released: /s/a.jsonl "
+            "(phase: prompt_reacquire)",
+        ),
+        "JournalError": (
+            lambda: e.JournalError("/s/a.jsonl.fence", "record 7: CRC mismatch"),
+            {"journal_path": "/s/a.jsonl.fence", "detail": "record 7: CRC mismatch"},
+            "session journal cannot be trusted (record 7: CRC mismatch): /s/a.jsonl.fence",
+        ),
         "TornTranscriptError": (
             lambda: e.TornTranscriptError("/s/a.jsonl", 120, 17),
             {"session_file": "/s/a.jsonl", "offset": 120, "length": 17},
@@ -221,7 +245,8 @@ def test_moved_errors_stay_importable_from_their_old_modules() -> None:
 
 
 def test_takeover_reasons_include_every_reason_the_controller_raises() -> None:
-    # SPEC §4's list; "superseded" arrives with writer claims (a later issue).
+    # SPEC §4's list, with "superseded" (writer claims) and "journal-invalid" (the journal
+    # fails closed; issue 13).
     documented = {
         "replaced",
         "truncated",
@@ -234,5 +259,7 @@ def test_takeover_reasons_include_every_reason_the_controller_raises() -> None:
         "lock-timeout",
         "lock-stale",
         "lock-lost",
+        "superseded",
+        "journal-invalid",
     }
     assert documented == sessionfence.errors.TAKEOVER_REASONS

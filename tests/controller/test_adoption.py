@@ -115,9 +115,9 @@ async def test_a_foreign_line_between_two_own_lines_is_not_adopted(session_file:
     ctl, manager = await _guarded(session_file, "tail")
     write = manager._write  # inject a foreign line between two own writes
 
-    def racing_write(entry: Any) -> None:
+    def racing_write(entry: Any, idempotency_key: str | None = None) -> Any:
         append_entries(session_file, user_message("foreign, just before ours"))
-        write(entry)
+        return write(entry, idempotency_key)
 
     manager._write = racing_write  # type: ignore[method-assign]
     manager.append_message({"role": "user", "content": "ours"})
