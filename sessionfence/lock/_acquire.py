@@ -18,7 +18,6 @@ import math
 import os
 import time
 from collections.abc import Generator
-from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Union
 
@@ -29,6 +28,7 @@ from ..errors import (
 )
 from . import _os
 from . import _record as _rec
+from . import _registry as _reg
 from ._inspect import LockInfo, clean_stale_locks, inspect_lock, list_locks
 from ._os import lock_path_for
 from ._record import DEFAULT_MAX_HOLD as _DEFAULT_MAX_HOLD
@@ -39,12 +39,16 @@ from ._registry import Entry as _Entry
 from ._registry import claimed as _claimed
 from ._registry import close_entry as _close_entry
 from ._registry import close_tracked as _close_tracked
+from ._registry import drop_claim as _drop_claim
+from ._registry import epochs as _epochs
+from ._registry import interest as _interest
 from ._registry import join_reentrant as _join_reentrant
 from ._registry import last_generation as _last_generation
 from ._registry import note_generation as _note_generation
 from ._registry import open_tracked as _open_tracked
 from ._registry import register as _register
 from ._registry import registry_lock as _registry_lock
+from ._registry import waiters as _waiters
 from ._registry import watchdog as _watchdog
 
 if TYPE_CHECKING:
@@ -192,10 +196,28 @@ class SessionWriteLock:
         )
 
 
-@dataclass
 class _Busy:
-    record: _rec.OwnerRecord | None
-    here: bool = False  # held (or being locked) by this process; record not read
+    """The lock is held by someone else (``here``: by this process; record not read).
+
+    ``fd``: the descriptor of the failed attempt, still open and with the lock path's
+    claim, for the caller to hand to a waiter thread or give up (``_give_up``). ``epoch``:
+    the lock path's notification count when the look was taken (see ``_registry.epochs``).
+    """
+
+    __slots__ = ("epoch", "fd", "here", "record")
+
+    def __init__(
+        self,
+        record: _rec.OwnerRecord | None,
+        *,
+        here: bool = False,
+        fd: int | None = None,
+        epoch: int = -1,
+    ) -> None:
+        self.record = record
+        self.here = here
+        self.fd = fd
+        self.epoch = epoch
 
 
 _RETRY_NOW = object()
@@ -204,21 +226,69 @@ _RETRY_NOW = object()
 def _attempt(
     lock_path: str, max_hold: float, reentrant_owner: str | None, mode: int
 ) -> _Entry | _Busy | object:
-    """One non-blocking try: an ``_Entry`` on success, ``_Busy`` when held, else retry now."""
+    """One non-blocking try: an ``_Entry`` on success, ``_Busy`` when held, else retry now.
+
+    When this process has a waiter blocked on the lock, the try is made on the waiter's
+    descriptor (the one descriptor of that lock file this process may try with): the
+    first caller to find it locked takes it over.
+    """
     with _registry_lock:
         if lock_path in _claimed:
-            return _Busy(None, here=True)
-        _claimed.add(lock_path)
+            waiter = _waiters.get(lock_path)
+            if waiter is None:
+                return _Busy(None, here=True, epoch=_epochs.get(lock_path, 0))
+            taken = _take_from_waiter(waiter)
+            if not isinstance(taken, int):
+                return taken
+            fd = taken
+        else:
+            _claimed.add(lock_path)
+            fd = -1
     try:
-        outcome = _attempt_os_lock(lock_path, max_hold, reentrant_owner, mode)
+        if fd < 0:
+            return _attempt_os_lock(lock_path, max_hold, reentrant_owner, mode)
+        return _locked(fd, lock_path, max_hold, reentrant_owner)
     except BaseException:
         with _registry_lock:
-            _claimed.discard(lock_path)
+            _drop_claim(lock_path)
         raise
-    if not isinstance(outcome, _Entry):
-        with _registry_lock:
-            _claimed.discard(lock_path)
-    return outcome
+
+
+def _take_from_waiter(waiter: _reg.Waiter) -> int | _Busy | object:
+    """The waiter's descriptor if the lock is ours through it (it is then the caller's,
+    with the claim), else ``_Busy`` or ``_RETRY_NOW``; caller holds ``registry_lock``."""
+    lock_path = waiter.lock_path
+    if waiter.returned:
+        if waiter.error is not None:
+            _reg.retire_waiter(waiter)  # closes it and gives the path up: try afresh
+            return _RETRY_NOW
+    elif not _os.try_lock(waiter.fd):
+        # Still held by someone else: read who, for the stale check and the error
+        # message, through the waiter's descriptor; and make sure it is still the lock
+        # file the path names, or the waiter could wait on an orphan forever.
+        st = _os.still_names(waiter.fd, lock_path)
+        if st is None:
+            _reg.detach_waiter(waiter)
+            return _RETRY_NOW
+        raw = _os.read_at(waiter.fd, st.st_size) if st.st_size <= _os.MAX_RECORD_BYTES else b""
+        record = _rec.parse_record(raw)
+        _note_generation(lock_path, record)
+        return _Busy(record, epoch=_epochs.get(lock_path, 0))
+    # Locked through the waiter's descriptor (its flock returned, or ours just succeeded
+    # on the same open file description): the caller owns it from here on.
+    waiter.released = True
+    waiter.attached = False
+    del _waiters[lock_path]
+    return waiter.fd
+
+
+def _give_up(lock_path: str, fd: int | None) -> None:
+    """Close a failed attempt's descriptor and release the path's claim."""
+    if fd is None:
+        return
+    with _registry_lock:
+        _close_tracked(fd)
+        _drop_claim(lock_path)
 
 
 def _peek_record(lock_path: str) -> _rec.OwnerRecord | None:
@@ -239,6 +309,8 @@ def _peek_record(lock_path: str) -> _rec.OwnerRecord | None:
 def _attempt_os_lock(
     lock_path: str, max_hold: float, reentrant_owner: str | None, mode: int
 ) -> _Entry | _Busy | object:
+    """Open and try the lock file; the caller holds the path's claim (and gives it up if
+    this raises). On contention the descriptor is returned in ``_Busy`` with the claim."""
     # Opened through the registry so a fork from another thread, at any point from here
     # until the entry is registered, leaves the child without a copy of the descriptor.
     try:
@@ -252,6 +324,8 @@ def _attempt_os_lock(
         # its umask left, and be about to fchmod it to the shared mode: poll again. Past
         # that instant a permission problem is reported at once, never as a timeout.
         if _os.recently_created_by_another_user(lock_path):
+            with _registry_lock:
+                _drop_claim(lock_path)
             return _Busy(None)
         raise
     try:
@@ -260,18 +334,44 @@ def _attempt_os_lock(
             raw = _os.read_at(fd, size) if size <= _os.MAX_RECORD_BYTES else b""
             record = _rec.parse_record(raw)
             _note_generation(lock_path, record)
-            _close_tracked(fd)
-            return _Busy(record)
+            return _Busy(record, fd=fd)
+    except BaseException:
+        _close_tracked(fd)
+        raise
+    return _locked(fd, lock_path, max_hold, reentrant_owner)
+
+
+# Per lock path, the record this process last wrote there, as release leaves it ("free"),
+# and its generation: when the file still holds exactly that, the next acquisition here
+# knows the previous generation without parsing JSON (the common case of one process
+# taking the same lock again and again).
+_last_written: dict[str, tuple[bytes, int]] = {}
+
+
+def _locked(
+    fd: int, lock_path: str, max_hold: float, reentrant_owner: str | None
+) -> _Entry | object:
+    """Finish an acquisition whose OS lock is held through ``fd`` (tracked, with the claim):
+    check that the path still names it, write the owner record, register the hold. Closes
+    ``fd`` and gives the claim up on ``_RETRY_NOW`` and on errors (then re-raised)."""
+    try:
         st = _os.still_names(fd, lock_path)
         if st is None:
             # We locked an inode that was unlinked or replaced while we waited; whoever
             # locks the file the path names now would hold the "same" lock. Start over.
-            _close_tracked(fd)
+            with _registry_lock:
+                _close_tracked(fd)
+                _drop_claim(lock_path)
             return _RETRY_NOW
         # Only the winner rewrites the file: a contender truncating it would wipe the
         # holder's record.
         raw = _os.read_at(fd, st.st_size) if st.st_size <= _os.MAX_RECORD_BYTES else b""
-        generation = _note_generation(lock_path, _rec.parse_record(raw)) + 1
+        mine = _last_written.get(lock_path)
+        if mine is not None and raw == mine[0]:
+            previous = max(mine[1], _last_generation.get(lock_path, 0))
+        else:
+            previous = _note_generation(lock_path, _rec.parse_record(raw))
+        generation = previous + 1
         acquired_at = time.monotonic()
         data, state_offset, token = _rec.encode_record(
             generation=generation, max_hold=max_hold, monotonic=acquired_at, wall=time.time()
@@ -280,6 +380,10 @@ def _attempt_os_lock(
         if st.st_size > len(data):
             os.ftruncate(fd, len(data))
         _last_generation[lock_path] = generation
+        _last_written[lock_path] = (
+            data[:state_offset] + _rec.STATE_FREE + data[state_offset + 4 :],
+            generation,
+        )
         entry = _Entry(
             lock_path=lock_path,
             fd=fd,
@@ -299,6 +403,9 @@ def _attempt_os_lock(
     return entry
 
 
+Wait = tuple[_reg.Ticket, float]
+
+
 def _acquisition(
     path: PathLike,
     timeout: float | None,
@@ -306,12 +413,19 @@ def _acquisition(
     max_hold: float | None,
     reentrant_owner: str | None,
     mode: int,
-) -> Generator[float, None, SessionWriteLock]:
+    loop: asyncio.AbstractEventLoop | None = None,
+) -> Generator[Wait, None, SessionWriteLock]:
     """The acquisition loop shared by the sync and async entry points.
 
-    Yields the number of seconds to wait before the next attempt; the caller sleeps
-    (``time.sleep`` or ``asyncio.sleep``) and resumes it. One monotonic deadline covers
-    every retry, so retries never extend the budget, and wall-clock steps change nothing.
+    Yields ``(ticket, seconds)``: the caller waits until the ticket fires or the seconds
+    pass (``Ticket.wait`` or ``Ticket.wait_async``), then resumes it. A ticket fires when
+    this process's claim on the lock path changes: the waiter thread got the lock (the
+    hand-off from another process), or a hold or attempt in this process ended. The
+    seconds are at most ``POLL_INTERVAL``, at which the holder's record is read again for
+    the stale check. One monotonic deadline covers every retry, so retries never extend
+    the budget, and wall-clock steps change nothing. Closing the generator (a cancelled
+    task, an exception in the caller) withdraws this caller's interest; a waiter that
+    nobody wants any more releases whatever it got.
     """
     if reentrant_owner is not None and not isinstance(reentrant_owner, str):
         raise TypeError("reentrant_owner must be a str or None")
@@ -321,29 +435,81 @@ def _acquisition(
     key, lock_path = lock_path_for(path)
     last: _rec.OwnerRecord | None = None
     last_here = False
-    while True:
-        joined = _join_reentrant(lock_path, reentrant_owner)
-        if joined is not None:
-            return SessionWriteLock(joined, key)
-        for _ in range(_IMMEDIATE_RETRIES):
-            outcome = _attempt(lock_path, hold_limit, reentrant_owner, mode)
-            if outcome is not _RETRY_NOW:
-                break
-        if isinstance(outcome, _Entry):
-            return SessionWriteLock(outcome, key)
-        if isinstance(outcome, _Busy):
-            # Held in this process: never stale, and the record is only read for a report.
-            last, last_here = outcome.record, outcome.here
-            reasons = [] if last_here else _rec.stale_reasons(last, stale_after)
-            if reasons:
-                raise SessionWriteLockStaleError(_rec.describe_owner(last), lock_path, reasons)
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            if last_here:
-                last = _peek_record(lock_path)
-            shown = math.inf if math.isinf(budget) else round(budget * 1000)
-            raise SessionWriteLockTimeoutError(shown, _rec.describe_owner(last), lock_path)
-        yield min(POLL_INTERVAL, remaining)
+    interested = False
+    ticket: _reg.Ticket | None = None
+    spare: int | None = None  # a failed attempt's descriptor, with the path's claim
+    try:
+        while True:
+            joined = _join_reentrant(lock_path, reentrant_owner)
+            if joined is not None:
+                return SessionWriteLock(joined, key)
+            for _ in range(_IMMEDIATE_RETRIES):
+                outcome = _attempt(lock_path, hold_limit, reentrant_owner, mode)
+                if outcome is not _RETRY_NOW:
+                    break
+            if isinstance(outcome, _Entry):
+                return SessionWriteLock(outcome, key)
+            epoch = -1
+            if isinstance(outcome, _Busy):
+                spare, epoch = outcome.fd, outcome.epoch
+                # Held in this process: never stale, and the record is only read for a report.
+                last, last_here = outcome.record, outcome.here
+                reasons = [] if last_here else _rec.stale_reasons(last, stale_after)
+                if reasons:
+                    raise SessionWriteLockStaleError(_rec.describe_owner(last), lock_path, reasons)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                _give_up(lock_path, spare)
+                spare = None
+                if last_here:
+                    last = _peek_record(lock_path)
+                shown = math.inf if math.isinf(budget) else round(budget * 1000)
+                raise SessionWriteLockTimeoutError(shown, _rec.describe_owner(last), lock_path)
+            ticket = _reg.Ticket(loop)
+            with _registry_lock:
+                if not interested:
+                    _interest[lock_path] = _interest.get(lock_path, 0) + 1
+                    interested = True
+                if spare is not None:
+                    # Contended by another process: a waiter thread blocks in flock on
+                    # this descriptor, and wakes us the moment the lock is free.
+                    if _os.BLOCKING_WAIT and lock_path not in _reg.no_blocking:
+                        _reg.start_waiter(lock_path, spare)
+                    else:
+                        _close_tracked(spare)
+                        _drop_claim(lock_path)
+                    spare = None
+                    _reg.park(lock_path, ticket)
+                elif epoch < 0 or _epochs.get(lock_path, 0) == epoch:
+                    _reg.park(lock_path, ticket)
+                else:
+                    ticket.fire()  # the path changed since we looked: look again now
+            yield ticket, min(POLL_INTERVAL, remaining)
+            with _registry_lock:
+                _reg.unpark(lock_path, ticket)
+            ticket = None
+    finally:
+        _give_up(lock_path, spare)
+        if ticket is not None or interested:
+            with _registry_lock:
+                if ticket is not None:
+                    _reg.unpark(lock_path, ticket)
+                if interested:
+                    _lose_interest(lock_path)
+
+
+def _lose_interest(lock_path: str) -> None:
+    """One waiting acquisition is done with ``lock_path``; caller holds ``registry_lock``.
+
+    The last one out undoes a waiter that already got the lock for nobody."""
+    left = _interest.get(lock_path, 1) - 1
+    if left > 0:
+        _interest[lock_path] = left
+        return
+    _interest.pop(lock_path, None)
+    waiter = _waiters.get(lock_path)
+    if waiter is not None and waiter.returned:
+        _reg.retire_waiter(waiter)
 
 
 def acquire_session_write_lock(
@@ -381,10 +547,13 @@ def acquire_session_write_lock(
     steps = _acquisition(path, timeout, stale, max_hold, reentrant_owner, mode)
     try:
         while True:
-            time.sleep(next(steps))
+            ticket, seconds = next(steps)
+            ticket.wait(seconds)
     except StopIteration as done:
         lock: SessionWriteLock = done.value
         return lock
+    finally:
+        steps.close()
 
 
 async def acquire_session_write_lock_async(
@@ -402,10 +571,14 @@ async def acquire_session_write_lock_async(
     read and write), run inline; the waits between attempts are ``asyncio.sleep``. An
     attempt is never interrupted half-way, so cancelling the task leaves nothing held.
     """
-    steps = _acquisition(path, timeout, stale, max_hold, reentrant_owner, mode)
+    loop = asyncio.get_running_loop()
+    steps = _acquisition(path, timeout, stale, max_hold, reentrant_owner, mode, loop)
     try:
         while True:
-            await asyncio.sleep(next(steps))
+            ticket, seconds = next(steps)
+            await ticket.wait_async(seconds)
     except StopIteration as done:
         lock: SessionWriteLock = done.value
         return lock
+    finally:
+        steps.close()

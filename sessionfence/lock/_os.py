@@ -9,18 +9,20 @@ and a lock over the record would stop contenders from reading who holds it.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
 import sys
 import time
 
-from .._util import read_at as read_at
+if sys.platform != "win32":
+    import fcntl
+
+from .. import _util
 from .._util import session_key
-from .._util import write_at as write_at
 
 __all__ = [
+    "BLOCKING_WAIT",
     "CREATION_GRACE_NS",
     "DEFAULT_MODE",
     "IS_WINDOWS",
@@ -28,6 +30,7 @@ __all__ = [
     "check_mode",
     "close_quietly",
     "fstat_regular",
+    "lock_blocking",
     "lock_path_for",
     "open_lock_file",
     "read_at",
@@ -39,6 +42,11 @@ __all__ = [
 ]
 
 IS_WINDOWS = sys.platform == "win32"
+
+#: Whether a waiter can block in the kernel until the lock is free (``flock(LOCK_EX)`` in a
+#: waiter thread) instead of polling. Windows polls: ``msvcrt.locking`` has no blocking
+#: mode without its own one-second retry loop.
+BLOCKING_WAIT = not IS_WINDOWS
 
 # A record larger than this is not ours (ours are ~300 bytes); it is treated as garbage
 # without reading it, so a 5 MB junk file costs one fstat per poll, not a 5 MB read.
@@ -64,8 +72,44 @@ _CONTENDED = frozenset(
 )
 
 
+_COMMON_FLAGS = (
+    getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOINHERIT", 0) | getattr(os, "O_BINARY", 0)
+)
+if sys.platform != "win32":
+    # O_NONBLOCK: a FIFO planted at the lock path must not hang the open. Whether the
+    # file is regular is checked by the caller's fstat/lstat (one syscall fewer here).
+    _COMMON_FLAGS |= os.O_NOFOLLOW | os.O_NONBLOCK
+_RW_FLAGS = os.O_RDWR | _COMMON_FLAGS
+_RO_FLAGS = os.O_RDONLY | _COMMON_FLAGS
+
+
 def _refuse_symlink(lock_path: str) -> OSError:
     return OSError(errno.ELOOP, "lock path is a symlink; refusing to follow it", lock_path)
+
+
+def read_at(fd: int, size: int, offset: int = 0) -> bytes:
+    """``_util.read_at``: up to ``size`` bytes at ``offset``, in one ``pread`` when it can."""
+    if _HAS_PREAD:
+        chunk = os.pread(fd, size, offset)
+        if len(chunk) == size or not chunk:
+            return chunk
+        return chunk + _util.read_at(fd, size - len(chunk), offset + len(chunk))
+    return _util.read_at(fd, size, offset)  # pragma: no cover - Windows
+
+
+def write_at(fd: int, data: bytes, offset: int = 0) -> None:
+    """``_util.write_at``: all of ``data`` at ``offset``, in one ``pwrite`` when it can."""
+    if _HAS_PREAD:
+        written = os.pwrite(fd, data, offset)
+        if written == len(data):
+            return
+        if written <= 0:
+            raise OSError(errno.EIO, "short positional write")
+        data, offset = data[written:], offset + written
+    _util.write_at(fd, data, offset)
+
+
+_HAS_PREAD = hasattr(os, "pread") and hasattr(os, "pwrite")
 
 
 def check_mode(mode: object) -> int:
@@ -95,9 +139,7 @@ def open_lock_file(
     when the umask narrowed the mode, widened with ``fchmod``. An existing file's mode is
     never changed. On Windows ``mode`` is not used (the file inherits the folder's ACL).
     """
-    flags = os.O_RDWR if write else os.O_RDONLY
-    flags |= getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOINHERIT", 0)
-    flags |= getattr(os, "O_BINARY", 0)
+    flags = _RW_FLAGS if write else _RO_FLAGS
     if sys.platform == "win32":
         if create:
             flags |= os.O_CREAT
@@ -123,9 +165,6 @@ def open_lock_file(
             raise
         return fd
 
-    # O_NONBLOCK: a FIFO planted at the lock path must not hang the open. Whether the
-    # file is regular is checked by the caller's fstat/lstat (one syscall fewer here).
-    flags |= os.O_NOFOLLOW | os.O_NONBLOCK
     try:
         return _open_or_create(lock_path, flags, mode) if create else os.open(lock_path, flags)
     except OSError as exc:
@@ -212,8 +251,6 @@ def try_lock(fd: int, *, shared: bool = False) -> bool:
                 return False
             raise
         return True
-    import fcntl
-
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as exc:
@@ -233,14 +270,28 @@ def unlock(fd: int) -> None:
         os.lseek(fd, _WIN_LOCK_OFFSET, os.SEEK_SET)
         msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
         return
-    import fcntl
-
     fcntl.flock(fd, fcntl.LOCK_UN)
 
 
+def lock_blocking(fd: int) -> None:
+    """Wait in the kernel until the exclusive lock is ours (POSIX only; ``BLOCKING_WAIT``).
+
+    Meant for a waiter thread: nothing interrupts it but the lock becoming free (or the
+    holder dying), so whoever calls it must be ready to undo a success nobody wants any
+    more. A blocked ``flock`` costs no CPU, and the kernel wakes it the moment the holder
+    unlocks, closes or dies.
+    """
+    if sys.platform == "win32":  # pragma: no cover - BLOCKING_WAIT is False there
+        raise OSError(errno.ENOSYS, "no blocking lock wait on Windows")
+    fcntl.flock(fd, fcntl.LOCK_EX)
+
+
 def close_quietly(fd: int) -> None:
-    with contextlib.suppress(OSError):
+    # try/except, not contextlib.suppress: this is on every release's path.
+    try:  # noqa: SIM105
         os.close(fd)
+    except OSError:
+        pass
 
 
 def still_names(fd: int, lock_path: str) -> os.stat_result | None:
@@ -262,18 +313,66 @@ def still_names(fd: int, lock_path: str) -> os.stat_result | None:
     return st
 
 
+# Per absolute transcript path (as given, after abspath): its key, its lock path and the
+# real path checked on the fast path (see lock_path_for). Bounded; cleared when full.
+_keys: dict[str, tuple[str, str]] = {}
+_KEYS_MAX = 4096
+
+
 def lock_path_for(path: str | os.PathLike[str]) -> tuple[str, str]:
     """``(key, lock_path)`` for a transcript path.
 
     The key is the real path of the transcript when it exists, else the real path of its
     folder plus its name, so a symlink to the file or to its folder shares one lock.
+
+    Resolving the real path costs an ``lstat`` per path component, on every acquisition;
+    so an existing transcript's key is remembered, and reused while one ``lstat`` shows
+    that it still holds. A key is remembered only when the path, as given, already was
+    the real path of a regular file (no symlink anywhere in it). It is reused while the
+    last component is still not a symlink: then ``<path>.lock`` is the same directory
+    entry as ``<realpath>.lock`` whatever happened to the folders above (a folder moved
+    and replaced by a symlink to its new place resolves to the same folder), so every
+    process still locks the same file. Anything else (a path through a symlink, a
+    transcript that does not exist yet, Windows) is resolved afresh each time.
     """
     text = os.fspath(path)
     if not isinstance(text, str):
         raise TypeError(f"path must be str or os.PathLike[str], not {type(text).__name__}")
-    absolute = os.path.abspath(text)
+    absolute = text if _is_plain_absolute(text) else os.path.abspath(text)
+    hit = _keys.get(absolute)
+    if hit is not None:
+        try:
+            mode = os.lstat(absolute).st_mode
+        except OSError:
+            mode = 0
+        if stat.S_ISREG(mode):
+            return hit
+        _keys.pop(absolute, None)
     name = os.path.basename(absolute)
     if not name or text.endswith((os.sep, os.altsep or os.sep)):
         raise ValueError(f"not a transcript path: {text!r}")
     key = session_key(absolute)  # the one rule the controller's trust registry uses too
-    return key, key + ".lock"
+    found = key, key + ".lock"
+    if key == absolute and not IS_WINDOWS:
+        try:
+            regular = stat.S_ISREG(os.lstat(absolute).st_mode)
+        except OSError:
+            regular = False
+        if regular:
+            if len(_keys) >= _KEYS_MAX:
+                _keys.clear()
+            _keys[absolute] = found
+    return found
+
+
+def _is_plain_absolute(text: str) -> bool:
+    """Whether ``abspath(text) == text`` for sure, without normalising: an absolute POSIX
+    path with no ``.``/``..``/empty components and no trailing separator."""
+    if IS_WINDOWS or not text.startswith("/") or text.startswith("//"):
+        return False
+    return (
+        "/./" not in text
+        and "/../" not in text
+        and "//" not in text
+        and not (text.endswith(("/", "/.", "/..")))
+    )

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import secrets
 import socket
 import sys
 import time
@@ -22,7 +21,6 @@ from typing import Any
 
 # An "infinite" max hold is recorded and watched as MAX_TIMER_SECONDS (the timer cap).
 from .._util import MAX_TIMER_SECONDS as MAX_TIMER_SECONDS
-from .._util import iso_utc
 
 __all__ = [
     "DEFAULT_MAX_HOLD",
@@ -114,17 +112,26 @@ def resolve_settings(
     ``None`` means "not given" too, so wrappers can forward an unset option and still let
     the operator's environment override the default.
     """
+    # Environment values and defaults are valid by construction (positive, finite): only
+    # explicit arguments are checked. A positive finite float passes at a glance.
     if timeout is None or timeout is DEFAULT_TIMEOUT:
-        timeout = env_seconds(ENV_TIMEOUT) or float(DEFAULT_TIMEOUT)
+        timeout = env_seconds(ENV_TIMEOUT) or _TIMEOUT
+    elif not (type(timeout) is float and 0.0 < timeout < math.inf):
+        timeout = check_seconds("timeout", timeout, zero_ok=True, inf_ok=True)
     if stale is None or stale is DEFAULT_STALE:
-        stale = env_seconds(ENV_STALE) or float(DEFAULT_STALE)
+        stale = env_seconds(ENV_STALE) or _STALE
+    elif not (type(stale) is float and 0.0 < stale < math.inf):
+        stale = check_seconds("stale", stale, zero_ok=False, inf_ok=False)
     if max_hold is None or max_hold is DEFAULT_MAX_HOLD:
-        max_hold = env_seconds(ENV_MAX_HOLD) or float(DEFAULT_MAX_HOLD)
-    return (
-        check_seconds("timeout", timeout, zero_ok=True, inf_ok=True),
-        check_seconds("stale", stale, zero_ok=False, inf_ok=False),
-        check_seconds("max_hold", max_hold, zero_ok=False, inf_ok=True),
-    )
+        max_hold = env_seconds(ENV_MAX_HOLD) or _MAX_HOLD
+    elif not (type(max_hold) is float and 0.0 < max_hold < math.inf):
+        max_hold = check_seconds("max_hold", max_hold, zero_ok=False, inf_ok=True)
+    return timeout, stale, max_hold
+
+
+_TIMEOUT = float(DEFAULT_TIMEOUT)
+_STALE = float(DEFAULT_STALE)
+_MAX_HOLD = float(DEFAULT_MAX_HOLD)
 
 
 def stale_setting(stale: float | None) -> float:
@@ -236,6 +243,21 @@ def _head() -> str:
     return _static_head[1]
 
 
+_boot_field: str | None = None
+# The created_at text of the current second, re-rendered once a second.
+_second: tuple[int, str] = (-1, "")
+
+
+def _created_at(wall: float) -> str:
+    """``iso_utc(wall)``, with the calendar part rendered once per second."""
+    global _second
+    seconds, rest = divmod(math.floor(wall * 1000), 1000)
+    cached = _second
+    if cached[0] != seconds:
+        cached = _second = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
+    return f"{cached[1]}.{rest:03d}Z"
+
+
 def encode_record(
     *, generation: int, max_hold: float, monotonic: float, wall: float
 ) -> tuple[bytes, int, str]:
@@ -244,11 +266,14 @@ def encode_record(
     Key order: pid, host, starttime, created_at, max_hold_ms, generation, token, boot_id,
     monotonic, state. ``state`` comes last so release can flip it in place.
     """
-    token = secrets.token_hex(16)
+    global _boot_field
+    if _boot_field is None:
+        _boot_field = json.dumps(boot_id())
+    token = os.urandom(16).hex()
     max_hold_ms = int(min(max_hold, MAX_TIMER_SECONDS) * 1000)
     prefix = (
-        f'{_head()},"created_at":"{iso_utc(wall)}","max_hold_ms":{max_hold_ms},'
-        f'"generation":{int(generation)},"token":"{token}","boot_id":{json.dumps(boot_id())},'
+        f'{_head()},"created_at":"{_created_at(wall)}","max_hold_ms":{max_hold_ms},'
+        f'"generation":{int(generation)},"token":"{token}","boot_id":{_boot_field},'
         f'"monotonic":{float(monotonic)!r},"state":"'
     ).encode("ascii")
     return prefix + STATE_HELD + b'"}\n', len(prefix), token

@@ -12,10 +12,24 @@ SIGKILL). Such descriptors are opened with ``open_tracked``, which records them 
 ``unregistered`` under ``fork_guard`` in the same step as the open, and they leave that set
 only when closed (``close_tracked``) or moved into ``held`` (``register``). The at-fork
 hooks take both locks, so a fork never sees a descriptor in neither place.
+
+Waiting (``Waiter``, ``Ticket``): a contender that finds the lock held by another process
+keeps the descriptor of its failed attempt and hands it to a waiter thread that blocks in
+``flock(LOCK_EX)``; the kernel wakes that thread the moment the holder unlocks, closes or
+dies. The waiter owns the lock path's claim (``claimed``) while it waits, so this process
+never has two descriptors of one lock file trying at once, and every acquisition in this
+process that wants the path waits on that one waiter. Waiting callers park a ``Ticket``
+under the path; any change of the path's claim (a hold released, an attempt given up, the
+waiter's ``flock`` returning) fires every ticket parked there, and the woken callers try
+again: the first takes the waiter's locked descriptor. A waiter that nobody wants any more
+(its callers timed out or were cancelled) stays blocked until the lock is free, then
+unlocks and closes at once: at most one such thread per lock path, and it never keeps the
+lock.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -29,19 +43,32 @@ from ._watchdog import Watchdog
 
 __all__ = [
     "Entry",
+    "Ticket",
+    "Waiter",
     "claimed",
     "close_entry",
     "close_tracked",
+    "detach_waiter",
+    "drop_claim",
+    "epochs",
     "fork_guard",
     "held",
     "held_here",
+    "interest",
     "join_reentrant",
     "last_generation",
+    "no_blocking",
     "note_generation",
+    "notify",
     "open_tracked",
+    "park",
     "register",
     "registry_lock",
+    "retire_waiter",
+    "start_waiter",
+    "unpark",
     "unregistered",
+    "waiters",
     "watchdog",
 ]
 
@@ -85,6 +112,179 @@ fork_guard = threading.Lock()
 unregistered: set[int] = set()
 
 
+class Waiter:
+    """A thread blocked in ``flock(LOCK_EX)`` on ``fd``, on behalf of this process's callers.
+
+    ``attached``: it owns the claim of ``lock_path`` (and is ``waiters[lock_path]``); a
+    waiter whose lock file was replaced under it is detached and only cleans up.
+    ``returned``: its ``flock`` returned (``error`` says how); from then on only
+    ``registry_lock`` holders touch ``fd``. ``released``: ``fd`` is no longer the waiter's
+    (a caller took it, it was closed, or this is a forked child).
+    All fields are guarded by ``registry_lock``.
+    """
+
+    __slots__ = ("attached", "error", "fd", "lock_path", "released", "returned")
+
+    def __init__(self, lock_path: str, fd: int) -> None:
+        self.lock_path = lock_path
+        self.fd = fd
+        self.attached = True
+        self.returned = False
+        self.released = False
+        self.error: OSError | None = None
+
+
+class Ticket:
+    """One parked wait of one caller: fired (at most once) when the path's claim changes."""
+
+    __slots__ = ("event", "future", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.loop = loop
+        if loop is None:
+            self.event: threading.Event | None = threading.Event()
+            self.future: asyncio.Future[None] | None = None
+        else:
+            self.event = None
+            self.future = loop.create_future()
+
+    def fire(self) -> None:
+        if self.event is not None:
+            self.event.set()
+            return
+        assert self.loop is not None and self.future is not None
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            self.loop.call_soon_threadsafe(_resolve, self.future)
+
+    def wait(self, timeout: float) -> None:
+        """Sync callers: until fired or ``timeout`` seconds passed."""
+        assert self.event is not None
+        self.event.wait(timeout)
+
+    async def wait_async(self, timeout: float) -> None:
+        """Async callers: until fired or ``timeout`` seconds passed; never blocks the loop."""
+        assert self.loop is not None and self.future is not None
+        timer = self.loop.call_later(timeout, _resolve, self.future)
+        try:
+            await self.future
+        finally:
+            timer.cancel()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+# The blocked waiter of a lock path, while it owns the path's claim.
+waiters: dict[str, Waiter] = {}
+# Tickets of callers waiting for a change of a lock path's claim.
+parked: dict[str, list[Ticket]] = {}
+# How many acquisitions in this process are waiting for each lock path: a waiter whose
+# flock returns keeps the lock for them (one of them takes it) instead of dropping it.
+interest: dict[str, int] = {}
+# Per lock path, how many times ``notify`` ran: a caller that saw the path busy parks only
+# if nothing changed since, so a release between its look and its parking is not missed.
+epochs: dict[str, int] = {}
+# Lock paths where a blocking flock failed (a filesystem without it): waiters poll there.
+no_blocking: set[str] = set()
+
+
+def notify(lock_path: str) -> None:
+    """Fire every ticket parked on ``lock_path``; caller holds ``registry_lock``."""
+    epochs[lock_path] = epochs.get(lock_path, 0) + 1
+    tickets = parked.pop(lock_path, None)
+    if tickets:
+        for ticket in tickets:
+            ticket.fire()
+
+
+def park(lock_path: str, ticket: Ticket) -> None:
+    """Park ``ticket`` until the next change of ``lock_path``'s claim; caller holds the lock."""
+    parked.setdefault(lock_path, []).append(ticket)
+
+
+def unpark(lock_path: str, ticket: Ticket) -> None:
+    """Remove a ticket that timed out instead of firing; caller holds ``registry_lock``."""
+    tickets = parked.get(lock_path)
+    if tickets is not None:
+        with contextlib.suppress(ValueError):
+            tickets.remove(ticket)
+        if not tickets:
+            del parked[lock_path]
+
+
+def drop_claim(lock_path: str) -> None:
+    """Give up this process's claim on ``lock_path``; caller holds ``registry_lock``."""
+    claimed.discard(lock_path)
+    notify(lock_path)
+
+
+def start_waiter(lock_path: str, fd: int) -> Waiter:
+    """Hand ``fd`` (open, tracked, not locked, with the claim of ``lock_path``) to a new
+    waiter thread; caller holds ``registry_lock``."""
+    waiter = Waiter(lock_path, fd)
+    waiters[lock_path] = waiter
+    thread = threading.Thread(
+        target=_wait, args=(waiter,), name="sessionfence-lock-waiter", daemon=True
+    )
+    thread.start()
+    return waiter
+
+
+def _wait(waiter: Waiter) -> None:
+    """The waiter thread: block until the lock is ours, then keep it for a caller that
+    still wants it (they are woken and the first takes it), or undo it at once."""
+    error: OSError | None = None
+    try:
+        _os.lock_blocking(waiter.fd)
+    except OSError as exc:
+        error = exc
+    with registry_lock:
+        waiter.returned = True
+        waiter.error = error
+        if waiter.released:
+            return  # a caller took the descriptor (or it was never ours to close)
+        if error is not None and waiter.attached:
+            no_blocking.add(waiter.lock_path)
+        if waiter.attached and error is None and interest.get(waiter.lock_path, 0) > 0:
+            notify(waiter.lock_path)
+            return
+        retire_waiter(waiter)
+
+
+def retire_waiter(waiter: Waiter) -> None:
+    """Undo a waiter whose ``flock`` has returned and that nobody took; caller holds
+    ``registry_lock``. Unlocks (a success nobody wants is never kept), closes, and gives up
+    the claim if the waiter still had it."""
+    if waiter.released:
+        return
+    waiter.released = True
+    if waiter.error is None:
+        with contextlib.suppress(OSError):
+            _os.unlock(waiter.fd)
+    close_tracked(waiter.fd)
+    if waiter.attached:
+        waiter.attached = False
+        if waiters.get(waiter.lock_path) is waiter:
+            del waiters[waiter.lock_path]
+        drop_claim(waiter.lock_path)
+
+
+def detach_waiter(waiter: Waiter) -> None:
+    """The waiter's lock file was replaced: let the path go (a fresh attempt may lock the
+    new file) and leave the thread to clean up when its ``flock`` returns; caller holds
+    ``registry_lock``."""
+    if not waiter.attached:
+        return
+    waiter.attached = False
+    if waiters.get(waiter.lock_path) is waiter:
+        del waiters[waiter.lock_path]
+    if waiter.returned:
+        retire_waiter(waiter)
+    drop_claim(waiter.lock_path)
+
+
 def open_tracked(
     lock_path: str, *, create: bool = True, write: bool = True, mode: int = _os.DEFAULT_MODE
 ) -> int:
@@ -113,14 +313,19 @@ def close_entry(entry: Entry) -> None:
     """Mark the record free, unlock, close; caller holds ``registry_lock``."""
     entry.closed = True
     # Still under the OS lock, so this write races with nobody. A later contender that
-    # reads "free" knows the pid in the record no longer holds anything.
-    with contextlib.suppress(OSError):
+    # reads "free" knows the pid in the record no longer holds anything. (try/except, not
+    # contextlib.suppress: this is on every release's path.)
+    try:  # noqa: SIM105
         _os.write_at(entry.fd, _rec.STATE_FREE, entry.state_offset)
+    except OSError:
+        pass
     # A failed unlock is harmless: closing the last descriptor below releases it anyway.
-    with contextlib.suppress(OSError):
+    try:  # noqa: SIM105
         _os.unlock(entry.fd)
+    except OSError:
+        pass
     _os.close_quietly(entry.fd)
-    claimed.discard(entry.lock_path)
+    drop_claim(entry.lock_path)
     entries = held.get(entry.lock_path)
     if entries is not None:
         if entry in entries:
@@ -174,11 +379,16 @@ def _after_fork_child() -> None:
             if not entry.closed:
                 entry.closed = True
                 fds.add(entry.fd)
+    for waiter in waiters.values():
+        waiter.released = True  # its descriptor is in ``unregistered``, closed below
     for fd in fds:
         _os.close_quietly(fd)
     unregistered.clear()
     held.clear()
     claimed.clear()
+    waiters.clear()
+    parked.clear()
+    interest.clear()
     watchdog.reset()
     fork_guard.release()
     registry_lock.release()

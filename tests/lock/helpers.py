@@ -174,3 +174,74 @@ def stress_main(path: str, out_path: str, writer: int, cycles: int, start: Any) 
         os.close(fd)
     with open(out_path, "w", encoding="ascii") as fh:
         fh.writelines(f"{enter} {leave}\n" for enter, leave in intervals)
+
+
+def blocked_in_flock(lock_path: str, pid: int | None = None) -> bool:
+    """Whether the kernel lists a blocked flock request on ``lock_path`` (by ``pid``).
+
+    Reads /proc/locks (Linux), where a request waiting for a lock is shown as ``->``: the
+    kernel's own answer to "is someone waiting in flock", independent of the code under
+    test.
+    """
+    ino = os.stat(lock_path).st_ino
+    with open("/proc/locks", encoding="ascii") as fh:
+        for line in fh:
+            fields = line.split()
+            if len(fields) < 7 or fields[1] != "->" or fields[2] != "FLOCK":
+                continue
+            if int(fields[6].rsplit(":", 1)[-1]) != ino:
+                continue
+            if pid is None or int(fields[5]) == pid:
+                return True
+    return False
+
+
+def counter_main(
+    path: str, counter: str, marker: str, cycles: int, use_async: bool, start: Any
+) -> None:
+    """Take the lock ``cycles`` times; under it, read, increment and rewrite a counter file.
+
+    The occupancy marker is created with ``O_EXCL`` on entry and removed on exit, so two
+    holders at once fail loudly here (exit status), independently of the final count.
+    """
+    import asyncio
+
+    from sessionfence import acquire_session_write_lock, acquire_session_write_lock_async
+
+    def critical() -> None:
+        try:
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise SystemExit(7) from None  # another holder is inside: overlap
+        os.close(fd)
+        with open(counter, "r+", encoding="ascii") as fh:
+            value = int(fh.read() or "0")
+            fh.seek(0)
+            fh.write(str(value + 1))
+            fh.truncate()
+        os.unlink(marker)
+
+    if not start.wait(WAIT):
+        raise SystemExit(3)
+    if use_async:
+
+        async def run() -> None:
+            for _ in range(cycles):
+                async with await acquire_session_write_lock_async(path, timeout=WAIT):
+                    critical()
+
+        asyncio.run(run())
+    else:
+        for _ in range(cycles):
+            with acquire_session_write_lock(path, timeout=WAIT):
+                critical()
+
+
+def waiter_main(conn: Connection, path: str) -> None:
+    """Report our pid, then wait for the lock (until killed, or it is handed to us)."""
+    from sessionfence import acquire_session_write_lock
+
+    conn.send(os.getpid())
+    lock = acquire_session_write_lock(path, timeout=WAIT)
+    conn.send("got")
+    lock.release()

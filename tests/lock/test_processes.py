@@ -120,8 +120,8 @@ def test_sigkilled_holder_frees_the_lock_for_the_next_poll(tmp_path: Path) -> No
         with pytest.raises(SessionWriteLockTimeoutError):
             acquire_session_write_lock(path, timeout=0)
 
-        # A contender already waiting: every attempt it starts after the holder is reaped
-        # must succeed, i.e. it gets the lock on its very next poll.
+        # A contender already waiting: no attempt of it fails once the holder is reaped
+        # (its waiter thread holds the lock by then, and its next attempt takes it).
         attempts: list[tuple[float, bool]] = []
         real_attempt = lock._attempt
 
@@ -145,8 +145,8 @@ def test_sigkilled_holder_frees_the_lock_for_the_next_poll(tmp_path: Path) -> No
         finally:
             lock._attempt = real_attempt
         assert got, "contender did not get the lock"
-        after = [ok for started, ok in attempts if started > reaped]
-        assert after == [True]
+        assert all(ok for started, ok in attempts if started > reaped)
+        assert attempts[-1][1]
         assert got[0].generation > holder.generation
         got[0].release()
         # And a fresh acquirer with no budget at all gets it too.
