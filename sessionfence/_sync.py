@@ -114,6 +114,7 @@ from .controller import (
 )
 from .controller._controller import Verify
 from .errors import SessionTakeoverError
+from .journal import SessionWriter
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -565,6 +566,8 @@ class SyncSessionFenceController:
         verify: Verify = "tail",
         window: int | None = None,
         benign_policy: BenignPolicy | None = None,
+        run_id: str | None = None,
+        journal: bool = True,
     ) -> SyncSessionFenceController:
         """Build a controller and take the write lock; returns once the lock is held.
 
@@ -583,6 +586,8 @@ class SyncSessionFenceController:
             "reload_session_file": reload_session_file,
             "verify": verify,
             "benign_policy": benign_policy,
+            "run_id": run_id,
+            "journal": journal,
         }
         if window is not None:
             options["window"] = window
@@ -847,6 +852,21 @@ class SyncSessionFenceController:
     def disposed(self) -> bool:
         """Whether ``dispose()`` (or ``close()``, or leaving ``with``) has run."""
         return self._disposed
+
+    @property
+    def run_id(self) -> str:
+        """This run's id (its claim in the session's journal)."""
+        return self._ctl.run_id
+
+    @property
+    def revision(self) -> int:
+        """The revision of this run's claim."""
+        return self._ctl.revision
+
+    @property
+    def writer(self) -> SessionWriter:
+        """The claimant writer to give this run's ``SessionManager``."""
+        return self._ctl.writer
 
     def __repr__(self) -> str:
         state = "disposed" if self._disposed else "taken over" if self.has_takeover else "live"

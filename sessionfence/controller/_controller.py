@@ -240,12 +240,15 @@ class SessionFenceController:
         window: int = DEFAULT_WINDOW,
         benign_policy: BenignPolicy | None = None,
         run_id: str | None = None,
+        journal: bool = True,
     ) -> SessionFenceController:
         """Build a controller, take the write lock at once (the eager lock) and claim the
         session for the run ``run_id`` (a fresh id when None) in its journal: a run that
         held the claim is superseded (docs/journal.md). Pass ``writer`` to the
         ``SessionManager`` that appends for this run (``SessionManager.open(path,
         writer=ctl.writer)``) so its appends are journaled and checked at commit.
+        ``journal=False`` makes no claim and reads no journal (the fence judges every
+        change by content alone, as before writer claims; ``writer`` is then unusable).
 
         Lock times left unset default to 60 s / 1800 s / 300 s, or to the operator's
         ``SESSIONFENCE_LOCK_*_MS`` overrides, read now; ``acquire`` always receives numbers.
@@ -275,7 +278,8 @@ class SessionFenceController:
         lock = await call_maybe_async(acquire, ctl._session_file, **ctl._lock_options)
         ctl._hold.lock = lock
         try:
-            ctl._journal.claim()
+            if journal:
+                ctl._journal.claim()
             fp = ctl._io.fingerprint()
         except BaseException:
             await release_lock(lock)

@@ -202,6 +202,7 @@ def inspect_journal(session_file: str | os.PathLike[str]) -> JournalInfo:
         info.exists = False
         return info
     header = found.header
+    assert header is not None
     info.claim_run = found.position.claim_run
     info.claim_revision = found.position.claim_revision
     info.base_seq = header.base_seq

@@ -93,6 +93,8 @@ class FenceJournal:
     def delta(self, fenced_size: int, size: int) -> Delta:
         """What the journal says happened since the fence last looked, for a transcript
         that grew (or not) from ``fenced_size`` to ``size`` bytes."""
+        if not self._live:
+            return Delta()  # no claim made (journal=False): today's content rules alone
         try:
             found = scan(self._path, self._position)
         except JournalInvalid as exc:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from .._util import fsync_dir, read_at, session_key, write_at
 from ._format import (
     APPEND,
+    CHAIN_AT,
     CLAIM,
     HEADER_SIZE,
     RECORD_SIZE,
@@ -36,6 +37,7 @@ from ._format import (
     Record,
     Slot,
     chain_start,
+    crc_ok,
     keys_hash,
     pack_keys,
     unpack_keys,
@@ -94,13 +96,18 @@ class Position:
     dev: int = 0
     ino: int = 0
     size: int = 0
+    mtime_ns: int = 0
+    base_seq: int = 1
+    # The journal's mtime was within a timestamp granule of the read: an in-place edit in
+    # the same tick would keep the stat, so the next look rereads (git's racy rule).
+    racy: bool = True
 
 
 @dataclass
 class Scan:
     """What a reader found past its position."""
 
-    header: Header
+    header: Header | None  # None: nothing new (the journal's stat matched the position)
     position: Position
     records: list[Record] = field(default_factory=list)
     # The reader's position was compacted away: records from the base on only; bytes
@@ -108,8 +115,21 @@ class Scan:
     compacted_past: bool = False
 
 
-def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
-    return (st.st_dev, st.st_ino, st.st_size)
+def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _same(st: os.stat_result, position: Position) -> bool:
+    key = (position.dev, position.ino, position.size, position.mtime_ns)
+    return not position.racy and _stat_key(st) == key
+
+
+#: Timestamp granularity assumed for the racy rule (coarse kernels tick in ms; FAT in 2 s).
+RACY_NS = 2_000_000_000
+
+
+def _racy(st: os.stat_result) -> bool:
+    return max(st.st_mtime_ns, st.st_ctime_ns) + RACY_NS > time.time_ns()
 
 
 def read_header(fd: int, path: str) -> tuple[Header, bytes]:
@@ -146,7 +166,19 @@ def scan(path: str, since: Position | None) -> Scan | None:
     """Records of the journal at ``path`` past ``since`` (all of them when None), checked
     (CRC, chain, sequence); None when there is no journal. Raises ``JournalInvalid`` when
     the journal cannot be trusted from ``since`` on (it was deleted, replaced by another
-    journal, truncated before ``since``, torn or edited)."""
+    journal, truncated before ``since``, torn or edited).
+
+    The common case, nothing written since, costs one ``stat``: records are only ever
+    appended (a new size), a rewrite by compaction or repair is a new inode, and an edit
+    in place changes the mtime unless the journal was written within the last timestamp
+    granule (then the record the reader stopped at is reread and checked)."""
+    if since is not None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise JournalInvalid(path, "the journal was deleted") from None
+        if _same(st, since):
+            return Scan(None, since)
     try:
         fd = os.open(path, os.O_RDONLY | _BINARY)
     except FileNotFoundError:
@@ -164,11 +196,7 @@ def _scan_fd(fd: int, path: str, since: Position | None) -> Scan:
     header, _slots = read_header(fd, path)
     if since is not None and header.salt != since.salt:
         raise JournalInvalid(path, "the journal was replaced by another one")
-    if since is not None and (st.st_dev, st.st_ino, st.st_size) == (
-        since.dev,
-        since.ino,
-        since.size,
-    ):
+    if since is not None and _same(st, since):
         return Scan(header, since)
     count = _record_count(path, header, st.st_size)
     last = header.base_seq + count - 1
@@ -185,7 +213,7 @@ def _scan_fd(fd: int, path: str, since: Position | None) -> Scan:
         if since.seq >= header.base_seq:
             # The record the reader stopped at must still be there, unchanged.
             raw = read_at(fd, RECORD_SIZE, header.record_at(since.seq))
-            if raw[108:124] != since.chain:
+            if raw[CHAIN_AT : CHAIN_AT + 16] != since.chain or not crc_ok(raw):
                 raise JournalInvalid(path, f"journal record {since.seq} was edited")
         elif header.base_chain != since.chain:
             raise JournalInvalid(path, "the journal's base does not continue its records")
@@ -208,7 +236,17 @@ def _scan_fd(fd: int, path: str, since: Position | None) -> Scan:
             records.append(record)
             prev = record.chain
     position = Position(
-        header.salt, last, prev, claim[0], claim[1], st.st_dev, st.st_ino, st.st_size
+        header.salt,
+        last,
+        prev,
+        claim[0],
+        claim[1],
+        st.st_dev,
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+        header.base_seq,
+        _racy(st),
     )
     return Scan(header, position, records, compacted_past)
 
@@ -327,7 +365,7 @@ def write_slot(fd: int, index: int, slot: Slot | None) -> None:
     write_at(fd, data, SLOTS_AT + index * SLOT_SIZE)
 
 
-def compact(fd: int, path: str, live_min_seq: int | None, *, keep: int = KEEP_RECORDS) -> bool:
+def compact(fd: int, path: str, live_min_seq: int | None, *, keep: int | None = None) -> bool:
     """Rewrite the journal without the records no live fence needs (under the journal
     lock): new base = the oldest record a live slot still reads, or ``keep`` records
     before the end, whichever is older. The claim in force and the idempotency keys of
@@ -336,7 +374,7 @@ def compact(fd: int, path: str, live_min_seq: int | None, *, keep: int = KEEP_RE
     header, slots = read_header(fd, path)
     count = _record_count(path, header, st.st_size)
     last = header.base_seq + count - 1
-    new_base = last + 1 - keep
+    new_base = last + 1 - (KEEP_RECORDS if keep is None else keep)
     if live_min_seq is not None:
         new_base = min(new_base, live_min_seq + 1)
     if new_base <= header.base_seq:

@@ -31,6 +31,7 @@ import xxhash
 
 __all__ = [
     "APPEND",
+    "CHAIN_AT",
     "CLAIM",
     "CLAIMANT",
     "COTENANT",
@@ -52,6 +53,7 @@ __all__ = [
     "Slot",
     "chain_start",
     "check_run_id",
+    "crc_ok",
     "digest_bytes",
     "key_hash",
     "keys_hash",
@@ -79,6 +81,7 @@ RUN_ID_BYTES = 32
 # chain covers; then the chain value and a CRC-32 of everything before it.
 _HEAD = struct.Struct("<BBHIQQ32s44sQ")
 CHAINED = _HEAD.size  # 108
+CHAIN_AT = CHAINED  # the chain value's 16 bytes start here
 _APPEND_BODY = struct.Struct("<QQ16sQ4x")  # start, end, XXH3-128 of the bytes, key hash
 _CLAIM_BODY = struct.Struct("<Q32s4x")  # transcript size at the claim, the superseded run
 _VOID_BODY = struct.Struct("<Q36x")  # the transcript's valid end
@@ -112,6 +115,14 @@ def check_run_id(run_id: str) -> bytes:
 
 def _text(raw: bytes) -> str:
     return raw.rstrip(b"\0").decode("utf-8", "replace")
+
+
+def crc_ok(raw: bytes) -> bool:
+    """Whether a record's CRC-32 matches its bytes (a torn or edited record fails)."""
+    return (
+        len(raw) == RECORD_SIZE
+        and zlib.crc32(raw[:-4]) == struct.unpack_from("<I", raw, RECORD_SIZE - 4)[0]
+    )
 
 
 def digest_bytes(data: bytes | bytearray | memoryview) -> bytes:

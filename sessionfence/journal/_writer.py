@@ -199,6 +199,7 @@ def _catch_up(jpath: str, want_keys: bool) -> _Known:
         return _catch_up(jpath, want_keys)
     if known is None or found.compacted_past:
         header = found.header
+        assert header is not None  # read from the base: the header was read
         known = _Known(found.position, header.base_offset)
         if want_keys:
             fd = os.open(jpath, os.O_RDONLY | getattr(os, "O_BINARY", 0))
@@ -345,9 +346,9 @@ def slot_alive(slot: Slot) -> bool:
 
 
 def _maybe_compact(jfd: int, jpath: str, known: _Known) -> None:
-    header, slots = read_header(jfd, jpath)
-    if known.position.seq - header.base_seq + 1 <= COMPACT_AT:
+    if known.position.seq - known.position.base_seq + 1 <= COMPACT_AT:
         return
+    _header, slots = read_header(jfd, jpath)
     if compact(jfd, jpath, _live_min_seq(slots)):
         with _KNOWN_LOCK:
             _KNOWN.pop(jpath, None)  # next time read the new file from its base
