@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 from sessionfence import (
-    JournalError,
     SessionFenceController,
     SessionManager,
     SessionSupersededError,
