@@ -1,4 +1,5 @@
-"""``sessionfence inspect FILE...``: fingerprint, lock state and transcript summary.
+"""``sessionfence inspect FILE...``: fingerprint, lock state, writer claim and journal,
+transcript summary.
 
 Each argument is reported on its own: a bad one (missing, a directory, a FIFO or other
 non-regular file, unreadable, not a transcript, a lock path that cannot be inspected) gets
@@ -24,8 +25,9 @@ _HEADER_PROBE = 1 << 20  # the header line must fit in this much
 def register(sub: Any) -> None:
     parser = sub.add_parser(
         "inspect",
-        help="show a transcript's fingerprint, lock state and last entry",
-        description="Show each transcript's fingerprint, who holds its write lock, how many "
+        help="show a transcript's fingerprint, lock state, writer claim and last entry",
+        description="Show each transcript's fingerprint, who holds its write lock, which run "
+        "claims it and what its owned-write journal says (or what is wrong with it), how many "
         "entries it has and its last entry.",
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="JSONL transcript(s)")
@@ -134,6 +136,12 @@ def _transcript_part(path: str) -> dict[str, Any]:
     }
 
 
+def _journal_part(path: str) -> dict[str, Any]:
+    from ..journal import inspect_journal
+
+    return inspect_journal(path).as_json()
+
+
 def inspect_one(path: str, window: int) -> dict[str, Any]:
     import sessionfence
 
@@ -162,6 +170,10 @@ def inspect_one(path: str, window: int) -> dict[str, Any]:
         where = f" ({exc.filename})" if exc.filename else ""
         raise CliError(f"cannot inspect the lock of {path}: {exc.strerror or exc}{where}") from None
     try:
+        report["journal"] = _journal_part(path)
+    except OSError as exc:
+        raise CliError(f"cannot read the journal of {path}: {exc}") from None
+    try:
         report["transcript"] = _transcript_part(path)
     except PermissionError:
         raise CliError(f"permission denied: {path}") from None
@@ -184,6 +196,23 @@ def _print_text(report: dict[str, Any]) -> None:
     who = f" by pid={owner.get('pid')} host={owner.get('host')}" if lock["held"] else ""
     stale = f" stale: {', '.join(lock['stale_reasons'])}" if lock["stale_reasons"] else ""
     print(f"  lock         {state}{who} ({lock['lock_path']}){stale}")
+    journal = report["journal"]
+    if not journal["exists"]:
+        print("  journal      none (no sessionfence writer has claimed this session)")
+    else:
+        claim = journal["claim"]
+        counts = ", ".join(f"{n} {kind}" for kind, n in sorted(journal["records"].items()))
+        print(
+            f"  claim        run {claim['run_id']} revision {claim['revision']}"
+            f" ({journal['active_fences']} active fence(s))"
+        )
+        print(
+            f"  journal      records {journal['base_seq']}..{journal['last_seq']}"
+            f" ({counts or 'none'}), vouches for bytes up to {journal['covered_end']}"
+            f" ({journal['path']})"
+        )
+        if journal["problem"]:
+            print(f"  journal      PROBLEM: {journal['problem']} (see repair_journal)")
     part = report["transcript"]
     torn = part["torn_tail"]
     extra = f", torn tail of {torn[1]} bytes at {torn[0]}" if torn else ""

@@ -48,6 +48,30 @@ def test_shows_the_lock_holder_and_a_torn_tail(
     assert "2 entries" in out
 
 
+def test_shows_the_claim_and_what_is_wrong_with_the_journal(
+    session: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sessionfence import append_as_cotenant, claim_session, journal_path_for
+
+    assert main(["inspect", str(session)]) == 0
+    assert "journal      none" in capsys.readouterr().out
+    claim_session(session, run_id="worker-7")
+    claim_session(session, run_id="worker-8")
+    append_as_cotenant(session, {"type": "custom", "customType": "note"}, writer="gateway")
+    assert main(["inspect", "--json", str(session)]) == 0
+    journal = json.loads(capsys.readouterr().out)["journal"]
+    assert journal["claim"] == {"run_id": "worker-8", "revision": 2}
+    assert journal["records"] == {"claim": 2, "append": 1}
+    assert journal["covered_end"] == session.stat().st_size and journal["problem"] is None
+    assert main(["inspect", str(session)]) == 0
+    assert "claim        run worker-8 revision 2" in capsys.readouterr().out
+    raw = bytearray(Path(journal_path_for(session)).read_bytes())
+    raw[-100] ^= 1  # edit the last record
+    Path(journal_path_for(session)).write_bytes(bytes(raw))
+    assert main(["inspect", str(session)]) == 0
+    assert "journal      PROBLEM: journal record 3: record CRC mismatch" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
