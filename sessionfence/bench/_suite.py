@@ -308,7 +308,7 @@ def measure(id: str, title: str) -> Callable[[Callable[[Bench], list[Result]]], 
 
 
 # Modules whose import registers more measures (explicit: no filename discovery).
-MEASURE_MODULES = ("sessionfence.bench.controller",)
+MEASURE_MODULES = ("sessionfence.bench.controller", "sessionfence.bench.lock")
 
 
 def load_measures() -> dict[str, Measure]:
