@@ -5,16 +5,20 @@
 
 Two measures, each for both locks:
 
-- ``lock-uncontended``: acquire + release of a free lock in one process. sessionfence does
-  more per hold than filelock (realpath of the transcript, identity re-check, reading the
+- ``lock-uncontended``: acquire + release of a free lock in one process, and its floor
+  (``floor``: open + flock + pwrite of a prepared record + close, done directly).
+  sessionfence does more per hold than the floor (an identity re-check, reading the
   previous record and writing its own, marking it free on release); this is its price.
 - ``lock-handoff``: two processes ping-pong through the lock. The parent holds it while the
   child waits inside ``acquire``; each round the parent releases and the timer stops when
-  the child reports that it got the lock. Both locks poll every 50 ms, so the hand-off
-  latency is dominated by where in its poll the waiter was; the setup of each round sleeps a
-  random fraction of the poll interval so the phase is uniform, as it is in real use.
+  the child reports that it got the lock (so the pipe's latency is included; ``sessionfence
+  bench --only L1`` times the hand-off itself). filelock polls every 50 ms, so its latency
+  is dominated by where in its poll the waiter was: the setup of each round sleeps a random
+  fraction of the poll interval so the phase is uniform, as it is in real use. sessionfence's
+  waiter blocks in the kernel and is woken by the release.
 
-The ratios (sessionfence / filelock, median) are printed at the end of the module.
+The ratios (sessionfence / filelock and sessionfence / floor, medians) are printed at the
+end of the module.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import pytest
 filelock = pytest.importorskip("filelock")
 
 from sessionfence import acquire_session_write_lock  # noqa: E402
+from sessionfence.bench.lock import lock_floor  # noqa: E402
 from sessionfence.lock import POLL_INTERVAL  # noqa: E402
 
 Benchmark = Any  # pytest-benchmark's fixture ships no type stubs
@@ -60,6 +65,12 @@ def _report_ratios(request: pytest.FixtureRequest) -> Iterator[None]:
         lines.append(
             f"{group}: sessionfence {ours * 1e6:,.1f} us, filelock {theirs * 1e6:,.1f} us, "
             f"ratio sessionfence/filelock {ours / theirs:.2f} (medians)"
+        )
+    mine, floor = (_medians.get(("lock-uncontended", k)) for k in ("sessionfence", "floor"))
+    if mine is not None and floor is not None:
+        lines.append(
+            f"lock-uncontended: floor {floor * 1e6:,.1f} us, "
+            f"ratio sessionfence/floor {mine / floor:.2f} (medians; target <= 2)"
         )
     if not lines:
         return
@@ -97,10 +108,16 @@ KINDS = ["sessionfence", "filelock"]
 
 
 @pytest.mark.benchmark(group="lock-uncontended")
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, "floor"])
 def test_acquire_release_uncontended(benchmark: Benchmark, tmp_path: Path, kind: str) -> None:
     transcript = tmp_path / "session.jsonl"
     transcript.write_bytes(b'{"type":"session"}\n')
+    if kind == "floor":
+        acquire_session_write_lock(transcript).release()
+        record = Path(str(transcript) + ".lock").read_bytes()
+        benchmark(lock_floor(str(transcript) + ".floor", record))
+        _remember(benchmark, "lock-uncontended", kind)
+        return
     acquire, release = _locker(kind, str(transcript))
 
     def once() -> None:
