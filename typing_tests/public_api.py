@@ -176,6 +176,36 @@ def transcripts(path: Path) -> None:
     assert_type(sf.migrate_transcript(path), sf.MigrationResult)
 
 
+# -- Writer claims and the owned-write journal -----------------------------------------------
+
+
+async def ownership(path: Path) -> None:
+    ctl = await SessionFenceController.create(path, run_id="worker-1", journal=True)
+    assert_type(ctl.run_id, str)
+    assert_type(ctl.revision, int)
+    writer: sf.SessionWriter = ctl.writer
+    manager = SessionManager.open(path, writer=writer)
+    assert_type(manager.append_message({"role": "user"}, idempotency_key="k1"), str)
+    gateway = sf.SessionWriter.cotenant("gateway")
+    assert_type(sf.append_as_cotenant(path, {"type": "custom"}, writer=gateway), str)
+    assert_type(sf.claim_session(path, run_id="worker-2"), sf.SessionWriter)
+    info = sf.inspect_journal(path)
+    assert_type(info, sf.JournalInfo)
+    assert_type(info.problem, str | None)
+    assert_type(sf.repair_journal(path), str | None)
+    assert_type(sf.journal_path_for(path), str)
+    try:
+        await ctl.reacquire_after_prompt()
+    except sf.SessionSupersededError as exc:
+        assert_type(exc.superseded_by, str | None)
+        base: SessionTakeoverError = exc
+        print(base)
+    except sf.JournalError as exc:
+        assert_type(exc.detail, str)
+    sync = sf.SyncSessionFenceController.create(path, run_id="worker-3")
+    assert_type(sync.writer, sf.SessionWriter)
+
+
 # -- Mistakes a type checker must reject (each ignore must be needed) ------------------------
 
 
@@ -189,3 +219,5 @@ def mistakes(path: Path, before: sf.Fingerprint) -> None:
     SessionManager.open(path, windw=3)  # type: ignore[call-arg]
     print(sf.SessionTakeoverError("x").reason + 1)  # type: ignore[operator]
     print(sf.fingerprnt)  # type: ignore[attr-defined]
+    sf.append_as_cotenant(path, {"type": "custom"}, idempotency_key=7)  # type: ignore[arg-type]
+    sf.SessionWriter(role="owner")  # type: ignore[arg-type]
