@@ -1,8 +1,9 @@
 """The session write lock: one lock per transcript, shared by every process on a host.
 
 The lock is an OS lock on a sidecar ``<key>.lock`` file that is never unlinked, so a holder
-that crashes leaves nothing behind: the kernel drops the lock with the process, and the
-next acquirer gets it on its next poll. The JSON owner record written into the file after
+that crashes leaves nothing behind: the kernel drops the lock with the process, and a
+contender blocked in the kernel for it (see ``_acquisition``) gets it at once. The JSON
+owner record written into the file after
 locking says who holds it (for diagnostics and stale reports) and carries a generation
 that never decreases, which the fence uses as an epoch.
 
@@ -521,7 +522,13 @@ def acquire_session_write_lock(
     reentrant_owner: str | None = None,
     mode: int = _os.DEFAULT_MODE,
 ) -> SessionWriteLock:
-    """Take the write lock of the transcript at ``path``, polling every 50 ms.
+    """Take the write lock of the transcript at ``path``, waiting until it is free.
+
+    While another process holds the lock, a waiter thread blocks in ``flock`` for it and
+    the lock is this call's the moment the holder releases it or dies (no polling; on
+    Windows, which has no such wait, every 50 ms). Every 50 ms meanwhile the holder's
+    record is read again for the stale check. A hold in this process is waited for the
+    same way, woken by its release.
 
     ``timeout`` (seconds) is one budget across all retries; ``0`` tries once and
     ``math.inf`` waits forever. A live holder in another process whose record is older than
@@ -568,8 +575,10 @@ async def acquire_session_write_lock_async(
     """``acquire_session_write_lock`` for asyncio; waiting never blocks the event loop.
 
     Each attempt is a handful of non-blocking syscalls (open, ``flock(LOCK_NB)``, a small
-    read and write), run inline; the waits between attempts are ``asyncio.sleep``. An
-    attempt is never interrupted half-way, so cancelling the task leaves nothing held.
+    read and write), run inline; between attempts the task awaits a future that the
+    waiter thread (blocked in ``flock`` for the lock) or a release in this process resolves,
+    at most 50 ms. An attempt is never interrupted half-way, so cancelling the task leaves
+    nothing held: a lock the waiter thread got for a cancelled task is released at once.
     """
     loop = asyncio.get_running_loop()
     steps = _acquisition(path, timeout, stale, max_hold, reentrant_owner, mode, loop)
