@@ -456,3 +456,123 @@ def measure_turn(
 TURN = bs.measure("T1", "one turn with the real lock: 1 GiB ÷ 1 MiB, and ÷ its syscall floor")(
     measure_turn
 )
+
+
+class JournalTurnBench:
+    """A turn as ``TurnBench`` (real lock, tail mode) whose owned append is journaled as a
+    claimant's ``SessionManager`` journals it (``journal=True``: the record, then the line,
+    under the journal's lock; the fence reads the new records at each check), or plain
+    (``journal=False``: no claim, no record, no journal read)."""
+
+    def __init__(self, path: Path, *, journal: bool) -> None:
+        from ..journal._writer import journaled
+
+        self.path = str(path)
+        self.journal = journal
+        self._journaled = journaled
+        self.loop = asyncio.new_event_loop()
+        self.fd = os.open(path, os.O_RDWR | os.O_APPEND)
+        self.ctl = self.loop.run_until_complete(
+            SessionFenceController.create(path, journal=journal)
+        )
+        self.loop.run_until_complete(self._turns(2))
+
+    def _append(self) -> None:
+        if not self.journal:
+            os.write(self.fd, _TURN_LINE)
+            return
+        with self._journaled(self.path, self.ctl.writer, self.fd) as commit:
+            start = os.fstat(self.fd).st_size
+            commit.intent(start, _TURN_LINE, None)
+            os.write(self.fd, _TURN_LINE)
+            commit.landed(os.lseek(self.fd, 0, os.SEEK_CUR) - len(_TURN_LINE))
+
+    async def _turns(self, n: int) -> int:
+        clock = time.perf_counter_ns
+        ctl = self.ctl
+        t0 = clock()
+        for _ in range(n):
+            async with ctl.write_lock():
+                self._append()
+            await ctl.release_for_prompt()
+            await ctl.reacquire_after_prompt()
+        return clock() - t0
+
+    def turns(self, n: int = 1) -> float:
+        ns = self.loop.run_until_complete(self._turns(n))
+        if self.ctl.has_takeover:  # pragma: no cover
+            raise AssertionError(f"unexpected takeover: {self.ctl.takeover!r}")
+        return ns / n
+
+    def close(self) -> None:
+        try:
+            self.loop.run_until_complete(self.ctl.dispose())
+        finally:
+            self.loop.close()
+            os.close(self.fd)
+
+
+def measure_journal_turn(
+    bench: bs.Bench, large: int = 1 * bs.GiB, small: int = 1 * bs.MiB
+) -> list[bs.Result]:
+    if bench.profile.name == "tiny":
+        large, small = bench.profile.p1_sizes
+    turns: dict[str, JournalTurnBench] = {}
+    try:
+        for size in (large, small):
+            for journal in (True, False):
+                path = bench.transcript(size, f"jturn-{int(journal)}")
+                bs.warm(path)
+                turns[f"{'journal' if journal else 'plain'}@{size}"] = JournalTurnBench(
+                    path, journal=journal
+                )
+        contenders: dict[str, bs.Contender] = {}
+        for key, tb in turns.items():
+            inner = bs.calibrate(tb.turns, bench.profile.batch_ns)
+            contenders[key] = _samples(functools.partial(tb.turns, inner))
+        stats = bs.race(contenders, bench.rounds)
+    finally:
+        for tb in turns.values():
+            tb.close()
+    jl, js = stats[f"journal@{large}"], stats[f"journal@{small}"]
+    pl, ps = stats[f"plain@{large}"], stats[f"plain@{small}"]
+    sizes = f"{bs.format_bytes(large)} / {bs.format_bytes(small)}"
+    return [
+        bs.Result(
+            "J1",
+            "journal_turn_cost",
+            f"one turn with the journal ÷ without, {bs.format_bytes(small)}",
+            js.median / ps.median,
+            "journaled turn ÷ plain turn",
+            bs.Target("<=", 2),
+            {"baseline": bs._time_fig(ps, "plain "), "cffi": bs._time_fig(js, "journal ")},
+            js.min / ps.min,
+            {"size": small, "lock": "real"},
+            note="claimant append: record + line under the journal lock; the fence reads the "
+            "new records at release and reacquire",
+        ),
+        bs.Result(
+            "J2",
+            "journal_turn_size",
+            f"one journaled turn, {bs.format_bytes(large)} ÷ {bs.format_bytes(small)}",
+            jl.median / js.median,
+            f"journal {bs.format_bytes(large)} ÷ journal {bs.format_bytes(small)}",
+            bs.Target("<=", 1.3),
+            {
+                "baseline": bs.Figure(
+                    f"plain {bs.format_ns(pl.median)} / {bs.format_ns(ps.median)}", pl
+                ),
+                "cffi": bs.Figure(
+                    f"journal {bs.format_ns(jl.median)} / {bs.format_ns(js.median)}", jl
+                ),
+            },
+            jl.min / js.min,
+            {"large": large, "small": small, "lock": "real"},
+            note=f"cells: {sizes} transcript",
+        ),
+    ]
+
+
+JOURNAL_TURN = bs.measure(
+    "J1", "one turn with the owned-write journal ÷ without, and 1 GiB ÷ 1 MiB"
+)(measure_journal_turn)

@@ -548,6 +548,11 @@ class SessionFenceController:
         ``prove_racy=False`` (at release) leaves the whole-content proof of a racy fence to
         the next fence check, which makes it anyway: one digest per prompt window."""
         fence = self._fence
+        if change.kind is ChangeKind.UNCHANGED and not prove_racy:
+            # The lock was held since the last check (a release, a scope under the retained
+            # lock): no claim and no journaled append can have come in, both need it. The
+            # next reacquire reads the journal.
+            return
         delta = self._read_journal(change, phase)
         if delta.attributed and change.kind is ChangeKind.APPENDED:
             await self._accept_journaled(change, delta, phase)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ._file import JournalInvalid, Position, journal_path_for, scan
+from ._file import JournalInvalid, Position, Reader, journal_path_for
 from ._format import APPEND, CLAIM, VOID, Record
 from ._writer import (
     SessionWriter,
@@ -57,7 +57,16 @@ class Delta:
 class FenceJournal:
     """One controller's reader of its session's journal, and its claim."""
 
-    __slots__ = ("_live", "_path", "_position", "_slot_seq", "_token", "_transcript", "writer")
+    __slots__ = (
+        "_live",
+        "_path",
+        "_position",
+        "_reader",
+        "_slot_seq",
+        "_token",
+        "_transcript",
+        "writer",
+    )
 
     def __init__(self, transcript: str, run_id: str) -> None:
         self._transcript = transcript
@@ -67,6 +76,7 @@ class FenceJournal:
         self._token = int.from_bytes(os.urandom(8), "little") or 1
         self._slot_seq: int | None = None
         self._live = False
+        self._reader = Reader(self._path)
 
     @property
     def path(self) -> str:
@@ -96,7 +106,7 @@ class FenceJournal:
         if not self._live:
             return Delta()  # no claim made (journal=False): today's content rules alone
         try:
-            found = scan(self._path, self._position)
+            found = self._reader.scan(self._position)
         except JournalInvalid as exc:
             return Delta(problem=exc.detail)
         if found is None:  # never claimed through a journal (an injected setup)
@@ -156,6 +166,7 @@ class FenceJournal:
             self._slot_seq = seq
 
     def retire(self) -> None:
+        self._reader.close()
         if self._live:
             self._live = False
             drop_live_run(self._path, self.writer.run_id)

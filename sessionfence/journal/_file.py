@@ -16,6 +16,7 @@ import contextlib
 import errno
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -49,11 +50,14 @@ __all__ = [
     "MAX_KEYS",
     "JournalInvalid",
     "Position",
+    "Reader",
     "Scan",
     "journal_path_for",
     "locked_journal",
     "new_journal",
+    "same_state",
     "scan",
+    "scan_fd",
 ]
 
 #: Compact when a journal holds this many records past its base.
@@ -67,9 +71,27 @@ IS_WINDOWS = sys.platform == "win32"
 _BINARY = getattr(os, "O_BINARY", 0)
 
 
+_PATHS: dict[str, str] = {}
+_PATHS_MAX = 4096
+
+
 def journal_path_for(transcript: str | os.PathLike[str]) -> str:
-    """``<transcript>.fence`` beside the transcript (its real path, as the lock's)."""
-    return session_key(transcript) + ".fence"
+    """``<transcript>.fence`` beside the transcript (its real path, as the lock's).
+
+    Resolved once per path string and process (a ``realpath`` walk is most of a journaled
+    append's cost otherwise); a symlink re-pointed afterwards is not followed anew."""
+    text = os.fspath(transcript)
+    if not isinstance(text, str):
+        text = os.fsdecode(text)
+    found = _PATHS.get(text)
+    if found is None:
+        found = session_key(text) + ".fence"
+        if not os.path.exists(text):
+            return found  # the key of a missing file may change once it exists
+        if len(_PATHS) >= _PATHS_MAX:
+            _PATHS.clear()
+        _PATHS[text] = found
+    return found
 
 
 class JournalInvalid(Exception):
@@ -101,6 +123,7 @@ class Position:
     # The journal's mtime was within a timestamp granule of the read: an in-place edit in
     # the same tick would keep the stat, so the next look rereads (git's racy rule).
     racy: bool = True
+    data_start: int = 0  # where record base_seq sits (from the header)
 
 
 @dataclass
@@ -119,7 +142,9 @@ def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _same(st: os.stat_result, position: Position) -> bool:
+def same_state(st: os.stat_result, position: Position) -> bool:
+    """Whether the journal is provably as ``position`` left it: same file, size and mtime,
+    and the position was not taken within a timestamp granule of a write."""
     key = (position.dev, position.ino, position.size, position.mtime_ns)
     return not position.racy and _stat_key(st) == key
 
@@ -164,64 +189,123 @@ def _record_count(path: str, header: Header, size: int) -> int:
 
 def scan(path: str, since: Position | None) -> Scan | None:
     """Records of the journal at ``path`` past ``since`` (all of them when None), checked
-    (CRC, chain, sequence); None when there is no journal. Raises ``JournalInvalid`` when
-    the journal cannot be trusted from ``since`` on (it was deleted, replaced by another
-    journal, truncated before ``since``, torn or edited).
-
-    The common case, nothing written since, costs one ``stat``: records are only ever
-    appended (a new size), a rewrite by compaction or repair is a new inode, and an edit
-    in place changes the mtime unless the journal was written within the last timestamp
-    granule (then the record the reader stopped at is reread and checked)."""
-    if since is not None:
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise JournalInvalid(path, "the journal was deleted") from None
-        if _same(st, since):
-            return Scan(None, since)
+    (CRC, chain, sequence); None when there is no journal (see ``Reader.scan``)."""
+    reader = Reader(path)
     try:
-        fd = os.open(path, os.O_RDONLY | _BINARY)
-    except FileNotFoundError:
-        if since is not None:
-            raise JournalInvalid(path, "the journal was deleted") from None
-        return None
-    try:
-        return _scan_fd(fd, path, since)
+        return reader.scan(since)
     finally:
-        os.close(fd)
+        reader.close()
 
 
-def _scan_fd(fd: int, path: str, since: Position | None) -> Scan:
-    st = os.fstat(fd)
-    header, _slots = read_header(fd, path)
-    if since is not None and header.salt != since.salt:
-        raise JournalInvalid(path, "the journal was replaced by another one")
-    if since is not None and _same(st, since):
-        return Scan(header, since)
-    count = _record_count(path, header, st.st_size)
-    last = header.base_seq + count - 1
+class Reader:
+    """A reader of one journal that keeps its descriptor open between looks (reopened when
+    the path names another file, and in a forked child).
+
+    ``scan(since)`` raises ``JournalInvalid`` when the journal cannot be trusted from
+    ``since`` on: it was deleted, replaced by another journal, truncated before ``since``,
+    torn or edited. The common case, nothing written since, costs one ``stat``: records
+    are only ever appended (a new size), a rewrite by compaction or repair is a new inode,
+    and an edit in place changes the mtime unless the journal was written within the last
+    timestamp granule; then the record the reader stopped at is reread and checked (one
+    ``pread``). The header is read only from a file the reader has not seen before."""
+
+    __slots__ = ("_fd", "_key", "_pid", "path")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = -1
+        self._key: tuple[int, int] | None = None
+        self._pid = 0
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            if self._pid == os.getpid():
+                os.close(fd)
+            # else: the parent's descriptor, inherited; closing it here is harmless but
+            # pointless, and the parent keeps its own.
+        self._key = None
+
+    def _open(self, st: os.stat_result) -> bool:
+        """Open the file ``st`` describes; False when the path moved on meanwhile."""
+        self.close()
+        fd = os.open(self.path, os.O_RDONLY | _BINARY)
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            os.close(fd)
+            return False
+        self._fd, self._key, self._pid = fd, (st.st_dev, st.st_ino), os.getpid()
+        return True
+
+    def scan(self, since: Position | None) -> Scan | None:
+        path = self.path
+        for _ in range(8):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                self.close()
+                if since is not None:
+                    raise JournalInvalid(path, "the journal was deleted") from None
+                return None
+            if since is not None and same_state(st, since):
+                return Scan(None, since)
+            key = (st.st_dev, st.st_ino)
+            if self._fd < 0 or self._key != key or self._pid != os.getpid():
+                try:
+                    if not self._open(st):
+                        continue
+                except FileNotFoundError:
+                    continue
+            return scan_fd(self._fd, path, since, st)
+        raise JournalInvalid(path, "the journal kept being replaced while it was read")
+
+
+def scan_fd(fd: int, path: str, since: Position | None, st: os.stat_result) -> Scan:
+    same_file = since is not None and (st.st_dev, st.st_ino) == (since.dev, since.ino)
+    header: Header | None = None
+    if same_file:
+        # Same inode as last time: the header has not changed (compaction and repair
+        # write a new file), only records were appended.
+        assert since is not None
+        salt, base_seq, data_start = since.salt, since.base_seq, since.data_start
+    else:
+        header, _slots = read_header(fd, path)
+        salt, base_seq, data_start = header.salt, header.base_seq, header.data_start
+        if since is not None and salt != since.salt:
+            raise JournalInvalid(path, "the journal was replaced by another one")
+    body = st.st_size - data_start
+    if body < 0 or body % RECORD_SIZE:
+        raise JournalInvalid(
+            path, f"journal is torn: {st.st_size} bytes is not a whole number of records"
+        )
+    last = base_seq + body // RECORD_SIZE - 1
+
+    def record_at(seq: int) -> int:
+        return data_start + (seq - base_seq) * RECORD_SIZE
+
     compacted_past = False
-    if since is None or since.seq + 1 < header.base_seq:
+    if since is None or since.seq + 1 < base_seq:
+        assert header is not None  # a new file, or none seen before: its header was read
         compacted_past = since is not None
-        first, prev = header.base_seq, header.base_chain
+        first, prev = base_seq, header.base_chain
         claim = (header.claim_run, header.claim_revision)
     else:
         if since.seq > last:
             raise JournalInvalid(
                 path, f"the journal was truncated: record {since.seq} is gone (last {last})"
             )
-        if since.seq >= header.base_seq:
+        if since.seq >= base_seq:
             # The record the reader stopped at must still be there, unchanged.
-            raw = read_at(fd, RECORD_SIZE, header.record_at(since.seq))
+            raw = read_at(fd, RECORD_SIZE, record_at(since.seq))
             if raw[CHAIN_AT : CHAIN_AT + 16] != since.chain or not crc_ok(raw):
                 raise JournalInvalid(path, f"journal record {since.seq} was edited")
-        elif header.base_chain != since.chain:
+        elif header is not None and header.base_chain != since.chain:
             raise JournalInvalid(path, "the journal's base does not continue its records")
         first, prev = since.seq + 1, since.chain
         claim = (since.claim_run, since.claim_revision)
     records: list[Record] = []
     if first <= last:
-        raw = read_at(fd, (last - first + 1) * RECORD_SIZE, header.record_at(first))
+        raw = read_at(fd, (last - first + 1) * RECORD_SIZE, record_at(first))
         if len(raw) != (last - first + 1) * RECORD_SIZE:
             raise JournalInvalid(path, "the journal shrank while it was read")
         for i in range(last - first + 1):
@@ -236,7 +320,7 @@ def _scan_fd(fd: int, path: str, since: Position | None) -> Scan:
             records.append(record)
             prev = record.chain
     position = Position(
-        header.salt,
+        salt,
         last,
         prev,
         claim[0],
@@ -245,8 +329,9 @@ def _scan_fd(fd: int, path: str, since: Position | None) -> Scan:
         st.st_ino,
         st.st_size,
         st.st_mtime_ns,
-        header.base_seq,
+        base_seq,
         _racy(st),
+        data_start,
     )
     return Scan(header, position, records, compacted_past)
 
@@ -272,6 +357,18 @@ def _os_lock(fd: int) -> None:
         import fcntl
 
         fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+def _os_unlock(fd: int) -> None:
+    if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
+        import msvcrt
+
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def new_journal(path: str, base_offset: int, *, claim_revision: int = 0) -> None:
@@ -307,33 +404,86 @@ def new_journal(path: str, base_offset: int, *, claim_revision: int = 0) -> None
             os.unlink(tmp)
 
 
+class _Held:
+    """This process's descriptor of one journal for writing, kept open between appends
+    (the OS lock is taken and dropped around each use). ``mutex`` orders the process's
+    own threads: an OS lock on one open file description does not exclude them."""
+
+    __slots__ = ("fd", "key", "mutex", "pid")
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self.key: tuple[int, int] | None = None
+        self.pid = 0
+        self.mutex = threading.Lock()
+
+    def drop(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.key = None
+
+
+_HELD: dict[str, _Held] = {}
+_HELD_LOCK = threading.Lock()
+
+
+def _forget_held_in_child() -> None:
+    # A forked child must not share the parent's open file descriptions (an OS lock on
+    # one would not exclude the other) nor inherit a mutex held by another thread.
+    global _HELD_LOCK
+    _HELD.clear()
+    _HELD_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_held_in_child)
+
+
+def _held(path: str) -> _Held:
+    with _HELD_LOCK:
+        entry = _HELD.get(path)
+        if entry is None:
+            entry = _HELD[path] = _Held()
+        return entry
+
+
 @contextlib.contextmanager
 def locked_journal(path: str, create_at: int | None) -> Iterator[int]:
-    """The journal at ``path`` opened for appending and locked exclusively; created first
-    (its base at transcript offset ``create_at``) when missing and ``create_at`` is given,
-    else ``FileNotFoundError``."""
-    for _ in range(64):
-        try:
-            fd = os.open(path, os.O_RDWR | _BINARY)  # no O_APPEND: slots are pwritten
-        except FileNotFoundError:
-            if create_at is None:
-                raise
-            new_journal(path, create_at)
-            continue
-        try:
+    """The journal at ``path`` open for writing and locked exclusively; created first (its
+    base at transcript offset ``create_at``) when missing and ``create_at`` is given, else
+    ``FileNotFoundError``. The descriptor stays open for the next use in this process."""
+    entry = _held(path)
+    with entry.mutex:
+        for _ in range(64):
+            if entry.fd < 0:
+                try:
+                    fd = os.open(path, os.O_RDWR | _BINARY)  # no O_APPEND: slots are pwritten
+                except FileNotFoundError:
+                    if create_at is None:
+                        raise
+                    new_journal(path, create_at)
+                    continue
+                entry.fd, entry.pid = fd, os.getpid()
+            fd = entry.fd
             _os_lock(fd)
-            st = os.fstat(fd)
             try:
-                now = os.stat(path)
-            except FileNotFoundError:
-                now = None
-            if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-                continue  # compacted (renamed over) while we waited: lock the new one
-            yield fd
-            return
-        finally:
-            os.close(fd)  # closing drops the lock
-    raise JournalInvalid(path, "the journal kept being replaced while it was locked")
+                st = os.fstat(fd)
+                try:
+                    now = os.stat(path)
+                except FileNotFoundError:
+                    now = None
+                if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                    entry.drop()  # compacted (renamed over) or removed: lock the new one
+                    continue
+                entry.key = (st.st_dev, st.st_ino)
+                yield fd
+                return
+            finally:
+                if entry.fd == fd:
+                    _os_unlock(fd)
+        raise JournalInvalid(path, "the journal kept being replaced while it was locked")
 
 
 def append_records(fd: int, path: str, position: Position, records: list[Record]) -> Position:
@@ -346,14 +496,27 @@ def append_records(fd: int, path: str, position: Position, records: list[Record]
     claim = (position.claim_run, position.claim_revision)
     for record in records:
         seq += 1
-        raw, chain = replace(record, seq=seq).pack(chain)
+        raw, chain = record.pack(chain, seq)
         blob += raw
         if record.type == CLAIM:
             claim = (record.run_id, record.revision)
-    # One positional write at the end (we hold the lock): records land whole.
-    write_at(fd, bytes(blob), os.fstat(fd).st_size)
-    st = os.fstat(fd)
-    return Position(position.salt, seq, chain, claim[0], claim[1], st.st_dev, st.st_ino, st.st_size)
+    # One positional write at the end (we hold the lock and the caller's position was
+    # checked against fstat under it): records land whole.
+    write_at(fd, bytes(blob), position.size)
+    return Position(
+        position.salt,
+        seq,
+        chain,
+        claim[0],
+        claim[1],
+        position.dev,
+        position.ino,
+        position.size + len(blob),
+        0,  # not read back: a reader of this position rereads (racy)
+        position.base_seq,
+        True,
+        position.data_start,
+    )
 
 
 def read_slots(raw: bytes) -> list[Slot | None]:

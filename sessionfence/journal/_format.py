@@ -169,8 +169,9 @@ class Record:
     def role_name(self) -> str:
         return ROLE_NAMES.get(self.role, str(self.role))
 
-    def pack(self, prev_chain: bytes) -> tuple[bytes, bytes]:
-        """The record's bytes chained to ``prev_chain``, and its chain value."""
+    def pack(self, prev_chain: bytes, seq: int | None = None) -> tuple[bytes, bytes]:
+        """The record's bytes chained to ``prev_chain`` (numbered ``seq``, default its
+        own), and its chain value."""
         if self.type == APPEND:
             body = _APPEND_BODY.pack(self.start, self.end, self.digest, self.key_hash)
         elif self.type == CLAIM:
@@ -185,7 +186,7 @@ class Record:
             self.role,
             0,
             self.pid & 0xFFFFFFFF,
-            self.seq,
+            self.seq if seq is None else seq,
             self.revision,
             check_run_id(self.run_id),
             body,

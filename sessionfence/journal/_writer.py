@@ -30,6 +30,7 @@ from ._file import (
     COMPACT_AT,
     JournalInvalid,
     Position,
+    Scan,
     append_records,
     compact,
     journal_path_for,
@@ -37,7 +38,7 @@ from ._file import (
     read_header,
     read_keys,
     read_slots,
-    scan,
+    scan_fd,
     write_slot,
 )
 from ._format import (
@@ -180,37 +181,43 @@ def _apply(known: _Known, records: list[Record]) -> None:
                 known.keys = {h: v for h, v in known.keys.items() if v[1] <= record.start}
 
 
-def _catch_up(jpath: str, want_keys: bool) -> _Known:
-    """Read (under the journal lock) what was written since this process last looked."""
+def _catch_up(jpath: str, jfd: int, want_keys: bool) -> _Known:
+    """Read, through the locked descriptor ``jfd``, what was written since this process
+    last looked (usually nothing: one ``fstat``)."""
     with _KNOWN_LOCK:
         known = _KNOWN.get(jpath)
+    if known is not None and (want_keys and known.keys is None):
+        known = None  # the key table needs every record from the base
+    st = os.fstat(jfd)
     try:
-        if known is not None and (want_keys and known.keys is None):
-            known = None  # the key table needs every record from the base
-        found = scan(jpath, known.position if known is not None else None)
-        if found is None:
-            raise JournalInvalid(jpath, "the journal was deleted")
+        since = known.position if known is not None else None
+        # Records are only appended, and a rewrite is a new inode: the same size means
+        # nothing was written since (an edit in place is for readers to catch).
+        if since is not None and (st.st_dev, st.st_ino, st.st_size) == (
+            since.dev,
+            since.ino,
+            since.size,
+        ):
+            found = Scan(None, since)
+        else:
+            found = scan_fd(jfd, jpath, since, st)
     except JournalInvalid as exc:
         if known is None:
             raise JournalError(jpath, exc.detail) from None
         # Our cached view is void (e.g. an operator repaired the journal): read it afresh.
         with _KNOWN_LOCK:
             _KNOWN.pop(jpath, None)
-        return _catch_up(jpath, want_keys)
+        return _catch_up(jpath, jfd, want_keys)
     if known is None or found.compacted_past:
         header = found.header
         assert header is not None  # read from the base: the header was read
         known = _Known(found.position, header.base_offset)
         if want_keys:
-            fd = os.open(jpath, os.O_RDONLY | getattr(os, "O_BINARY", 0))
             try:
-                known.keys = {
-                    k.key_hash: (k.start, k.end, b"") for k in read_keys(fd, jpath, header)
-                }
-            except Exception as exc:
-                raise JournalError(jpath, str(exc)) from None
-            finally:
-                os.close(fd)
+                keys = read_keys(jfd, jpath, header)
+            except JournalInvalid as exc:
+                raise JournalError(jpath, exc.detail) from None
+            known.keys = {k.key_hash: (k.start, k.end, b"") for k in keys}
     known.position = found.position
     _apply(known, found.records)
     with _KNOWN_LOCK:
@@ -303,7 +310,7 @@ def journaled(
     jpath = journal_path_for(transcript)
     size = os.fstat(transcript_fd).st_size
     with locked_journal(jpath, create_at=size) as jfd:
-        known = _catch_up(jpath, want_keys)
+        known = _catch_up(jpath, jfd, want_keys)
         commit = _Commit(jpath, jfd, writer, known)
         if size < known.claimed_end:
             # An intent whose bytes never landed (its writer died between record and
@@ -366,7 +373,7 @@ def claim_journal(transcript: str, run_id: str) -> tuple[SessionWriter, Position
     except FileNotFoundError:
         size = 0
     with locked_journal(jpath, create_at=size) as jfd:
-        known = _catch_up(jpath, False)
+        known = _catch_up(jpath, jfd, False)
         position = known.position
         if position.claim_run == run_id and position.claim_revision > 0:
             return SessionWriter(

@@ -38,6 +38,15 @@ def cotenant_append(path: str, text: str, key: str | None = None) -> str:
     return append_as_cotenant(path, entry, writer="gateway", idempotency_key=key)
 
 
+def fresh_cotenant_append(path: str, text: str) -> str:
+    """As a process that never saw the journal before (a forked child inherits what its
+    parent last read of it)."""
+    from sessionfence.journal._writer import forget_all
+
+    forget_all()
+    return cotenant_append(path, text)
+
+
 STEPS = ["before-record", "after-record", "after-bytes", "after-commit"]
 
 
@@ -219,7 +228,7 @@ async def test_a_damaged_journal_fails_closed(session_file: Path, how: str) -> N
     if how in ("torn", "edited"):
         # What is wrong is said; a fresh writer refuses to extend it; repair moves it aside.
         assert inspect_journal(session_file).problem
-        status, value = in_child(cotenant_append, str(session_file), "refused")
+        status, value = in_child(fresh_cotenant_append, str(session_file), "refused")
         assert status == "error" and "JournalError" in value
         aside = repair_journal(session_file)
         assert aside is not None and Path(aside).exists()
