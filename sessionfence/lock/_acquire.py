@@ -474,10 +474,12 @@ def _acquisition(
                 if spare is not None:
                     # Contended by another process: a waiter thread blocks in flock on
                     # this descriptor, and wakes us the moment the lock is free.
-                    if _os.BLOCKING_WAIT and lock_path not in _reg.no_blocking:
-                        _reg.start_waiter(lock_path, spare)
-                    else:
-                        _close_tracked(spare)
+                    if not (
+                        _os.BLOCKING_WAIT
+                        and lock_path not in _reg.no_blocking
+                        and _reg.start_waiter(lock_path, spare)
+                    ):
+                        _close_tracked(spare)  # poll instead
                         _drop_claim(lock_path)
                     spare = None
                     _reg.park(lock_path, ticket)

@@ -64,7 +64,7 @@ def env_seconds(name: str) -> float | None:
     Only plain decimal digits count, so ``1e3``, ``0x1000``, ``-5`` or a value past 2**53
     (where float ms lose precision) are ignored rather than half-understood.
     """
-    raw = os.environ.get(name)
+    raw = _getenv(name)
     if raw is None:
         return None
     text = raw.strip()
@@ -75,6 +75,24 @@ def env_seconds(name: str) -> float | None:
         return None
     return value / 1000.0
 
+
+def _getenv(name: str) -> str | None:
+    """``os.environ.get(name)``; on POSIX without the KeyError that ``Mapping.get`` raises
+    and catches inside for an unset variable (most of the cost of an acquisition's three
+    lookups): ``os.environ`` keeps its values, encoded, in the ``_data`` dict it updates on
+    every change, which is what its own ``__getitem__`` reads."""
+    if _ENV_DATA is not None:
+        raw = _ENV_DATA.get(os.fsencode(name))
+        return None if raw is None else os.fsdecode(raw)
+    return os.environ.get(name)
+
+
+_env_data = getattr(os.environ, "_data", None)
+_ENV_DATA: dict[bytes, bytes] | None = (
+    _env_data
+    if sys.platform != "win32" and isinstance(_env_data, dict) and os.supports_bytes_environ
+    else None
+)
 
 ENV_TIMEOUT = "SESSIONFENCE_LOCK_TIMEOUT_MS"
 ENV_STALE = "SESSIONFENCE_LOCK_STALE_MS"

@@ -220,16 +220,22 @@ def drop_claim(lock_path: str) -> None:
     notify(lock_path)
 
 
-def start_waiter(lock_path: str, fd: int) -> Waiter:
+def start_waiter(lock_path: str, fd: int) -> bool:
     """Hand ``fd`` (open, tracked, not locked, with the claim of ``lock_path``) to a new
-    waiter thread; caller holds ``registry_lock``."""
+    waiter thread; caller holds ``registry_lock``. False if no thread can be started (a
+    thread limit, interpreter shutdown): ``fd`` and the claim are then still the caller's.
+    """
     waiter = Waiter(lock_path, fd)
-    waiters[lock_path] = waiter
     thread = threading.Thread(
         target=_wait, args=(waiter,), name="sessionfence-lock-waiter", daemon=True
     )
-    thread.start()
-    return waiter
+    waiters[lock_path] = waiter
+    try:
+        thread.start()
+    except RuntimeError:
+        del waiters[lock_path]
+        return False
+    return True
 
 
 def _wait(waiter: Waiter) -> None:

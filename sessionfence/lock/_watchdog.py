@@ -55,10 +55,14 @@ class Watchdog(Generic[T]):
                 self._cond.notify()
 
     def discard(self) -> None:
-        """Note that one item finished; compact the heap once dead items dominate it."""
-        with self._cond:
-            self._dead += 1
-            if self._dead > 64 and self._dead * 2 > len(self._heap):
+        """Note that one item finished; compact the heap once dead items dominate it.
+
+        The count is kept without the lock (it is on every release's path): a lost update
+        only moves the next compaction, which recounts under the lock.
+        """
+        self._dead += 1
+        if self._dead > 64 and self._dead * 2 > len(self._heap):
+            with self._cond:
                 self._heap = [e for e in self._heap if not self._is_done(e[2])]
                 heapq.heapify(self._heap)
                 self._dead = 0

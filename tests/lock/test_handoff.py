@@ -13,6 +13,7 @@ by ``WAIT``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import signal
@@ -32,6 +33,7 @@ from sessionfence import (
     acquire_session_write_lock_async,
 )
 from sessionfence.lock import _acquire as lock
+from sessionfence.lock import _os as _lock_os
 from sessionfence.lock import _registry as _lock_registry
 
 from .helpers import (
@@ -452,3 +454,51 @@ class holding_in_another_process:
     def __exit__(self, *exc: object) -> None:
         self.holder.release()
         self.holder.close()
+
+
+# --- no blocking wait: fall back to polling -------------------------------------------------
+
+
+def test_filesystem_without_blocking_flock_falls_back_to_polling(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_blocking_lock(fd: int) -> None:
+        raise OSError(errno.ENOLCK, "no blocking locks here")
+
+    monkeypatch.setattr(_lock_os, "lock_blocking", no_blocking_lock)
+    holder = Holder(path)
+    try:
+        got: list[SessionWriteLock] = []
+        thread = _in_thread(path, got, timeout=WAIT)
+        wait_for(lambda: holder.lock_path in _lock_registry.no_blocking, "the waiter to fail")
+        holder.release()
+        thread.join(WAIT)  # found free on a later poll
+        assert got and got[0].generation == holder.generation + 1
+        got[0].release()
+        assert _waiter_threads() == 0
+    finally:
+        _lock_registry.no_blocking.discard(holder.lock_path)
+        holder.close()
+
+
+def test_no_thread_for_a_waiter_falls_back_to_polling(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class NoWaiterThread(threading.Thread):
+        def start(self) -> None:
+            if self.name == "sessionfence-lock-waiter":
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    holder = Holder(path)
+    monkeypatch.setattr(_lock_registry.threading, "Thread", NoWaiterThread)
+    try:
+        with pytest.raises(SessionWriteLockTimeoutError):
+            acquire_session_write_lock(path, timeout=0.12)
+        assert not _lock_registry.waiters and not _lock_registry.claimed
+        holder.release()
+        with acquire_session_write_lock(path, timeout=WAIT) as mine:
+            assert mine.generation == holder.generation + 1
+    finally:
+        monkeypatch.undo()
+        holder.close()
