@@ -464,7 +464,7 @@ class JournalTurnBench:
     under the journal's lock; the fence reads the new records at each check), or plain
     (``journal=False``: no claim, no record, no journal read)."""
 
-    def __init__(self, path: Path, *, journal: bool) -> None:
+    def __init__(self, path: Path, *, journal: bool, backend: str = "cffi") -> None:
         from ..journal._writer import journaled
 
         self.path = str(path)
@@ -472,9 +472,10 @@ class JournalTurnBench:
         self._journaled = journaled
         self.loop = asyncio.new_event_loop()
         self.fd = os.open(path, os.O_RDWR | os.O_APPEND)
-        self.ctl = self.loop.run_until_complete(
-            SessionFenceController.create(path, journal=journal)
-        )
+        with _backend.use(backend):
+            self.ctl = self.loop.run_until_complete(
+                SessionFenceController.create(path, journal=journal)
+            )
         self.loop.run_until_complete(self._turns(2))
 
     def _append(self) -> None:
@@ -521,11 +522,13 @@ def measure_journal_turn(
     try:
         for size in (large, small):
             for journal in (True, False):
-                path = bench.transcript(size, f"jturn-{int(journal)}")
-                bs.warm(path)
-                turns[f"{'journal' if journal else 'plain'}@{size}"] = JournalTurnBench(
-                    path, journal=journal
-                )
+                for name in bench.impls:
+                    path = bench.transcript(size, f"jturn-{int(journal)}-{name}")
+                    bs.warm(path)
+                    kind = "journal" if journal else "plain"
+                    turns[f"{kind}-{name}@{size}"] = JournalTurnBench(
+                        path, journal=journal, backend=name
+                    )
         contenders: dict[str, bs.Contender] = {}
         for key, tb in turns.items():
             inner = bs.calibrate(tb.turns, bench.profile.batch_ns)
@@ -534,8 +537,9 @@ def measure_journal_turn(
     finally:
         for tb in turns.values():
             tb.close()
-    jl, js = stats[f"journal@{large}"], stats[f"journal@{small}"]
-    pl, ps = stats[f"plain@{large}"], stats[f"plain@{small}"]
+    jl, js = stats[f"journal-cffi@{large}"], stats[f"journal-cffi@{small}"]
+    pl, ps = stats[f"plain-cffi@{large}"], stats[f"plain-cffi@{small}"]
+    yl, ys = stats[f"journal-python@{large}"], stats[f"journal-python@{small}"]
     sizes = f"{bs.format_bytes(large)} / {bs.format_bytes(small)}"
     return [
         bs.Result(
@@ -545,7 +549,11 @@ def measure_journal_turn(
             js.median / ps.median,
             "journaled turn ÷ plain turn",
             bs.Target("<=", 2),
-            {"baseline": bs._time_fig(ps, "plain "), "cffi": bs._time_fig(js, "journal ")},
+            {
+                "baseline": bs._time_fig(ps, "plain "),
+                "python": bs._time_fig(ys, "journal "),
+                "cffi": bs._time_fig(js, "journal "),
+            },
             js.min / ps.min,
             {"size": small, "lock": "real"},
             note="claimant append: record + line under the journal lock; the fence reads the "
@@ -562,6 +570,9 @@ def measure_journal_turn(
                 "baseline": bs.Figure(
                     f"plain {bs.format_ns(pl.median)} / {bs.format_ns(ps.median)}", pl
                 ),
+                "python": bs.Figure(
+                    f"journal {bs.format_ns(yl.median)} / {bs.format_ns(ys.median)}", yl
+                ),
                 "cffi": bs.Figure(
                     f"journal {bs.format_ns(jl.median)} / {bs.format_ns(js.median)}", jl
                 ),
@@ -576,3 +587,86 @@ def measure_journal_turn(
 JOURNAL_TURN = bs.measure(
     "J1", "one turn with the owned-write journal ÷ without, and 1 GiB ÷ 1 MiB"
 )(measure_journal_turn)
+
+
+class FullOwnedBench:
+    """``verify="full"`` with the real lock: owned appends made under the retained lock
+    (a write, then ``refresh_after_owned_write(written)``), as many as a turn makes. The
+    whole-content proof belongs to the next fence check, not to each append."""
+
+    def __init__(self, path: Path, backend: str = "cffi") -> None:
+        self.loop = asyncio.new_event_loop()
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        with _backend.use(backend):
+            self.ctl = self.loop.run_until_complete(
+                SessionFenceController.create(path, verify="full", journal=False)
+            )
+        self.loop.run_until_complete(self.ctl.release_for_prompt())  # the one digest
+        self.loop.run_until_complete(self.ctl.reacquire_after_prompt())
+
+    def appends(self, n: int = 1) -> float:
+        clock = time.perf_counter_ns
+        ctl, fd = self.ctl, self.fd
+        t0 = clock()
+        for _ in range(n):
+            os.write(fd, _TURN_LINE)
+            ctl.refresh_after_owned_write(_TURN_LINE)
+        took = clock() - t0
+        if ctl.has_takeover or not ctl.holds_lock:  # pragma: no cover
+            raise AssertionError(f"unexpected takeover: {ctl.takeover!r}")
+        return took / n
+
+    def close(self) -> None:
+        try:
+            self.loop.run_until_complete(self.ctl.dispose())
+        finally:
+            self.loop.close()
+            os.close(self.fd)
+
+
+def measure_full_owned(
+    bench: bs.Bench, large: int = 1 * bs.GiB, small: int = 1 * bs.MiB
+) -> list[bs.Result]:
+    if bench.profile.name == "tiny":
+        large, small = bench.profile.p1_sizes
+    runs: dict[str, FullOwnedBench] = {}
+    try:
+        for size in (large, small):
+            for name in bench.impls:
+                path = bench.transcript(size, f"full-owned-{name}")
+                bs.warm(path)
+                runs[f"{name}@{size}"] = FullOwnedBench(path, name)
+        contenders: dict[str, bs.Contender] = {}
+        for key, fb in runs.items():
+            inner = bs.calibrate(fb.appends, bench.profile.batch_ns)
+            contenders[key] = _samples(functools.partial(fb.appends, inner))
+        stats = bs.race(contenders, bench.rounds)
+    finally:
+        for fb in runs.values():
+            fb.close()
+    a, b = stats[f"cffi@{large}"], stats[f"cffi@{small}"]
+    pa, pb = stats[f"python@{large}"], stats[f"python@{small}"]
+    return [
+        bs.Result(
+            "F1",
+            "full_owned_append",
+            f'verify="full" owned append under the held lock, {bs.format_bytes(large)} ÷ '
+            f"{bs.format_bytes(small)}",
+            a.median / b.median,
+            f"cffi {bs.format_bytes(large)} ÷ cffi {bs.format_bytes(small)}",
+            bs.Target("<=", 1.5),
+            {
+                "python": bs.Figure(f"{bs.format_ns(pa.median)} / {bs.format_ns(pb.median)}", pa),
+                "cffi": bs.Figure(f"{bs.format_ns(a.median)} / {bs.format_ns(b.median)}", a),
+            },
+            a.min / b.min,
+            {"large": large, "small": small, "lock": "real", "verify": "full"},
+            note="write + refresh_after_owned_write(written) under the retained lock; the "
+            "whole-content proof is the next fence check's (one per prompt window)",
+        )
+    ]
+
+
+FULL_OWNED = bs.measure(
+    "F1", 'verify="full" owned append under the held lock: 1 GiB ÷ 1 MiB (no digest per append)'
+)(measure_full_owned)

@@ -501,9 +501,23 @@ class SessionFenceController:
 
     # snapshots ----------------------------------------------------------------------------------
 
-    def _prove_prefix(self, prev: FenceSnapshot, change: Change) -> bool:
+    def _held_intact(self) -> bool:
+        """Whether this controller writes under a lock it has held since its last fence
+        check and still holds (a scope's, or the retained one)."""
+        if self._inside_active_scope():
+            return True
+        lock = self._hold.lock
+        return lock is not None and not lock_lost(lock)
+
+    def _prove_prefix(self, prev: FenceSnapshot, change: Change, *, owned: bool = False) -> bool:
         """verify="full": an append is accepted only if the old content is unchanged."""
         if not self._full or change.kind is not ChangeKind.APPENDED:
+            return True
+        if owned and self._held_intact():
+            # An own append under a lock held since the last check: nobody may have touched
+            # the old content, and the snapshot this rolls to is racy, so the next fence
+            # check proves the whole content once (one digest per prompt window, none per
+            # owned append; docs/design.md, "Racy fences").
             return True
         return self._io.prefix_unchanged(prev)
 
@@ -1058,7 +1072,9 @@ class SessionFenceController:
             if self._takeover is None and self._fence_active:
                 fence = self._fence
                 change = self._io.observe_quiet(fence.fingerprint)
-                if change.kind is ChangeKind.APPENDED and self._prove_prefix(fence, change):
+                if change.kind is ChangeKind.APPENDED and self._prove_prefix(
+                    fence, change, owned=True
+                ):
                     self._fence = self._roll(fence, change, need_digest=True, proven=True)
                 elif change.kind is not ChangeKind.UNCHANGED:
                     try:
@@ -1164,7 +1180,7 @@ class SessionFenceController:
                 await self._judge(change, "fence_check")
                 return
             raise self._change_takeover(change, "fence_check")
-        if not self._prove_prefix(before, change):
+        if not self._prove_prefix(before, change, owned=True):
             raise self._change_takeover(
                 change, "fence_check", "content before the owned append changed", "rewritten"
             )
@@ -1236,7 +1252,7 @@ class SessionFenceController:
         prev = reference if reference is not None else self._snapshot_for(before)
         proven = False
         if self._full:
-            if not self._io.prefix_unchanged(prev):
+            if not self._prove_prefix(prev, change, owned=True):
                 return result
             proven = True
         if validate_append is not None:
@@ -1290,7 +1306,7 @@ class SessionFenceController:
         proven = False
         if self._full and self._fence_active and change.kind is ChangeKind.APPENDED:
             # Before the first release the fence is a baseline, not a proof: nothing to check.
-            if not self._io.prefix_unchanged(fence):
+            if not self._prove_prefix(fence, change, owned=True):
                 return
             proven = True
         fp = change.after
@@ -1338,7 +1354,7 @@ class SessionFenceController:
             ChangeKind.UNCHANGED,
         ):
             return False
-        if not self._prove_prefix(fence, change):
+        if not self._prove_prefix(fence, change, owned=True):
             return False
         generation = REGISTRY.record_owned_write(self._key, change.after)
         if self._fence_active:
