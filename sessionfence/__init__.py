@@ -68,6 +68,7 @@ if TYPE_CHECKING:
     # Both backends have the same signatures (a Protocol in _backend checks it); the pure
     # one is what type checkers and readers see.
     from ._impl_py import FileProbe as FileProbe
+    from ._impl_py import ManyProbe as ManyProbe
     from ._impl_py import RollingDigest as RollingDigest
     from ._impl_py import check_append as check_append
     from ._impl_py import content_digest as content_digest
@@ -107,6 +108,7 @@ else:
     read_range = _impl.read_range
     content_digest = _impl.content_digest
     FileProbe = _impl.FileProbe
+    ManyProbe = _impl.ManyProbe
     RollingDigest = _impl.RollingDigest
 
 # Public names that live in the heavier subpackages: name -> subpackage, imported on first
@@ -150,6 +152,7 @@ __all__ = [
     "JournalInfo",
     "LockInfo",
     "LockInheritedError",
+    "ManyProbe",
     "MergeResult",
     "MigrationResult",
     "NotASessionError",
@@ -206,6 +209,7 @@ present_as(
         read_range,
         content_digest,
         FileProbe,
+        ManyProbe,
         RollingDigest,
     ],
 )
