@@ -341,11 +341,16 @@ def scan_fd(fd: int, path: str, since: Position | None, st: os.stat_result) -> S
 # ---------------------------------------------------------------------------------------
 
 
+# Windows byte-range locks are mandatory: lock a byte far past any record, as the session
+# write lock does, so readers of the header and records are never refused.
+_WIN_LOCK_OFFSET = 0x7FFF_FFF0
+
+
 def _os_lock(fd: int) -> None:
     if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
         import msvcrt
 
-        os.lseek(fd, 0, os.SEEK_SET)
+        os.lseek(fd, _WIN_LOCK_OFFSET, os.SEEK_SET)
         while True:
             try:
                 msvcrt.locking(fd, msvcrt.LK_LOCK, 1)
@@ -363,7 +368,7 @@ def _os_unlock(fd: int) -> None:
     if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
         import msvcrt
 
-        os.lseek(fd, 0, os.SEEK_SET)
+        os.lseek(fd, _WIN_LOCK_OFFSET, os.SEEK_SET)
         msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
     else:
         import fcntl

@@ -162,6 +162,19 @@ def is_live_peer(jpath: str, run_id: str | None) -> bool:
         return run_id in _LIVE_RUNS.get(jpath, ())
 
 
+def _forget_runs_in_child() -> None:
+    # The parent's controllers are not live in a forked child (their locks are not held
+    # there): a claim they made must not pass for an in-process peer's. The mutex may have
+    # been held by another thread of the parent at the fork.
+    global _KNOWN_LOCK
+    _KNOWN_LOCK = threading.Lock()
+    _LIVE_RUNS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_runs_in_child)
+
+
 def forget_all() -> None:
     """Drop every cached journal position and live run (tests; ``reset_for_tests``)."""
     with _KNOWN_LOCK:
