@@ -116,10 +116,10 @@ class Waiter:
     """A thread blocked in ``flock(LOCK_EX)`` on ``fd``, on behalf of this process's callers.
 
     ``attached``: it owns the claim of ``lock_path`` (and is ``waiters[lock_path]``); a
-    waiter whose lock file was replaced under it is detached and only cleans up.
-    ``returned``: its ``flock`` returned (``error`` says how); from then on only
-    ``registry_lock`` holders touch ``fd``. ``released``: ``fd`` is no longer the waiter's
-    (a caller took it, it was closed, or this is a forked child).
+    waiter whose lock file was replaced under it is detached. ``returned``: its ``flock``
+    returned (``error`` says how). ``released``: ``fd`` is no longer the waiter's (a caller
+    took it, it was closed, or this is a forked child). The thread itself never touches
+    ``fd``: it blocks on a private duplicate (see ``start_waiter``).
     All fields are guarded by ``registry_lock``.
     """
 
@@ -224,33 +224,46 @@ def start_waiter(lock_path: str, fd: int) -> bool:
     """Hand ``fd`` (open, tracked, not locked, with the claim of ``lock_path``) to a new
     waiter thread; caller holds ``registry_lock``. False if no thread can be started (a
     thread limit, interpreter shutdown): ``fd`` and the claim are then still the caller's.
+
+    The thread blocks on a duplicate of ``fd`` that only it uses and closes: the same open
+    file description (``flock`` belongs to it, so a success through either descriptor
+    locks both), but a descriptor number no caller can close or reuse under the thread.
+    A caller may so take ``fd`` at any time, even before the thread reached ``flock``.
     """
+    with fork_guard:
+        own = os.dup(fd)
+        unregistered.add(own)
     waiter = Waiter(lock_path, fd)
     thread = threading.Thread(
-        target=_wait, args=(waiter,), name="sessionfence-lock-waiter", daemon=True
+        target=_wait, args=(waiter, own), name="sessionfence-lock-waiter", daemon=True
     )
     waiters[lock_path] = waiter
     try:
         thread.start()
     except RuntimeError:
         del waiters[lock_path]
+        close_tracked(own)
         return False
     return True
 
 
-def _wait(waiter: Waiter) -> None:
+def _wait(waiter: Waiter, own: int) -> None:
     """The waiter thread: block until the lock is ours, then keep it for a caller that
     still wants it (they are woken and the first takes it), or undo it at once."""
     error: OSError | None = None
     try:
-        _os.lock_blocking(waiter.fd)
+        _os.lock_blocking(own)
     except OSError as exc:
         error = exc
+    # Our duplicate goes first: the lock stays with ``waiter.fd`` (the same open file
+    # description) if a caller holds or will take it; if ``waiter.fd`` was closed
+    # meanwhile, this is the last reference, and a lock got for nobody goes with it.
+    close_tracked(own)
     with registry_lock:
         waiter.returned = True
         waiter.error = error
         if waiter.released:
-            return  # a caller took the descriptor (or it was never ours to close)
+            return  # a caller took the descriptor, or it was closed
         if error is not None and waiter.attached:
             no_blocking.add(waiter.lock_path)
         if waiter.attached and error is None and interest.get(waiter.lock_path, 0) > 0:
@@ -278,16 +291,19 @@ def retire_waiter(waiter: Waiter) -> None:
 
 
 def detach_waiter(waiter: Waiter) -> None:
-    """The waiter's lock file was replaced: let the path go (a fresh attempt may lock the
-    new file) and leave the thread to clean up when its ``flock`` returns; caller holds
-    ``registry_lock``."""
+    """The waiter's lock file was replaced: close its descriptor and let the path go (a
+    fresh attempt may lock the new file); the thread, still blocked on the orphan, only
+    closes its duplicate when its ``flock`` returns. Caller holds ``registry_lock``."""
     if not waiter.attached:
         return
-    waiter.attached = False
-    if waiters.get(waiter.lock_path) is waiter:
-        del waiters[waiter.lock_path]
     if waiter.returned:
         retire_waiter(waiter)
+        return
+    waiter.attached = False
+    waiter.released = True
+    close_tracked(waiter.fd)
+    if waiters.get(waiter.lock_path) is waiter:
+        del waiters[waiter.lock_path]
     drop_claim(waiter.lock_path)
 
 

@@ -502,3 +502,59 @@ def test_no_thread_for_a_waiter_falls_back_to_polling(
     finally:
         monkeypatch.undo()
         holder.close()
+
+
+@linux_only
+def test_lock_taken_before_the_waiter_thread_reached_flock(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The waiter thread is held back before its flock; the caller's re-check finds the
+    # lock free through the waiter's descriptor, takes it, holds and releases it. Only then
+    # does the thread reach flock, on its own duplicate: whatever it gets goes at once, and
+    # no other descriptor of this process (one reusing a closed number) is touched.
+    go = threading.Event()
+    real_lock_blocking = _lock_os.lock_blocking
+
+    def late_lock_blocking(fd: int) -> None:
+        go.wait(WAIT)
+        real_lock_blocking(fd)
+
+    monkeypatch.setattr(_lock_os, "lock_blocking", late_lock_blocking)
+    holder = Holder(path)
+    try:
+        got: list[SessionWriteLock] = []
+        thread = _in_thread(path, got, timeout=WAIT)
+        wait_for(lambda: holder.lock_path in _lock_registry.waiters, "the waiter to start")
+        holder.release()
+        thread.join(WAIT)  # taken on the caller's next re-check, the thread still held back
+        assert got and got[0].generation == holder.generation + 1
+        got[0].release()
+        assert _waiter_threads() == 1
+        decoy = os.open(os.devnull, os.O_RDONLY)  # likely the number the taken one had
+        try:
+            go.set()
+            wait_for(lambda: _waiter_threads() == 0, "the late waiter thread to finish")
+            assert not probe_held(holder.lock_path)
+            decoy_ino = os.fstat(decoy).st_ino  # still open, and never locked by us:
+            with open("/proc/locks", encoding="ascii") as fh:
+                ours = [
+                    line
+                    for line in fh
+                    if line.split()[4 if "->" not in line else 5] == str(os.getpid())
+                    and line.split()[-3].rsplit(":", 1)[-1] == str(decoy_ino)
+                ]
+            assert ours == []
+            lock_ino = os.stat(holder.lock_path).st_ino
+            mine = [
+                n
+                for n in os.listdir("/proc/self/fd")
+                if os.path.realpath(f"/proc/self/fd/{n}") == holder.lock_path
+            ]
+            assert mine == [], f"descriptors of {lock_ino} left open"
+        finally:
+            os.close(decoy)
+        with holding_in_another_process(path) as other:
+            assert other.generation == holder.generation + 2
+    finally:
+        go.set()
+        holder.close()
