@@ -30,13 +30,16 @@ def register(subparsers: Any) -> None:
         "turn reacquires the session write lock (fence check), appends owned entries "
         "(sometimes a compaction), and releases the lock for a simulated model call, "
         "sometimes publishing an owned line meanwhile. A delivery mirror appends benign "
-        "lines in the released windows. With --chaos, a chaos process makes "
+        "lines in the released windows, as a co-tenant (append_as_cotenant); with "
+        "--cotenants, co-tenant processes append user messages there too, and with "
+        "--supersede new attempts claim sessions in them. With --chaos, a chaos process makes "
         "foreign edits of every kind (appends, disguised appends, truncations, replacement, "
         "same-size rewrites with mtime restored, touch, chmod) in released windows and "
         "workers are SIGKILLed, some half-way through a line. Every event is logged as "
         "ground truth; the report checks the fence's verdicts and every acknowledged line "
         "against it. Exit status 0 only when no line was lost or duplicated, no injected "
-        "takeover was missed and no false takeover was raised; 1 otherwise; 2 on bad input; "
+        "takeover or supersession was missed, no false takeover was raised, every co-tenant "
+        "append was accepted and no late write landed; 1 otherwise; 2 on bad input; "
         "130 when stopped by Ctrl-C (the first ^C ends the running attempts at a turn "
         "boundary and prints the report of what ran, marked INTERRUPTED; a second ^C "
         "abandons the run).",
@@ -69,6 +72,28 @@ def register(subparsers: Any) -> None:
         metavar="RATE",
         default="0.25",
         help="probability per released window of a benign delivery-mirror append (default 0.25)",
+    )
+    p.add_argument(
+        "--cotenants",
+        metavar="N",
+        default="0",
+        help="co-tenant processes (default 0): each appends user messages in released "
+        "windows through append_as_cotenant, with an idempotency key (some retried with "
+        "the same key); the claimant's fence must accept every one by its journal record",
+    )
+    p.add_argument(
+        "--cotenant-rate",
+        metavar="RATE",
+        default="0.25",
+        help="probability per released window that a co-tenant appends (default 0.25)",
+    )
+    p.add_argument(
+        "--supersede",
+        metavar="RATE",
+        default="0",
+        help="probability per released window that a new attempt claims the session (a "
+        "supersession, default 0): the current attempt must stop with reason 'superseded' "
+        "and its late append must be refused",
     )
     p.add_argument(
         "--chaos-kinds",
@@ -134,6 +159,9 @@ def _config(args: argparse.Namespace) -> Any:
             transcript_mb=_float("--transcript-mb", args.transcript_mb),
             chaos=_float("--chaos", args.chaos),
             mirror=_float("--mirror", args.mirror),
+            cotenants=_int("--cotenants", args.cotenants),
+            cotenant_rate=_float("--cotenant-rate", args.cotenant_rate),
+            supersede=_float("--supersede", args.supersede),
             seed=_int("--seed", args.seed),
             verify=args.verify,
             chaos_kinds=_kinds(args.chaos_kinds),

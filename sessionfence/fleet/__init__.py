@@ -2,9 +2,11 @@
 
 Workers run attempts (reacquire + fence check, owned appends, compactions, release for a
 simulated model call) on shared transcripts; a delivery mirror appends benign lines in the
-released windows; a chaos process makes foreign edits of every kind (docs/fleet.md, "Chaos
-kinds") and the supervisor SIGKILLs workers. Every event is logged as ground truth and the
-oracle checks the fence's verdicts and every acknowledged line against it.
+released windows, co-tenants append user messages there (both through
+``append_as_cotenant``), new attempts claim sessions in them (supersession); a chaos
+process makes foreign edits of every kind (docs/fleet.md, "Chaos kinds") and the supervisor
+SIGKILLs workers. Every event is logged as ground truth and the oracle checks the fence's
+verdicts and every acknowledged line against it.
 """
 
 from __future__ import annotations

@@ -6,6 +6,15 @@ processes *while they hold the session's write lock*. Because a worker flips its
 RELEASED before it gives the lock up and to HOLDING only after it has it back, a reader that
 holds the lock and sees RELEASED or REACQUIRING knows the attempt's fence check for that
 window has not run yet: whatever it writes now must be judged by that check.
+
+Processes that append through ``append_as_cotenant`` (the delivery mirror, the co-tenants)
+cannot read the board under the write lock: that function takes the lock itself. They hold
+the session's *gate* (a process-shared lock, one per stripe of sessions) from their look at
+the board until their appends returned, and chaos takes the gate too (without waiting,
+under the write lock) before an edit: so chaos never edits between an appender's look and
+its append. Chaos also compares the transcript's size with its size when the window opened
+(``open_size``): whoever appended in this window, chaos then only appends, replaces or
+touches, never cuts or rewrites what was just written.
 """
 
 from __future__ import annotations
@@ -14,6 +23,8 @@ from typing import Any
 
 __all__ = [
     "APPENDED",
+    "CHAOS_ACTED",
+    "CLAIMED",
     "EDITED_OUT_OF_WINDOW",
     "HOLDING",
     "IDLE",
@@ -24,12 +35,14 @@ __all__ = [
 ]
 
 IDLE, HOLDING, RELEASED, REACQUIRING = 0, 1, 2, 3
-# Window marks (see Board.mark).
-EDITED_OUT_OF_WINDOW, APPENDED = 1, 2
+# Window marks (see Board.mark). CHAOS_ACTED and CLAIMED keep chaos and a supersession out
+# of each other's window, so a detection there has one cause.
+EDITED_OUT_OF_WINDOW, APPENDED, CHAOS_ACTED, CLAIMED = 1, 2, 4, 8
 PHASE_NAMES = {IDLE: "idle", HOLDING: "holding", RELEASED: "released", REACQUIRING: "reacquiring"}
 
-_ATTEMPT, _PHASE, _WINDOW, _TAINT, _TURNS = range(5)
-_FIELDS = 5
+_ATTEMPT, _PHASE, _WINDOW, _TAINT, _TURNS, _OPEN_SIZE = range(6)
+_FIELDS = 6
+_GATE_STRIPES = 64
 
 
 class Board:
@@ -39,6 +52,7 @@ class Board:
         self.sessions = sessions
         self._rows: Any = ctx.RawArray("q", sessions * _FIELDS)
         self._stop: Any = ctx.RawValue("q", 0)
+        self._gates: list[Any] = [ctx.Lock() for _ in range(min(sessions, _GATE_STRIPES))]
 
     def _at(self, session: int, field: int) -> int:
         return int(self._rows[session * _FIELDS + field])
@@ -56,9 +70,11 @@ class Board:
     def set_phase(self, session: int, phase: int) -> None:
         self._put(session, _PHASE, phase)
 
-    def open_window(self, session: int, window: int) -> None:
-        """Enter released window ``window``; called while the lock is still held."""
+    def open_window(self, session: int, window: int, size: int = -1) -> None:
+        """Enter released window ``window``; called while the lock is still held, with the
+        transcript's ``size`` at that moment."""
         self._put(session, _TAINT, 0)
+        self._put(session, _OPEN_SIZE, size)
         self._put(session, _WINDOW, window)
         self._put(session, _PHASE, RELEASED)
 
@@ -73,6 +89,14 @@ class Board:
 
     def marked(self, session: int, flag: int) -> bool:
         return self._at(session, _TAINT) & flag != 0
+
+    def open_size(self, session: int) -> int:
+        """The transcript's size when the current window opened (-1: unknown)."""
+        return self._at(session, _OPEN_SIZE)
+
+    def gate(self, session: int) -> Any:
+        """The session's gate (see the module doc): a process-shared lock."""
+        return self._gates[session % len(self._gates)]
 
     def snapshot(self, session: int) -> tuple[int, int, int]:
         """(attempt, phase, window) of the session."""

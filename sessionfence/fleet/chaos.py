@@ -1,17 +1,22 @@
 """Foreign writers: the chaos process (takeovers and metadata noise) and the delivery mirror.
 
-Both act only inside a worker's released window, and only while holding the session's real
-write lock, after re-reading the session's row on the board: the phase must still be
-RELEASED or REACQUIRING for the same attempt and window they saw before locking. That makes
-every logged event exact ground truth: it happened after the attempt's fence snapshot for
+Both act only inside a worker's released window (windows.py). Chaos holds the session's
+real write lock and re-reads the session's row on the board under it: the phase must still
+be RELEASED or REACQUIRING for the same attempt and window it saw before locking. That makes
+every chaos event exact ground truth: it happened after the attempt's fence snapshot for
 that window and before its fence check. Each event also records the lock generation it was
-made under, so the oracle can order it against the worker's own acquisition.
+made under, so the oracle can order it against the worker's own acquisition. The mirror is a
+co-tenant: it appends through ``append_as_cotenant`` (writer ``mirror``), which takes the
+lock itself, and places its events in windows by the board before and after (windows.py).
 
 Chaos makes at most one event per released window, and in a window that already grew (a
-mirror append, an owned publication) only appends, replacement or metadata events: cutting
-or rewriting what was just appended could leave a net change that is benign, owned or nil,
-which is no takeover. In ``verify="tail"`` mode it never combines an edit outside the tail
-window with an append in the same window (the mirror skips such a window too): tail mode by
+mirror or co-tenant append, an owned publication: the transcript is no longer the size it
+had when the window opened) only appends, replacement or metadata events: cutting or
+rewriting what was just appended could leave a net change that is benign, owned or nil,
+which is no takeover. It does not act in a window where a supersession was made (so each
+detection has one cause). In ``verify="tail"`` mode it never combines an edit outside the
+tail window with an append in the same window (the mirror and the co-tenants skip such a
+window too, holding the session's gate, which chaos takes before an edit): tail mode by
 design cannot see that combination (docs/design.md, "check_append rules" and "Verify
 modes"). For the same reason an edit outside the tail window that leaves the stat exactly as
 it was (same timestamp tick on a coarse-timestamp filesystem) is logged as ``unseen`` in
@@ -27,13 +32,11 @@ import random
 import shutil
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import SessionWriteLockAcquireError
-from ..lock import acquire_session_write_lock
-from .board import APPENDED, EDITED_OUT_OF_WINDOW, REACQUIRING, RELEASED, Board
+from .board import APPENDED, CHAOS_ACTED, CLAIMED, EDITED_OUT_OF_WINDOW, Board
 from .logs import LogWriter
 from .transcripts import (
     SIM_MODEL,
@@ -45,6 +48,7 @@ from .transcripts import (
     message_line,
     now_iso,
 )
+from .windows import EntryMaker, append_in_window, chosen_windows, new_stats, visit_windows
 
 __all__ = [
     "KINDS",
@@ -85,11 +89,6 @@ _AFTER_APPEND = ("foreign-append", "disguised-append", "replace-same-bytes", "to
 
 # Share of mirror events that also append a metadata record (custom, label, session_info).
 _METADATA_SHARE = 0.2
-
-# How long a foreign writer keeps trying the lock for one window before giving the window up.
-_LOCK_TRY_SECONDS = 0.05
-_LOCK_TRY_PAUSE = 0.0005
-_SCAN_PAUSE = 0.001
 
 
 def _stat_key(path: str) -> tuple[int, int, int, int, int] | None:
@@ -318,82 +317,6 @@ def apply_event(kind: str, path: str, rng: random.Random) -> dict[str, Any]:
     return result
 
 
-def _visit_windows(
-    paths: list[str],
-    board: Board,
-    rng: random.Random,
-    rate: float,
-    act: Callable[[int, int, int, Any], dict[str, Any] | None],
-    log: LogWriter,
-    source: str,
-) -> dict[str, int]:
-    """Flip a coin once for every released window seen; on heads, take the session's lock
-    and, if the same window is still open, call ``act`` and log its event."""
-    seen: dict[int, tuple[int, int]] = {}
-    stats = {"windows_seen": 0, "chosen": 0, "events": 0, "lock_busy": 0, "closed": 0}
-    sessions = list(range(len(paths)))
-    while not board.stopping:
-        rng.shuffle(sessions)
-        for s in sessions:
-            attempt, phase, window = board.snapshot(s)
-            if phase not in (RELEASED, REACQUIRING) or attempt == 0:
-                continue
-            if seen.get(s) == (attempt, window):
-                continue
-            seen[s] = (attempt, window)
-            stats["windows_seen"] += 1
-            if rng.random() >= rate:
-                continue
-            stats["chosen"] += 1
-            lock = _try_lock(paths[s], board, s, attempt, window)
-            if lock is None:
-                stats["lock_busy"] += 1
-                continue
-            held_from = time.monotonic()
-            try:
-                now_attempt, now_phase, now_window = board.snapshot(s)
-                if (now_attempt, now_window) != (attempt, window) or now_phase not in (
-                    RELEASED,
-                    REACQUIRING,
-                ):
-                    stats["closed"] += 1
-                    continue
-                event = act(s, attempt, window, lock)
-                if event is None:
-                    continue
-                event.update(
-                    source=source,
-                    session=s,
-                    attempt=attempt,
-                    window=window,
-                    gen=lock.generation,
-                    # Inside the true hold, as the workers log theirs (overlap check).
-                    hold=[held_from, time.monotonic()],
-                )
-                log.write(event)
-                stats["events"] += 1
-            finally:
-                lock.release()
-        time.sleep(_SCAN_PAUSE)
-    return stats
-
-
-def _try_lock(path: str, board: Board, s: int, attempt: int, window: int) -> Any:
-    """Try the lock without queueing behind the worker: give up once the window closes."""
-    deadline = time.monotonic() + _LOCK_TRY_SECONDS
-    while True:
-        try:
-            return acquire_session_write_lock(path, timeout=0)
-        except SessionWriteLockAcquireError:
-            pass
-        now_attempt, phase, now_window = board.snapshot(s)
-        if (now_attempt, now_window) != (attempt, window) or phase not in (RELEASED, REACQUIRING):
-            return None
-        if time.monotonic() > deadline or board.stopping:
-            return None
-        time.sleep(_LOCK_TRY_PAUSE)
-
-
 def chaos_kinds(verify: str) -> list[str]:
     """The kinds chaos draws from by default: all, less those tail mode cannot see."""
     return [k for k, spec in KINDS.items() if verify == "full" or not spec.full_only]
@@ -418,15 +341,22 @@ def chaos_main(
     log = LogWriter(log_path)
 
     def act(s: int, attempt: int, window: int, lock: Any) -> dict[str, Any] | None:
-        if board.marked(s, APPENDED):
-            # This window already grew (a mirror append, an owned publication): truncating
-            # or rewriting what was just written could leave the net change benign, owned
-            # or nil, which is no takeover.
+        if board.marked(s, CLAIMED):
+            return None  # superseded in this window: the detection must have one cause
+        if board.marked(s, APPENDED) or os.path.getsize(paths[s]) != board.open_size(s):
+            # This window already grew (a mirror or co-tenant append, an owned
+            # publication): truncating or rewriting what was just written could leave the
+            # net change benign, owned or nil, which is no takeover.
             if not after_append:
                 return None
             kind = rng.choice(after_append)
         else:
             kind = rng.choices(kinds, weights)[0]
+        board.mark(s, CHAOS_ACTED)
+        if KINDS[kind].out_of_window:
+            # Before the edit: an appender that looks at the board after this (holding the
+            # gate, which chaos holds now) declines this window in tail mode.
+            board.mark(s, EDITED_OUT_OF_WINDOW)
         before = _stat_key(paths[s])
         result = apply_event(kind, paths[s], rng)
         if "skipped" in result:
@@ -446,40 +376,59 @@ def chaos_main(
         result["content_changing"] = spec.content_changing
         return result
 
-    stats = _visit_windows(paths, board, rng, rate, act, log, "chaos")
+    stats = visit_windows(paths, board, rng, rate, act, log, "chaos", gated=True)
     log.write({"source": "chaos", "stats": stats})
     log.close()
+
+
+def _as_entry(line: bytes) -> dict[str, Any]:
+    """A line built for a raw append, as an entry for ``append_as_cotenant``: its parent is
+    left to the append (the last entry in the file when it lands)."""
+    entry: dict[str, Any] = json.loads(line)
+    entry.pop("parentId", None)
+    return entry
 
 
 def mirror_main(
     paths: list[str], board: Board, rate: float, verify: str, seed: str, log_path: str
 ) -> None:
+    """The delivery mirror: benign assistant messages (sometimes with a metadata record)
+    appended in released windows through ``append_as_cotenant`` as the co-tenant
+    ``mirror``, each with an idempotency key."""
     rng = random.Random(seed)
     log = LogWriter(log_path)
+    stats = new_stats()
+    serial = 0
 
-    def act(s: int, attempt: int, window: int, lock: Any) -> dict[str, Any] | None:
-        if verify == "tail" and board.marked(s, EDITED_OUT_OF_WINDOW):
-            return None
-        board.mark(s, APPENDED)
-        parent = _last_id(paths[s])
-        added = []
-        data = b""
-        for _ in range(rng.randint(1, 2)):
-            entry_id, line = mirror_line(rng, parent)
-            added.append(entry_id)
-            data += line
-            parent = entry_id
+    def message(_added: Sequence[str]) -> tuple[dict[str, Any], str]:
+        nonlocal serial
+        serial += 1
+        _, line = mirror_line(rng, None)
+        return _as_entry(line), f"mirror-{serial}"
+
+    def metadata(added: Sequence[str]) -> tuple[dict[str, Any], str]:
+        nonlocal serial
+        serial += 1
+        _, line = _metadata_line(rng, added[-1])
+        return _as_entry(line), f"mirror-{serial}"
+
+    for s, attempt, window in chosen_windows(len(paths), board, rng, rate, stats):
+        makers: list[EntryMaker] = [message] * rng.randint(1, 2)
         kind = "mirror"
         if rng.random() < _METADATA_SHARE:
             # The other benign kinds a merge callback takes (docs/design.md, "Benign
             # policy"): global metadata.
             kind = "mirror+metadata"
-            entry_id, line = _metadata_line(rng, added[-1])
-            added.append(entry_id)
-            data += line
-        _append(paths[s], data)
-        return {"kind": kind, "takeover": False, "content_changing": True, "added": added}
-
-    stats = _visit_windows(paths, board, rng, rate, act, log, "mirror")
+            makers.append(metadata)
+        event = append_in_window(
+            paths[s], board, s, attempt, window, makers, "mirror", verify, stats
+        )
+        if event is None:
+            continue
+        if len(event["added"]) < len(makers):
+            kind = "mirror"  # the window closed before the metadata record
+        event.update(kind=kind, source="mirror")
+        log.write(event)
+        stats["events"] += 1
     log.write({"source": "mirror", "stats": stats})
     log.close()

@@ -43,6 +43,14 @@ class FleetConfig:
     lock_timeout: float = 60.0
     # None: every kind the verify mode can see (chaos.chaos_kinds); else exactly these.
     chaos_kinds: tuple[str, ...] | None = None
+    # Co-tenant processes (append_as_cotenant: user messages, not benign by content), and
+    # the probability per released window that each of them appends.
+    cotenants: int = 0
+    cotenant_rate: float = 0.25
+    # Share of co-tenant appends retried with the same idempotency key (must be a no-op).
+    cotenant_retry: float = 0.3
+    # Probability per released window that a new attempt claims the session (supersession).
+    supersede: float = 0.0
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
@@ -58,6 +66,18 @@ class FleetConfig:
             ("--seed", 0 <= self.seed < 2**63, "a non-negative integer"),
             ("--attempts", 1 <= self.attempts <= 1000, "between 1 and 1000"),
             ("mirror rate", 0 <= self.mirror <= 1, "between 0 and 1"),
+            ("--cotenants", 0 <= self.cotenants <= 64, "between 0 and 64"),
+            (
+                "--cotenant-rate",
+                math.isfinite(self.cotenant_rate) and 0 <= self.cotenant_rate <= 1,
+                "between 0 and 1",
+            ),
+            ("co-tenant retry share", 0 <= self.cotenant_retry <= 1, "between 0 and 1"),
+            (
+                "--supersede",
+                math.isfinite(self.supersede) and 0 <= self.supersede <= 1,
+                "between 0 and 1",
+            ),
             ("publish rate", 0 <= self.publish <= 1, "between 0 and 1"),
             ("compaction rate", 0 <= self.compaction <= 1, "between 0 and 1"),
             ("think time", 0 <= self.think_min <= self.think_max <= 60, "0 <= min <= max <= 60"),

@@ -11,12 +11,14 @@ from typing import Any, TextIO
 
 from .config import FleetConfig
 from .oracle import (
+    CotenantVerdict,
     Facts,
     LineVerdict,
     TakeoverVerdict,
     TornVerdict,
     collect_facts,
     count_overlaps,
+    judge_cotenants,
     judge_takeovers,
     judge_torn_tails,
     verify_lines,
@@ -89,9 +91,33 @@ def failures(report: Mapping[str, Any]) -> list[str]:
         (report["error_count"], "attempts ended in an error"),
         (
             sum(1 for code in report["foreign_exitcodes"].values() if code != 0),
-            "foreign writer processes (chaos, mirror) died",
+            "foreign writer processes (chaos, mirror, co-tenants, supersession) died",
         ),
     ]
+    cotenant = report.get("cotenant")
+    if cotenant is not None:
+        checks += [
+            (cotenant["unaccepted"], "co-tenant appends not accepted by the claimant's fence"),
+            (cotenant["lost"], "co-tenant lines lost"),
+            (cotenant["duplicated"], "co-tenant lines duplicated"),
+            (cotenant["damaged"], "co-tenant lines damaged"),
+            (cotenant["errors"], "co-tenant or mirror appends failed"),
+            (
+                cotenant["retry_mismatches"],
+                "idempotent retries that did not return the first append's id",
+            ),
+            (cotenant["retry_duplicates"], "idempotent retries that wrote a line"),
+        ]
+    supersede = report.get("supersede")
+    if supersede is not None:
+        checks += [
+            (supersede["missed"], "supersessions not detected (reason superseded)"),
+            (supersede["late_writes_landed"], "late writes of superseded attempts landed"),
+            (
+                supersede["late_write_errors"],
+                "late writes not refused with SessionSupersededError",
+            ),
+        ]
     for count, what in checks:
         if count:
             out.append(f"{count} {what}")
@@ -100,19 +126,45 @@ def failures(report: Mapping[str, Any]) -> list[str]:
 
 def build_report(cfg: FleetConfig, result: RunResult) -> dict[str, Any]:
     facts = collect_facts(result.log_dir)
-    takeovers = judge_takeovers(facts.events, facts.detections, facts.dead_attempts, facts.turns)
+    takeovers = judge_takeovers(
+        [*facts.events, *facts.cotenant_events],
+        facts.detections,
+        facts.dead_attempts,
+        facts.turns,
+    )
     torn = judge_torn_tails(facts.torn_injected, facts.torn_found)
     shape_only = result.padding_end if result.padding_end > _SHAPE_ONLY_ABOVE else 0
+    cotenant_lines: dict[int, set[str]] = {}
+    retry_ids: dict[int, set[str]] = {}
+    for e in facts.cotenant_events:
+        s = int(e["session"])
+        cotenant_lines.setdefault(s, set()).update(e.get("added") or ())
+        retry = e.get("retry")
+        if retry and retry.get("proposed"):
+            retry_ids.setdefault(s, set()).add(str(retry["proposed"]))
+    # A supersession's attempt: none of its lines may lie past the claim.
+    late_after: dict[int, list[tuple[set[str], int]]] = {}
+    for e in facts.events:
+        if e.get("kind") == "supersede" and e.get("claim_offset") is not None:
+            s, a = int(e["session"]), int(e["attempt"])
+            late = set(facts.acks_by_attempt.get((s, a), ()))
+            late_after.setdefault(s, []).append((late, int(e["claim_offset"])))
     lines = verify_lines(
         dict(enumerate(result.paths)),
         facts.acks,
         facts.ids_by_session("removed"),
         facts.ids_by_session("altered"),
         facts.ids_by_session("added"),
+        cotenant=cotenant_lines,
+        absent=retry_ids,
+        late_after=late_after,
         shape_only_below=shape_only,
     )
+    cotenants = judge_cotenants(
+        facts.cotenant_events, takeovers.cotenant_windows, facts.merged, facts.parsed
+    )
     torn.quarantined = sum(len(glob.glob(glob.escape(p) + ".torn-*")) for p in result.paths)
-    return _assemble(cfg, result, facts, takeovers, torn, lines)
+    return _assemble(cfg, result, facts, takeovers, torn, lines, cotenants)
 
 
 def _assemble(
@@ -122,8 +174,11 @@ def _assemble(
     takeovers: TakeoverVerdict,
     torn: TornVerdict,
     lines: LineVerdict,
+    cotenants: CotenantVerdict | None = None,
 ) -> dict[str, Any]:
     turns = facts.turns
+    if cotenants is None:
+        cotenants = CotenantVerdict()
     report: dict[str, Any] = {
         "config": {
             "workers": cfg.workers,
@@ -133,6 +188,9 @@ def _assemble(
             "transcript_mb": cfg.transcript_mb,
             "chaos": cfg.chaos,
             "mirror": cfg.mirror,
+            "cotenants": cfg.cotenants,
+            "cotenant_rate": cfg.cotenant_rate,
+            "supersede": cfg.supersede,
             "seed": cfg.seed,
             "verify": cfg.verify_mode,
             "backend": _backend_name(),
@@ -175,12 +233,45 @@ def _assemble(
             "ordering_anomalies": takeovers.ordering_anomalies,
             "unseen": takeovers.unseen_events,
             "unseen_detected_later": takeovers.unseen_detected_later,
+            "unplaced": takeovers.unplaced_events,
             "by_kind": dict(sorted(takeovers.by_kind.items())),
             "reasons": dict(sorted(takeovers.reasons.items())),
             "missed_examples": takeovers.missed_examples,
             "false_examples": takeovers.false_examples,
         },
         "benign": {"events": takeovers.benign_events, "accepted": takeovers.benign_accepted},
+        "cotenant": {
+            "appended": cotenants.appended,
+            "accepted": cotenants.accepted,
+            "merged": cotenants.merged,
+            "parsed": cotenants.parsed,
+            "void": cotenants.void,
+            "unaccepted": cotenants.unaccepted,
+            "unplaced": cotenants.unplaced,
+            "unjudged": cotenants.unjudged,
+            "refused": cotenants.refused,
+            "errors": cotenants.errors,
+            "idempotent_retries": cotenants.retries,
+            "retry_mismatches": cotenants.retry_mismatches,
+            "retry_duplicates": lines.retry_duplicates,
+            "lost": lines.cotenant_lost,
+            "duplicated": lines.cotenant_duplicated,
+            "damaged": lines.cotenant_damaged,
+            "examples": cotenants.examples,
+        },
+        "supersede": {
+            "injected": takeovers.supersede_injected,
+            "detected": takeovers.supersede_detected,
+            "missed": takeovers.supersede_missed,
+            "void": takeovers.supersede_void,
+            "late": takeovers.supersede_late,
+            "late_writes_refused": len(facts.late_refused),
+            "late_write_errors": len(facts.late_errors),
+            "late_writes_landed": len(
+                set(lines.late_ids) | {str(r.get("id")) for r in facts.late_landed}
+            ),
+            "missed_examples": takeovers.supersede_missed_examples,
+        },
         "workers": {
             "killed": facts.killed_workers,
             "crashed": facts.crashed_workers,
@@ -307,6 +398,7 @@ def _rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
             "benign events",
             f"{report['benign']['events']}, accepted {report['benign']['accepted']}",
         ),
+        *_ownership_rows(report),
         (
             "workers",
             f"killed {workers['killed']}, crashed {workers['crashed']}, "
@@ -369,6 +461,43 @@ def _rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     else:
         verdict = "PASS" if report["ok"] else "FAIL: " + "; ".join(report["failures"])
     rows.append(("verdict", verdict))
+    return rows
+
+
+def _ownership_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The co-tenant and supersession lines, when the run had any (issue 13)."""
+    cfg = report["config"]
+    rows = []
+    ct = report.get("cotenant")
+    if ct is not None and (cfg.get("cotenants") or ct["appended"]):
+        rows.append(
+            (
+                "co-tenants",
+                f"appended {ct['appended']}, accepted {ct['accepted']} (merged {ct['merged']}, "
+                f"parsed {ct['parsed']}), void {ct['void']}, unaccepted {ct['unaccepted']}  "
+                f"(unplaced {ct['unplaced']}, unjudged {ct['unjudged']}, refused "
+                f"{ct['refused']}, errors {ct['errors']})",
+            )
+        )
+        rows.append(
+            (
+                "idempotent retries",
+                f"{ct['idempotent_retries']}, other id returned {ct['retry_mismatches']}, "
+                f"line written {ct['retry_duplicates']}; co-tenant lines lost {ct['lost']}, "
+                f"duplicated {ct['duplicated']}, damaged {ct['damaged']}",
+            )
+        )
+    sp = report.get("supersede")
+    if sp is not None and (cfg.get("supersede") or sp["injected"]):
+        rows.append(
+            (
+                "supersessions",
+                f"injected {sp['injected']}, detected {sp['detected']}, missed {sp['missed']}  "
+                f"(void {sp['void']}, late {sp['late']}); late writes refused "
+                f"{sp['late_writes_refused']}, landed {sp['late_writes_landed']}, wrong "
+                f"refusal {sp['late_write_errors']}",
+            )
+        )
     return rows
 
 

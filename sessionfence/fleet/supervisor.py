@@ -14,9 +14,10 @@ Ctrl-C belongs to the supervisor alone. Every child ignores SIGINT from its firs
 instruction (the signal is blocked while it is forked, so none slips through before that),
 which keeps a terminal's ^C, sent to the whole foreground process group, from printing a
 ``KeyboardInterrupt`` traceback per child. The supervisor takes the first ^C as "stop":
-it dispatches nothing more and raises the board's stop flag; the chaos and mirror
-processes stop visiting windows, and each running attempt ends at its next turn boundary
-(after the fence check of its last released window, so every window it opened is judged)
+it dispatches nothing more and raises the board's stop flag; the chaos, mirror, co-tenant
+and supersession processes stop visiting windows, and each running attempt ends at its next
+turn boundary (after the fence check of its last released window, so every window it opened
+is judged)
 with the outcome ``interrupted``. Attempts still running after ``_INTERRUPT_GRACE`` seconds
 (a large transcript still being parsed) are SIGKILLed like any killed attempt. The run then
 ends normally and its report covers what ran. A second ^C abandons the run at once.
@@ -41,6 +42,7 @@ from typing import Any
 from .board import PHASE_NAMES, Board
 from .chaos import chaos_main, mirror_main
 from .config import FleetConfig
+from .cotenants import cotenant_main, supersede_main
 from .logs import LogWriter
 from .transcripts import make_transcripts
 from .worker import Task, worker_main
@@ -191,30 +193,33 @@ class _Supervisor:
     def start_foreign(self) -> None:
         cfg = self.cfg
         verify = cfg.verify_mode
-        for name, target, rate in (
-            ("chaos", chaos_main, cfg.chaos),
-            ("mirror", mirror_main, cfg.mirror),
-        ):
-            if rate <= 0:
-                continue
+        procs: list[tuple[str, Callable[..., None], tuple[Any, ...]]] = []
+        if cfg.chaos > 0:
+            kinds = [list(cfg.chaos_kinds)] if cfg.chaos_kinds else []
+            procs.append(("chaos", chaos_main, (cfg.chaos, verify, *self._seeded("chaos"), *kinds)))
+        if cfg.mirror > 0:
+            procs.append(("mirror", mirror_main, (cfg.mirror, verify, *self._seeded("mirror"))))
+        cotenants = cfg.cotenants if cfg.cotenant_rate > 0 else 0
+        for i in range(1, cotenants + 1):
+            name = f"cotenant-{i}"
+            args = (cfg.cotenant_rate, verify, *self._seeded(name), name, cfg.cotenant_retry)
+            procs.append((name, cotenant_main, args))
+        if cfg.supersede > 0:
+            procs.append(("supersede", supersede_main, (cfg.supersede, *self._seeded("supersede"))))
+        for name, target, args in procs:
             proc = self.ctx.Process(
                 target=_child_main,
-                args=(
-                    target,
-                    self.paths,
-                    self.board,
-                    rate,
-                    verify,
-                    f"{cfg.seed}:{name}",
-                    os.path.join(self.log_dir, f"{name}.jsonl"),
-                    *([list(cfg.chaos_kinds)] if name == "chaos" and cfg.chaos_kinds else []),
-                ),
+                args=(target, self.paths, self.board, *args),
                 name=f"fleet-{name}",
                 daemon=True,
             )
             with _sigint_blocked():
                 proc.start()
             self.foreign[name] = proc
+
+    def _seeded(self, name: str) -> tuple[str, str]:
+        """A foreign writer's seed and log path."""
+        return f"{self.cfg.seed}:{name}", os.path.join(self.log_dir, f"{name}.jsonl")
 
     # routing ---------------------------------------------------------------------------------
 

@@ -12,18 +12,22 @@ import json
 import os
 import random
 import shutil
+import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from .._util import iso_utc
 
 __all__ = [
+    "COTENANT_MARK",
     "FOREIGN_ID_BASE",
     "SIM_MODEL",
     "SIM_PROVIDER",
     "checked_text",
+    "cotenant_entry",
+    "cotenant_ids",
     "entry_text",
     "foreign_id",
     "header_line",
@@ -40,6 +44,8 @@ FOREIGN_ID_BASE = 0x80000000
 SIM_PROVIDER = "fleet-sim"
 SIM_MODEL = "sim-1"
 _CHECK = "fleetCheck"
+# Co-tenant messages name their writer here, so a worker can tell them from other lines.
+COTENANT_MARK = "fleetCotenant"
 _PHRASE = (
     "the transcript stays append only while the model thinks and the lock is released "
     "so every worker checks the fence before it writes again and stops on a takeover"
@@ -79,6 +85,37 @@ def owned_message(rng: random.Random, tag: str) -> dict[str, Any]:
         "model": SIM_MODEL,
         _CHECK: check,
     }
+
+
+def cotenant_entry(rng: random.Random, writer: str, entry_id: str) -> dict[str, Any]:
+    """A user message a co-tenant (a gateway delivering an inbound message) appends: not
+    benign by content (a foreign user message is a takeover), owned by its journal record.
+    Carries a check like a worker's lines, and its writer's name."""
+    text, check = checked_text(rng, f"inbound from {writer}")
+    return {
+        "type": "message",
+        "id": entry_id,
+        "message": {
+            "role": "user",
+            "content": [{"type": "text", "text": text}],
+            "timestamp": int(time.time() * 1000),
+            _CHECK: check,
+            COTENANT_MARK: writer,
+        },
+    }
+
+
+def cotenant_ids(entries: Iterable[Any]) -> list[str]:
+    """Ids of the co-tenant messages among parsed ``entries``."""
+    ids = []
+    for entry in entries:
+        if not isinstance(entry, Mapping):
+            continue
+        message = entry.get("message")
+        ident = entry.get("id")
+        if isinstance(message, Mapping) and COTENANT_MARK in message and isinstance(ident, str):
+            ids.append(ident)
+    return ids
 
 
 def entry_text(entry: Any) -> tuple[str, str] | None:

@@ -30,13 +30,17 @@ from typing import Any
 
 from .. import fingerprint
 from ..controller import SessionFenceController, acquire_session_file_owner
-from ..errors import SessionTakeoverError, SessionWriteLockAcquireError
+from ..errors import (
+    SessionSupersededError,
+    SessionTakeoverError,
+    SessionWriteLockAcquireError,
+)
 from ..lock import acquire_session_write_lock_async
 from ..transcript import SessionManager, guard_session_manager
 from .board import APPENDED, HOLDING, IDLE, REACQUIRING, Board
 from .config import FleetConfig
 from .logs import LogWriter
-from .transcripts import checked_text, foreign_id, message_line, owned_message
+from .transcripts import checked_text, cotenant_ids, foreign_id, message_line, owned_message
 
 __all__ = ["Task", "worker_main"]
 
@@ -104,11 +108,54 @@ class _Attempt:
 
     def merge(self, entries: list[Any]) -> Any:
         assert self.manager is not None
-        return self.manager.merge_foreign_entries(entries)
+        result = self.manager.merge_foreign_entries(entries)
+        # Co-tenant entries the fence accepted and handed over: the oracle's "accepted".
+        ids = cotenant_ids(entries)
+        if ids:
+            self.record("merged", w=self.window, ids=ids)
+        return result
 
     def reload(self) -> None:
-        self.manager = self.guard(SessionManager.open(self.task.path))
+        assert self.ctl is not None
+        self.manager = self.guard(SessionManager.open(self.task.path, writer=self.ctl.writer))
         _PARSED.add(self.manager)
+        self.note_parsed(self.manager, "reload")
+
+    def note_parsed(self, manager: SessionManager, how: str) -> None:
+        """Co-tenant entries this attempt's parse holds (accepted when the file was read)."""
+        ids = cotenant_ids(manager.entries)
+        if ids:
+            self.record("parsed", w=self.window, how=how, ids=ids)
+
+    async def late_write(self, exc: SessionSupersededError) -> None:
+        """After a supersession was detected, append once more as a late writer would (an
+        agent loop that did not stop): the journaled manager must refuse it under the lock
+        with ``SessionSupersededError`` before a byte lands."""
+        ctl, manager = self.ctl, self.manager
+        if ctl is None or manager is None:
+            return
+        lock = None
+        if not ctl.holds_lock:
+            lock = await self.acquire(self.task.path, timeout=self.cfg.lock_timeout)
+        try:
+            tag = f"s{self.task.session}a{self.task.attempt}late"
+            entry_id = manager.append_message(owned_message(self.rng, tag))
+        except SessionSupersededError as refused:
+            self.record(
+                "late-refused",
+                w=self.window,
+                by=refused.superseded_by,
+                revision=refused.new_revision,
+                detected_by=exc.superseded_by,
+            )
+        except Exception as other:  # the wrong refusal: the oracle fails the run on it
+            self.record("late-error", w=self.window, error=f"{type(other).__name__}: {other}")
+        else:
+            self.ack(entry_id, "late")
+            self.record("late-landed", w=self.window, id=entry_id)
+        finally:
+            if lock is not None:
+                lock.release()
 
     def guard(self, manager: SessionManager) -> SessionManager:
         assert self.ctl is not None
@@ -222,8 +269,12 @@ async def _owned_attempt(task: Task, cfg: FleetConfig, board: Board, log: LogWri
         if reparsed:
             manager = SessionManager.open(task.path)
             _PARSED.add(manager)
+        # The claimant's appends are journaled (and refused once another run claimed the
+        # session): the fence accepts them by their records, a successor's check at commit.
+        manager.writer = ctl.writer
         manager = att.guard(manager)
         att.manager = manager
+        att.note_parsed(manager, "reparse" if reparsed else "open")
         torn = manager.torn_tail
         if torn is not None:
             # Never append after a torn line: move it to quarantine first (docs/transcripts.md,
@@ -253,7 +304,9 @@ async def _owned_attempt(task: Task, cfg: FleetConfig, board: Board, log: LogWri
                 appended = att.append_turn(turn)
             t1 = time.perf_counter()
             att.window += 1
-            board.open_window(s, att.window)  # before the lock is given up: see board.py
+            # Before the lock is given up (see board.py); the size tells chaos whether
+            # anything was appended in the window since.
+            board.open_window(s, att.window, os.path.getsize(task.path))
             await ctl.release_for_prompt()
             t2 = time.perf_counter()
             think = att.rng.uniform(cfg.think_min, cfg.think_max)
@@ -296,6 +349,8 @@ async def _owned_attempt(task: Task, cfg: FleetConfig, board: Board, log: LogWri
             phase=exc.phase,
             detail=exc.detail,
         )
+        if isinstance(exc, SessionSupersededError):
+            await att.late_write(exc)
     except SessionWriteLockAcquireError as exc:
         outcome = "error"
         att.record("error", w=att.window, error=f"lock: {exc}")

@@ -184,6 +184,11 @@ def test_progress_line_goes_to_stderr_when_not_a_terminal() -> None:
         (["--seed", "-1"], "--seed"),
         (["--verify", "both"], "--verify"),
         (["--chaos-kinds", "fire"], "chaos kinds"),
+        (["--cotenants", "-1"], "--cotenants"),
+        (["--cotenants", "two"], "--cotenants"),
+        (["--cotenant-rate", "2"], "--cotenant-rate"),
+        (["--supersede", "1.5"], "--supersede"),
+        (["--supersede", "inf"], "--supersede"),
         (["--sessions", "10000", "--transcript-mb", "100000"], "GiB free"),
     ],
 )

@@ -18,7 +18,12 @@ from sessionfence.fleet.config import FleetConfig
 from sessionfence.fleet.oracle import count_overlaps, judge_takeovers, verify_lines
 from sessionfence.fleet.report import build_report, failures, percentile
 from sessionfence.fleet.supervisor import RunResult
-from sessionfence.fleet.transcripts import checked_text, message_line, owned_message
+from sessionfence.fleet.transcripts import (
+    checked_text,
+    cotenant_entry,
+    message_line,
+    owned_message,
+)
 
 HEADER = b'{"type":"session","version":3,"id":"h","timestamp":"t","cwd":"/"}\n'
 
@@ -360,3 +365,215 @@ def test_two_holders_at_once_fail_the_run(run: Run) -> None:
     report = run.report()
     assert report["locks"]["overlapping_holds"] == 1
     assert "1 overlapping holds of a session write lock" in report["failures"]
+
+
+# -- issue 13: co-tenant appends and supersession ------------------------------------------
+
+
+def _cotenant(
+    run: Run,
+    entry_id: str,
+    attempt: int = 1,
+    window: int = 1,
+    *,
+    copies: int = 1,
+    placed: bool = True,
+    retry: dict[str, Any] | None = None,
+) -> None:
+    """A co-tenant append: ``copies`` of its line in the transcript, and its log record."""
+    entry = cotenant_entry(random.Random(entry_id), "cotenant-1", entry_id)
+    line = (json.dumps({**entry, "parentId": None, "timestamp": "t"}) + "\n").encode()
+    with open(run.paths[0], "ab") as f:
+        f.write(line * copies)
+    record: dict[str, Any] = {
+        "takeover": False,
+        "content_changing": True,
+        "added": [entry_id],
+        "keys": [f"k-{entry_id}"],
+        "session": 0,
+        "attempt": attempt,
+        "window": window,
+        "pre_window": window,
+        "placed": placed,
+        "kind": "cotenant",
+        "source": "cotenant-1",
+    }
+    if retry is not None:
+        record["retry"] = retry
+    run.log("cotenant-1.jsonl", **record)
+
+
+def _merged(run: Run, entry_id: str, attempt: int = 1, window: int = 1) -> None:
+    run.log("worker-000-0001.jsonl", t="merged", s=0, a=attempt, w=window, ids=[entry_id])
+
+
+def _supersede(run: Run, attempt: int = 1, window: int = 1, gen: int = 2) -> int:
+    """A claim in the window, at the transcript's current end; returns that offset."""
+    offset = os.path.getsize(run.paths[0])
+    run.log(
+        "supersede.jsonl",
+        kind="supersede",
+        takeover=True,
+        content_changing=False,
+        run_id=f"supersede-s0-{attempt}",
+        revision=2,
+        claim_offset=offset,
+        source="supersede",
+        session=0,
+        attempt=attempt,
+        window=window,
+        gen=gen,
+    )
+    return offset
+
+
+def test_a_cotenant_append_merged_by_the_fence_is_accepted(run: Run) -> None:
+    run.owned(0, "00000001")
+    _cotenant(run, "a0000001")
+    _merged(run, "a0000001")
+    run.turn(0, 1, 1, gen=3)
+    report = run.report()
+    assert report["ok"], report["failures"]
+    ct = report["cotenant"]
+    assert (ct["appended"], ct["accepted"], ct["merged"], ct["unaccepted"]) == (1, 1, 1, 0)
+    assert report["takeovers"]["false"] == 0
+
+
+def test_a_cotenant_append_the_next_parse_held_is_accepted(run: Run) -> None:
+    _cotenant(run, "a0000002")
+    run.detect(1, 1, gen=3, reason="superseded")  # a false takeover, counted as such
+    run.log("worker-000-0001.jsonl", t="parsed", s=0, a=2, w=0, how="open", ids=["a0000002"])
+    report = run.report()
+    assert report["cotenant"]["parsed"] == 1 and report["cotenant"]["unaccepted"] == 0
+    assert report["takeovers"]["false"] == 1  # nothing injected explains that detection
+
+
+def test_a_cotenant_append_not_merged_in_a_passed_window_fails(run: Run) -> None:
+    _cotenant(run, "a0000003")
+    run.turn(0, 1, 1, gen=3)
+    report = run.report()
+    assert report["cotenant"]["unaccepted"] == 1
+    assert not report["ok"]
+    assert any("co-tenant appends not accepted" in f for f in report["failures"])
+
+
+def test_a_cotenant_append_in_a_detected_takeover_window_is_void(run: Run) -> None:
+    _cotenant(run, "a0000004")
+    run.event("foreign-append", True, attempt=1, window=1, gen=2)
+    run.detect(1, 1, gen=3, reason="foreign-append")
+    report = run.report()
+    assert report["ok"], report["failures"]
+    assert report["cotenant"]["void"] == 1 and report["cotenant"]["accepted"] == 0
+
+
+def test_a_cotenant_append_of_a_killed_attempt_is_void(run: Run) -> None:
+    _cotenant(run, "a0000005", placed=False)
+    run.death(1)
+    report = run.report()
+    assert report["ok"], report["failures"]
+    assert report["cotenant"]["void"] == 1
+
+
+def test_an_unplaced_cotenant_append_nobody_saw_is_unjudged_not_failed(run: Run) -> None:
+    _cotenant(run, "a0000006", placed=False)
+    report = run.report()
+    assert report["ok"], report["failures"]
+    assert report["cotenant"]["unjudged"] == 1 and report["takeovers"]["unplaced"] == 1
+
+
+def test_a_detection_with_only_cotenant_appends_in_its_window_is_false(run: Run) -> None:
+    _cotenant(run, "a0000007")
+    _merged(run, "a0000007")
+    run.detect(1, 1, gen=3, reason="foreign-append")
+    report = run.report()
+    assert report["takeovers"]["false"] == 1
+    assert any("false takeovers" in f for f in report["failures"])
+
+
+@pytest.mark.parametrize("copies", [0, 2])
+def test_a_cotenant_line_lost_or_duplicated_fails(run: Run, copies: int) -> None:
+    _cotenant(run, "a0000008", copies=copies)
+    _merged(run, "a0000008")
+    run.turn(0, 1, 1, gen=3)
+    report = run.report()
+    ct = report["cotenant"]
+    assert (ct["lost"], ct["duplicated"]) == ((1, 0) if copies == 0 else (0, 1))
+    what = "lost" if copies == 0 else "duplicated"
+    assert f"1 co-tenant lines {what}" in report["failures"]
+
+
+def test_a_damaged_cotenant_line_fails(run: Run) -> None:
+    _cotenant(run, "a0000009")
+    _merged(run, "a0000009")
+    path = Path(run.paths[0])
+    path.write_bytes(path.read_bytes().replace(b"inbound", b"Inbound"))
+    report = run.report()
+    assert report["cotenant"]["damaged"] == 1 and not report["ok"]
+
+
+def test_an_idempotent_retry_must_return_the_first_id_and_write_nothing(run: Run) -> None:
+    good = {"key": "k", "id": "a000000a", "proposed": "b000000a", "returned": "a000000a"}
+    _cotenant(run, "a000000a", retry=good)
+    _merged(run, "a000000a")
+    run.turn(0, 1, 1, gen=3)
+    report = run.report()
+    assert report["ok"], report["failures"]
+    assert report["cotenant"]["idempotent_retries"] == 1
+    # A retry that appended again: another id returned, and its line in the file.
+    bad = {"key": "k2", "id": "a000000b", "proposed": "b000000b", "returned": "b000000b"}
+    _cotenant(run, "a000000b", retry=bad, window=2)
+    _merged(run, "a000000b", window=2)
+    _cotenant(run, "b000000b", window=2)
+    run.turn(0, 1, 2, gen=5)
+    report = run.report()
+    ct = report["cotenant"]
+    assert (ct["retry_mismatches"], ct["retry_duplicates"]) == (1, 1)
+    assert not report["ok"]
+
+
+def test_a_detected_supersession_with_its_late_write_refused_passes(run: Run) -> None:
+    run.owned(0, "00000001")
+    _supersede(run)
+    run.detect(1, 1, gen=3, reason="superseded")
+    run.log("worker-000-0001.jsonl", t="late-refused", s=0, a=1, w=1, by="supersede-s0-1")
+    report = run.report()
+    assert report["ok"], report["failures"]
+    sp = report["supersede"]
+    assert (sp["injected"], sp["detected"], sp["missed"]) == (1, 1, 0)
+    assert (sp["late_writes_refused"], sp["late_writes_landed"]) == (1, 0)
+    assert report["takeovers"]["false"] == 0 and report["takeovers"]["injected"] == 0
+
+
+@pytest.mark.parametrize("check", ["passed", "other-reason"])
+def test_a_supersession_not_detected_fails(run: Run, check: str) -> None:
+    _supersede(run)
+    if check == "passed":
+        run.turn(0, 1, 1, gen=3)
+    else:
+        run.detect(1, 1, gen=3, reason="lock-lost")
+    report = run.report()
+    assert report["supersede"]["missed"] == 1
+    assert "1 supersessions not detected (reason superseded)" in report["failures"]
+
+
+def test_a_late_write_past_the_claim_is_flagged(run: Run) -> None:
+    run.owned(0, "00000001")  # before the claim: fine
+    _supersede(run)
+    run.detect(1, 1, gen=3, reason="superseded")
+    run.owned(0, "00000002")  # the superseded attempt's line after the claim
+    run.log("worker-000-0001.jsonl", t="late-landed", s=0, a=1, w=1, id="00000002")
+    report = run.report()
+    sp = report["supersede"]
+    assert sp["late_writes_landed"] == 1
+    assert "1 late writes of superseded attempts landed" in report["failures"]
+    # Another attempt's line past the claim is no late write.
+    run.owned(0, "00000003", attempt=2)
+    assert run.report()["supersede"]["late_writes_landed"] == 1
+
+
+def test_a_late_write_refused_the_wrong_way_fails(run: Run) -> None:
+    _supersede(run)
+    run.detect(1, 1, gen=3, reason="superseded")
+    run.log("worker-000-0001.jsonl", t="late-error", s=0, a=1, w=1, error="JournalError: x")
+    report = run.report()
+    assert report["supersede"]["late_write_errors"] == 1 and not report["ok"]
