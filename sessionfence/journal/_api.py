@@ -25,17 +25,22 @@ __all__ = [
 
 
 def claim_session(
-    session_file: str | os.PathLike[str], *, run_id: str | None = None, timeout: float = 60.0
+    session_file: str | os.PathLike[str],
+    *,
+    run_id: str | None = None,
+    timeout: float = 60.0,
+    reentrant_owner: str | None = None,
 ) -> SessionWriter:
     """Claim the session for ``run_id`` (a fresh id when None) under its write lock and
     return the claimant writer. The run that held the claim is superseded: its fence check
     and its next append raise ``SessionSupersededError``. ``SessionFenceController.create``
     claims this way itself; use this for a run that writes through a ``SessionManager``
-    alone (``SessionManager.open(path, writer=claim_session(path))``)."""
+    alone (``SessionManager.open(path, writer=claim_session(path))``). A caller that holds
+    the lock already passes the ``reentrant_owner`` it took it with."""
     from ..lock import acquire_session_write_lock
 
     path = os.fspath(session_file)
-    with acquire_session_write_lock(path, timeout=timeout):
+    with acquire_session_write_lock(path, timeout=timeout, reentrant_owner=reentrant_owner):
         writer, _position = claim_journal(path, run_id if run_id is not None else new_run_id())
     return writer
 
@@ -47,6 +52,7 @@ def append_as_cotenant(
     writer: SessionWriter | str | None = None,
     idempotency_key: str | None = None,
     timeout: float = 60.0,
+    reentrant_owner: str | None = None,
 ) -> str:
     """Append one entry to an existing session as a co-tenant, under its write lock, with
     a journal record; returns the entry's id.
@@ -57,7 +63,8 @@ def append_as_cotenant(
     user message delivered by a gateway, say). With ``idempotency_key``, a retry of an
     append that landed (its acknowledgement lost) returns the id it wrote instead of
     writing a duplicate; the key is found in the journal, not by reading the transcript.
-    ``writer`` is a co-tenant ``SessionWriter`` or its run id (default: a fresh one)."""
+    ``writer`` is a co-tenant ``SessionWriter`` or its run id (default: a fresh one). A
+    caller that holds the lock already passes the ``reentrant_owner`` it took it with."""
     from ..lock import acquire_session_write_lock
 
     if isinstance(writer, SessionWriter):
@@ -70,7 +77,7 @@ def append_as_cotenant(
     if not isinstance(kind, str) or not kind or kind == "session":
         raise ValueError("an entry needs a non-empty string 'type' other than 'session'")
     path = os.fspath(session_file)
-    with acquire_session_write_lock(path, timeout=timeout):
+    with acquire_session_write_lock(path, timeout=timeout, reentrant_owner=reentrant_owner):
         fd = os.open(path, os.O_RDWR | os.O_APPEND | getattr(os, "O_BINARY", 0))
         try:
             with journaled(path, who, fd, want_keys=idempotency_key is not None) as commit:

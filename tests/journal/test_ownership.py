@@ -390,3 +390,14 @@ def test_a_claimant_writer_must_hold_the_current_claim(session_file: Path) -> No
         SessionManager.open(session_file).append_message({}, idempotency_key="k")
     with pytest.raises(ValueError):
         append_as_cotenant(session_file, {"type": "session"})
+
+
+def test_a_holder_of_the_lock_appends_and_claims_with_its_reentrant_owner(
+    session_file: Path,
+) -> None:
+    entry = {"type": "message", "message": {"role": "user", "content": "held"}}
+    with acquire_session_write_lock(session_file, reentrant_owner="gateway-7"):
+        ident = append_as_cotenant(session_file, entry, reentrant_owner="gateway-7")
+        writer = claim_session(session_file, run_id="w", reentrant_owner="gateway-7")
+    assert [e["id"] for e in SessionManager.open(session_file).entries] == [ident]
+    assert (writer.run_id, writer.revision) == ("w", 1)
