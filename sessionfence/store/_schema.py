@@ -1,0 +1,207 @@
+"""The PostgreSQL store's schema, created and migrated by the library (docs/multihost.md).
+
+``MIGRATIONS`` is an ordered list of ``(version, sql)``; ``{s}`` stands for the quoted
+schema name. ``migrate`` applies the ones the database lacks, each in its own transaction
+under a transaction-scoped advisory lock (released at commit, so it is safe behind a
+transaction pooler such as PgBouncer; the store takes no session-level advisory lock), and
+records them in ``{s}.sf_schema_version``. A database whose version is newer than this
+library knows is refused (an older library must not write to a newer schema).
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "check_schema_name", "migration_sql"]
+
+_V1 = r"""
+CREATE TABLE {s}.sf_sessions (
+    session_id     text PRIMARY KEY,
+    writer_run_id  text,                          -- the run holding the writer claim
+    revision       bigint NOT NULL DEFAULT 0,     -- bumped by every claim by another run
+    superseded_run text,                          -- the run the last claim superseded
+    lease_until    timestamptz,                   -- optional lease, on the server's clock
+    last_seq       bigint NOT NULL DEFAULT -1,    -- seq of the last line (-1: no line)
+    last_entry_id  text,                          -- id of the last entry (parentId default)
+    generation     bigint NOT NULL DEFAULT 0,     -- bumped by any UPDATE/DELETE of a line
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    updated_at     timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE {s}.sf_entries (
+    session_id      text NOT NULL REFERENCES {s}.sf_sessions ON DELETE CASCADE,
+    seq             bigint NOT NULL,              -- 0, 1, 2, ... per session, file order
+    line            bytea NOT NULL,               -- the line's exact bytes, no newline
+    terminated      boolean NOT NULL DEFAULT true, -- false: an imported last line w/o \n
+    entry_id        text,
+    entry_type      text,
+    role            text NOT NULL
+                    CHECK (role IN ('header', 'claimant', 'co-tenant', 'import', 'foreign')),
+    writer_run_id   text,
+    revision        bigint NOT NULL DEFAULT 0,    -- the claim revision it was written under
+    idempotency_key text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (session_id, seq),
+    UNIQUE (session_id, idempotency_key)
+);
+CREATE INDEX sf_entries_entry_id ON {s}.sf_entries (session_id, entry_id);
+
+CREATE TABLE {s}.sf_claims (
+    session_id     text NOT NULL REFERENCES {s}.sf_sessions ON DELETE CASCADE,
+    revision       bigint NOT NULL,
+    run_id         text NOT NULL,
+    superseded_run text,
+    at_seq         bigint NOT NULL,               -- last_seq when the claim committed
+    claimed_at     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (session_id, revision)
+);
+
+-- An UPDATE or DELETE of lines (a rewrite, a truncation, by anyone, through any client)
+-- bumps the session's rewrite generation: every fence then fails closed.
+CREATE FUNCTION {s}.sf_lines_rewritten() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE {s}.sf_sessions SET generation = generation + 1, updated_at = now()
+     WHERE session_id IN (SELECT DISTINCT session_id FROM old_rows);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER sf_entries_updated AFTER UPDATE ON {s}.sf_entries
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT
+    EXECUTE FUNCTION {s}.sf_lines_rewritten();
+-- A DELETE also moves the session's end back to its last remaining line (a truncation).
+CREATE FUNCTION {s}.sf_lines_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE {s}.sf_sessions x SET generation = x.generation + 1, updated_at = now(),
+           last_seq = coalesce((SELECT max(e.seq) FROM {s}.sf_entries e
+                                 WHERE e.session_id = x.session_id), -1)
+     WHERE x.session_id IN (SELECT DISTINCT session_id FROM old_rows);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER sf_entries_deleted AFTER DELETE ON {s}.sf_entries
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT
+    EXECUTE FUNCTION {s}.sf_lines_deleted();
+
+-- Claim a session for p_run. A run that holds the claim keeps its revision; a claim by
+-- another run bumps it and names the run it superseded. With p_lease (seconds) the claim
+-- is a lease on the server's clock, and without p_force it is refused while another run's
+-- lease runs. Returns status 'ok' | 'held' | 'missing'.
+CREATE FUNCTION {s}.sf_claim(p_session text, p_run text, p_lease double precision,
+                             p_force boolean,
+                             OUT status text, OUT revision bigint, OUT superseded_run text,
+                             OUT writer_run_id text, OUT last_seq bigint,
+                             OUT last_entry_id text, OUT generation bigint,
+                             OUT lease_until timestamptz)
+LANGUAGE plpgsql AS $$
+DECLARE
+    s {s}.sf_sessions%ROWTYPE;
+BEGIN
+    SELECT * INTO s FROM {s}.sf_sessions x WHERE x.session_id = p_session FOR UPDATE;
+    IF NOT FOUND THEN
+        status := 'missing';
+        RETURN;
+    END IF;
+    IF s.writer_run_id IS DISTINCT FROM p_run AND NOT p_force
+       AND s.lease_until IS NOT NULL AND s.lease_until > now() THEN
+        status := 'held';
+        revision := s.revision; writer_run_id := s.writer_run_id;
+        lease_until := s.lease_until; last_seq := s.last_seq;
+        RETURN;
+    END IF;
+    IF s.writer_run_id IS DISTINCT FROM p_run THEN
+        UPDATE {s}.sf_sessions x
+           SET revision = x.revision + 1, superseded_run = x.writer_run_id,
+               writer_run_id = p_run, updated_at = now(),
+               lease_until = CASE WHEN p_lease IS NULL THEN NULL
+                                  ELSE now() + p_lease * interval '1 second' END
+         WHERE x.session_id = p_session
+        RETURNING * INTO s;
+        INSERT INTO {s}.sf_claims (session_id, revision, run_id, superseded_run, at_seq)
+        VALUES (p_session, s.revision, p_run, s.superseded_run, s.last_seq);
+    ELSIF p_lease IS NOT NULL THEN
+        UPDATE {s}.sf_sessions x
+           SET lease_until = now() + p_lease * interval '1 second', updated_at = now()
+         WHERE x.session_id = p_session
+        RETURNING * INTO s;
+    END IF;
+    status := 'ok';
+    revision := s.revision; superseded_run := s.superseded_run;
+    writer_run_id := s.writer_run_id; last_seq := s.last_seq;
+    last_entry_id := s.last_entry_id; generation := s.generation;
+    lease_until := s.lease_until;
+END $$;
+
+-- One append, one statement, one transaction: the session row is locked, the idempotency
+-- key looked up (a retry returns the line that landed: 'duplicate'), a claimant's claim
+-- checked ('superseded': nothing is written), an optimistic expected last seq checked
+-- ('moved': the caller rebuilds the line on the new last entry), then the line inserted
+-- and the session row advanced ('ok').
+CREATE FUNCTION {s}.sf_append(p_session text, p_line bytea, p_entry_id text,
+                              p_entry_type text, p_role text, p_run text,
+                              p_revision bigint, p_key text, p_expect_seq bigint,
+                              OUT status text, OUT seq bigint, OUT line bytea,
+                              OUT entry_id text, OUT writer_run_id text,
+                              OUT revision bigint, OUT last_entry_id text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    s {s}.sf_sessions%ROWTYPE;
+    hit {s}.sf_entries%ROWTYPE;
+BEGIN
+    SELECT * INTO s FROM {s}.sf_sessions x WHERE x.session_id = p_session FOR UPDATE;
+    IF NOT FOUND THEN
+        status := 'missing';
+        RETURN;
+    END IF;
+    IF p_key IS NOT NULL THEN
+        SELECT * INTO hit FROM {s}.sf_entries e
+         WHERE e.session_id = p_session AND e.idempotency_key = p_key;
+        IF FOUND THEN
+            status := 'duplicate'; seq := hit.seq; line := hit.line;
+            entry_id := hit.entry_id; writer_run_id := hit.writer_run_id;
+            revision := hit.revision;
+            RETURN;
+        END IF;
+    END IF;
+    IF p_role = 'claimant' AND (s.writer_run_id IS DISTINCT FROM p_run
+                                OR s.revision <> p_revision) THEN
+        status := 'superseded'; writer_run_id := s.writer_run_id; revision := s.revision;
+        RETURN;
+    END IF;
+    IF p_expect_seq IS NOT NULL AND s.last_seq <> p_expect_seq THEN
+        status := 'moved'; seq := s.last_seq; last_entry_id := s.last_entry_id;
+        RETURN;
+    END IF;
+    IF p_entry_id IS NOT NULL AND EXISTS (
+        SELECT 1 FROM {s}.sf_entries e
+         WHERE e.session_id = p_session AND e.entry_id = p_entry_id) THEN
+        status := 'id-taken'; entry_id := p_entry_id;
+        RETURN;
+    END IF;
+    seq := s.last_seq + 1;
+    INSERT INTO {s}.sf_entries (session_id, seq, line, entry_id, entry_type, role,
+                                writer_run_id, revision, idempotency_key)
+    VALUES (p_session, seq, p_line, p_entry_id, p_entry_type, p_role, p_run,
+            CASE WHEN p_role = 'claimant' THEN p_revision ELSE s.revision END, p_key);
+    UPDATE {s}.sf_sessions x
+       SET last_seq = seq, last_entry_id = COALESCE(p_entry_id, x.last_entry_id),
+           updated_at = now()
+     WHERE x.session_id = p_session;
+    status := 'ok'; entry_id := p_entry_id; writer_run_id := s.writer_run_id;
+    revision := s.revision;
+END $$;
+"""
+
+MIGRATIONS: list[tuple[int, str]] = [(1, _V1)]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}\Z")
+
+
+def check_schema_name(name: str) -> str:
+    """The schema name, checked: lower-case letters, digits and ``_`` (it is spliced into
+    SQL as an identifier, so nothing else is accepted)."""
+    if not _NAME.match(name):
+        raise ValueError(f"schema name must match [a-z_][a-z0-9_]*, not {name!r}")
+    return name
+
+
+def migration_sql(sql: str, schema: str) -> str:
+    return sql.replace("{s}", '"' + check_schema_name(schema) + '"')
