@@ -102,6 +102,14 @@ def register(subparsers: Any) -> None:
         "verify mode can see). Kinds: " + ", ".join(_kind_names()),
     )
     p.add_argument("--seed", metavar="X", default="0", help="random seed (default 0)")
+    p.add_argument(
+        "--store",
+        metavar="STORE",
+        default=None,
+        help="where sessions live: the default is JSONL files on this host; 'postgresql' "
+        "starts a throwaway PostgreSQL server for the run, 'postgresql://...' uses an "
+        "existing one; worker processes then act as separate hosts (docs/multihost.md)",
+    )
     p.add_argument("--verify", metavar="MODE", default=None, help=_VERIFY_HELP)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument(
@@ -204,6 +212,10 @@ def _check_space(cfg: Any, run_dir: str, temporary: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.store is not None and args.store != "file":
+        from ..fleet.multihost import cli_run
+
+        return cli_run(args)
     cfg = _config(args)
     from ..fleet import FleetAbortedError, ProgressDisplay, build_report, render_text, run_fleet
 
