@@ -308,7 +308,11 @@ def measure(id: str, title: str) -> Callable[[Callable[[Bench], list[Result]]], 
 
 
 # Modules whose import registers more measures (explicit: no filename discovery).
-MEASURE_MODULES = ("sessionfence.bench.controller", "sessionfence.bench.lock")
+MEASURE_MODULES = (
+    "sessionfence.bench.controller",
+    "sessionfence.bench.lock",
+    "sessionfence.bench.store",
+)
 
 
 def load_measures() -> dict[str, Measure]:
