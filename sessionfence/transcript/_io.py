@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CHUNK",
     "Loaded",
+    "RowSink",
     "append_flags",
     "clean_end",
     "discard",
@@ -234,7 +235,47 @@ class Loaded:
     unterminated: bool = False
 
 
-def parse_fd(fd: int, digest: DigestT, chunk: int = DEFAULT_CHUNK) -> Loaded:
+class RowSink:
+    """What ``parse_fd`` feeds instead of a bare digest when the caller wants rows: every
+    value with its place in the file (``take(value, offset, length)``) rather than a list
+    of all of them, the bytes of every complete line to ``digest`` (may be ``None``) and
+    ``blocks`` (may be ``None``), and the file offset the descriptor starts at (``start``;
+    the descriptor must be positioned there).
+
+    Passed as ``parse_fd``'s ``digest`` argument, so that the parse keeps one signature."""
+
+    def __init__(
+        self,
+        start: int,
+        take: Callable[[dict[str, Any], int, int], None],
+        digest: DigestT | None = None,
+        blocks: Any = None,
+    ) -> None:
+        self.start = start
+        self.take = take
+        self.digest = digest
+        self.blocks = blocks
+        # offset just past the last newline fed (the end of the last complete line)
+        self.clean_end = start
+
+    def update(self, data: bytes | memoryview) -> None:
+        if self.digest is not None:
+            self.digest.update(data)
+        if self.blocks is not None:
+            self.blocks.update(data)
+        self.clean_end += len(data)
+
+    def copy(self) -> DigestT | None:
+        return self.digest.copy() if self.digest is not None else None
+
+    def update_tail(self, data: bytes | memoryview) -> None:
+        """The last line without its newline: the digest covers it, the blocks do not (they
+        stop at ``clean_end``)."""
+        if self.digest is not None:
+            self.digest.update(data)
+
+
+def parse_fd(fd: int, digest: DigestT | RowSink, chunk: int = DEFAULT_CHUNK) -> Loaded:
     """Reads ``fd`` to its end, parsing every complete line and hashing every byte read.
 
     Each byte is hashed exactly once, in file order, straight from the read buffer; a last
@@ -243,15 +284,22 @@ def parse_fd(fd: int, digest: DigestT, chunk: int = DEFAULT_CHUNK) -> Loaded:
     as ``memoryview`` slices of the read buffer: only a line that spans two reads is copied.
     Blank lines are skipped without counting; lines that are not JSON objects count as
     malformed.
+
+    With a ``RowSink`` as ``digest``, the values go to ``sink.take(value, offset, length)``
+    (``offset`` and ``length`` of the line in the file, without its newline and without a
+    leading BOM) instead of ``Loaded.values``, and offsets start at ``sink.start``.
     """
     out = Loaded()
+    sink = digest if isinstance(digest, RowSink) else None
+    base = sink.start if sink is not None else 0
     pending: list[bytes] = []  # bytes after the last newline seen, not yet hashed
     total = 0
-    first = True
+    first = base == 0
     while True:
         data = os.read(fd, chunk)
         if not data:
             break
+        at = base + total  # file offset of data[0]
         total += len(data)
         nl = data.rfind(b"\n")
         if nl < 0:
@@ -262,11 +310,15 @@ def parse_fd(fd: int, digest: DigestT, chunk: int = DEFAULT_CHUNK) -> Loaded:
             digest.update(part)
         digest.update(view[: nl + 1])
         lines: list[bytes | memoryview] = []
+        offsets: list[int] = []
         start = 0
         if pending:
             start = data.find(b"\n") + 1
+            joined = b"".join(pending)
             pending.append(data[: start - 1])
+            line_at = at - len(joined)
             lines.append(b"".join(pending))
+            offsets.append(line_at)
             pending = []
         elif first and data.startswith(_UTF8_BOM):
             # JS trim() drops a BOM at the start of the file's text (docs/design.md,
@@ -276,35 +328,75 @@ def parse_fd(fd: int, digest: DigestT, chunk: int = DEFAULT_CHUNK) -> Loaded:
             first = False
             if lines and lines[0][: len(_UTF8_BOM)] == _UTF8_BOM:
                 lines[0] = lines[0][len(_UTF8_BOM) :]
+                offsets[0] += len(_UTF8_BOM)
         find = data.find
         while start <= nl:
             end = find(b"\n", start, nl + 1)
             if end > start:
                 lines.append(view[start:end])
+                offsets.append(at + start)
             start = end + 1
         if nl + 1 < len(data):
             pending.append(data[nl + 1 :])
-        _parse_lines(lines, out)
+        if sink is None:
+            _parse_lines(lines, out)
+        else:
+            _parse_rows(lines, offsets, out, sink.take)
         del lines, view  # the views pin ``data``; let it go before the next read
-    out.size = total
+    out.size = base + total
     if pending:
         tail = b"".join(pending)
-        offset = total - len(tail)
-        entry, replaced = parse_last_line(tail, offset == 0)
+        offset = out.size - len(tail)
+        at_start = offset == 0
+        entry, replaced = parse_last_line(tail, at_start)
         if entry is not None:
             # complete, only its newline is missing: an entry like any other (the next
             # append writes the separating newline first)
-            digest.update(tail)
-            out.values.append(entry)
+            if sink is not None:
+                sink.update_tail(tail)
+                skip = len(_UTF8_BOM) if at_start and tail.startswith(_UTF8_BOM) else 0
+                sink.take(entry, offset + skip, len(tail) - skip)
+            else:
+                digest.update(tail)
+                out.values.append(entry)
             out.invalid_utf8 += replaced
             out.unterminated = True
             if not out.seen_first:
                 out.first, out.seen_first = entry, True
         else:
             out.clean_digest = digest.copy()
-            digest.update(tail)
+            if sink is not None:
+                sink.update_tail(tail)
+            else:
+                digest.update(tail)
             out.torn = (offset, len(tail))
     return out
+
+
+def _parse_rows(
+    lines: list[bytes | memoryview],
+    offsets: list[int],
+    out: Loaded,
+    take: Callable[[dict[str, Any], int, int], None],
+) -> None:
+    """``_parse_lines`` for a ``RowSink``: the same verdicts, values handed on with their
+    place in the file instead of kept."""
+    loads = _jsonl.loads_line
+    for line, offset in zip(lines, offsets, strict=True):
+        try:
+            value, replaced = loads(line)
+        except (ValueError, RecursionError):
+            if not _blank_after_js_trim(line):
+                out.malformed += 1
+            continue
+        if not out.seen_first:
+            out.first, out.seen_first = value, True
+        if replaced:
+            out.invalid_utf8 += 1
+        if type(value) is dict:
+            take(value, offset, len(line))
+        else:
+            out.malformed += 1
 
 
 def _parse_lines(lines: list[bytes | memoryview], out: Loaded) -> None:

@@ -69,7 +69,7 @@ import contextlib
 import dataclasses
 import errno
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -86,7 +86,7 @@ from ..errors import (
     UnstableFileError,
 )
 from ..journal._writer import SessionWriter, journaled
-from . import _io
+from . import _index, _io
 from ._guard import guard_session_manager, is_expected_compaction_append
 
 __all__ = [
@@ -130,6 +130,47 @@ KNOWN_ENTRY_TYPES: Final = frozenset(
 )
 
 _NO_PARENT: Final = object()  # no in-memory parent override for an entry
+_PENDING: Final = object()  # a digest computed from the file when first asked for
+
+
+class _IdMap:
+    """The manager's id -> entry map: entries it holds (``live``: parsed after the row table,
+    appended, merged) over the row table of the parsed prefix (``base``), whose entries are
+    read back by offset when asked for."""
+
+    __slots__ = ("base", "live")
+
+    def __init__(self, base: _index.Base | None = None) -> None:
+        self.base = base
+        self.live: dict[str, Entry] = {}
+
+    def get(self, ident: str, default: Entry | None = None) -> Entry | None:
+        found = self.live.get(ident)
+        if found is None and self.base is not None:
+            found = self.base.entry_for_id(ident)
+        return default if found is None else found
+
+    def __contains__(self, ident: object) -> bool:
+        if not isinstance(ident, str):
+            return False
+        return ident in self.live or (self.base is not None and self.base.has_id(ident))
+
+    def __setitem__(self, ident: str, entry: Entry) -> None:
+        self.live[ident] = entry
+
+    def items(self) -> Iterator[tuple[str, Entry]]:
+        """In the order the ids first appeared, each with its last entry (as a dict)."""
+        if self.base is None:
+            yield from list(self.live.items())
+            return
+        self.base.load()
+        order: dict[str, None] = dict.fromkeys(i for i in self.base.ids if i is not None)
+        for ident in self.live:
+            order.setdefault(ident, None)
+        for ident in order:
+            entry = self.get(ident)
+            if entry is not None:
+                yield ident, entry
 
 
 class _Unset:
@@ -190,6 +231,7 @@ class SessionManager:
         chunk_size: int = _io.DEFAULT_CHUNK,
         cwd: str | None = None,
         writer: SessionWriter | None = None,
+        index: bool | None = None,
     ) -> None:
         raw = os.fspath(path)
         self._path: str = os.fsdecode(raw) if isinstance(raw, bytes) else raw
@@ -199,6 +241,7 @@ class SessionManager:
         self._chunk = chunk_size
         self._cwd = cwd
         self.writer = writer
+        self._use_index = index
         self._load()
         # The fence asks open managers whether an id exists (a foreign line reusing one
         # is refused), and recognises the lines they wrote as this process's own.
@@ -213,6 +256,7 @@ class SessionManager:
         chunk_size: int = _io.DEFAULT_CHUNK,
         cwd: str | None = None,
         writer: SessionWriter | None = None,
+        index: bool | None = None,
     ) -> SessionManager:
         """Parses ``path`` (see the class docstring).
 
@@ -224,15 +268,26 @@ class SessionManager:
         with ``SessionSupersededError`` once another run claimed the session, and appends
         may carry an ``idempotency_key``. Journaled appends must be made under the
         session's write lock, as every append should.
+
+        ``index`` (docs/transcripts.md, "The index"): by default (``None``) the derived
+        index ``<path>.idx`` is used when it proves it still describes the file's prefix,
+        so the open parses only the bytes appended since it was written and the lines of
+        the model context, and it is written (temp file + rename) after a parse of a file
+        of 256 KiB or more, or that parsed 1 MiB past it. ``True`` writes it whatever the
+        size; ``False`` neither reads nor writes it and parses every line into memory (the
+        reference behaviour). Either way the result is that of a full parse; ``entries``
+        are read back by offset when asked for.
         """
-        return cls(path, window=window, chunk_size=chunk_size, cwd=cwd, writer=writer)
+        return cls(path, window=window, chunk_size=chunk_size, cwd=cwd, writer=writer, index=index)
 
     # ------------------------------------------------------------------------------------
     # Loading.
     # ------------------------------------------------------------------------------------
 
     def reload(self) -> None:
-        """Parses the file again from scratch (the controller's ``reload_session_file``).
+        """Reads the file again as a fresh ``open`` would (the controller's
+        ``reload_session_file``): merged entries lose their in-memory side parents. With
+        the index this costs the bytes past it and the model context, not the whole file.
 
         The manager object stays the same, so a guard installed on it stays in force.
         """
@@ -241,7 +296,6 @@ class SessionManager:
     def _reset(self) -> None:
         self._header: Entry | None = None
         self._entries: list[Entry] = []
-        self._by_id: dict[str, Entry] = {}
         self._leaf: str | None = None
         self._side: Cursor = _UNSET
         # What a fresh reader of the file would take as leaf and side cursor. Equal to the
@@ -261,7 +315,7 @@ class SessionManager:
         self._invalid_utf8 = 0
         self._torn: tuple[int, int] | None = None
         sf = _backend.active()
-        self._digest = sf.RollingDigest()
+        self._digest: Any = sf.RollingDigest()
         self._digest_size = 0
         # open() keeps the digest of [0, torn offset) so a repair need not re-read the file
         self._clean_digest: Any = None
@@ -269,6 +323,24 @@ class SessionManager:
         self._parsed_fp: Fingerprint = MISSING
         self._parsed_digest: Any = None
         self._file_known = False  # whether the file exists as far as this manager knows
+        # The row table of the parsed prefix (None: every entry is in ``_entries``, as a
+        # full parse with index=False or of a pre-tree file leaves it); ``_entries`` then
+        # holds the entries after it: parsed past the table, appended, merged.
+        self._base: _index.Base | None = None
+        self._by_id = _IdMap()
+        self._row: int | None = None  # the row being applied while the table is built
+        self._eager = False
+        self._missing_id = False
+        # Rows of the file past the table, in file order, while the model is a reader's
+        # view of the file (``_pure``): (offset, length, value, id as stored)
+        self._delta_rows: list[tuple[int, int, Entry, str | None]] = []
+        self._pure = True
+        self._upto = 0  # the model describes exactly the file's bytes [0, _upto)
+        self._tail = b""  # the (up to) 4 KiB before _upto
+        self._clean = 0  # end of the last complete line parsed
+        self._index_size = 0  # what the index on disk covers (0: none known)
+        self._index_blocks: list[bytes] = []
+        self._blocks_size = 0  # _index_blocks hash the bytes [0, _blocks_size)
 
     def _load(self) -> None:
         sf = _backend.active()
@@ -286,7 +358,7 @@ class SessionManager:
                 if (st.st_dev, st.st_ino) != (before.dev, before.ino):
                     continue
                 with _io.gc_paused():
-                    loaded = _io.parse_fd(fd, self._digest, self._chunk)
+                    loaded = self._parse(fd, st)
             finally:
                 os.close(fd)
             after: Fingerprint = sf.fingerprint(self._path, window=self._window)
@@ -296,9 +368,327 @@ class SessionManager:
             if after != before or after.size != loaded.size:
                 continue
             with _io.gc_paused():  # building the index allocates a lot too
-                self._adopt(loaded, after)
+                if self._eager:
+                    self._adopt(loaded, after)
+                else:
+                    self._adopt_rows(loaded, after)
             return
         raise UnstableFileError(self._path, OPEN_ATTEMPTS)
+
+    def _parse(self, fd: int, st: os.stat_result) -> _io.Loaded:
+        """One pass over the open file: through a valid index (the bytes past it), else a
+        full parse into the row table (or into memory: ``index=False``, pre-tree)."""
+        if self._use_index is False:
+            self._eager = True
+            return _io.parse_fd(fd, self._digest, self._chunk)
+        found = _index.read_index(self._path)
+        if found is not None and _index.validate(found, fd, st):
+            loaded = self._parse_warm(fd, found)
+            if loaded is not None:
+                return loaded
+            self._reset()  # the index lied somewhere: rebuild from the file
+        os.lseek(fd, 0, os.SEEK_SET)
+        loaded = self._parse_cold(fd, st)
+        if self._pre_tree_rows():
+            # A pre-tree session reads as a chain of all its values: parse it into memory.
+            self._reset()
+            self._eager = True
+            os.lseek(fd, 0, os.SEEK_SET)
+            loaded = _io.parse_fd(fd, self._digest, self._chunk)
+        return loaded
+
+    def _pre_tree_rows(self) -> bool:
+        if self._header is None or not self._missing_id:
+            return False
+        return _io.reference_version(self._header) < 2
+
+    def _parse_cold(self, fd: int, st: os.stat_result) -> _io.Loaded:
+        base = _index.Base(self._path, st.st_dev, st.st_ino)
+        self._base = base
+        self._by_id = _IdMap(base)
+        blocks = _index.BlockHasher()
+        sink = _io.RowSink(0, self._take_row, self._digest, blocks)
+        try:
+            loaded = _io.parse_fd(fd, sink, self._chunk)
+        finally:
+            self._row = None
+        base.size = sink.clean_end
+        self._clean = sink.clean_end
+        self._index_blocks = blocks.hashes()
+        self._blocks_size = sink.clean_end
+        return loaded
+
+    def _take_row(self, value: Entry, offset: int, length: int) -> None:
+        base = self._base
+        assert base is not None
+        kind = value.get("type")
+        ident = value.get("id")
+        valid = isinstance(ident, str) and bool(ident)
+        stored = ident if valid and kind != "session" else None
+        row = base.add(offset, length, value, stored)
+        if kind == "session":
+            if self._header is None:
+                self._header = value
+                base.header_row = row
+            return  # a second header is kept, but is no tree node
+        if not valid:
+            self._missing_id = True
+        self._row = row
+        self._apply(value)
+        self._row = None
+
+    def _parse_warm(self, fd: int, found: _index.IndexData) -> _io.Loaded | None:
+        """The state the index holds, then the lines past it; ``None`` when something read
+        through the index is not what it says (the caller rebuilds)."""
+        meta = found.meta
+        try:
+            state = meta["state"]
+            header_raw = _io.read_exact(fd, int(meta["header_len"]), int(meta["header_off"]))
+            header, _ = _jsonl.loads_line(header_raw)
+            if type(header) is not dict or header.get("type") != "session":
+                return None
+            base = found.make_base(self._path)
+            self._base = base
+            self._by_id = _IdMap(base)
+            self._header = header
+            self._leaf = self._file_leaf = state["leaf"]
+            side = state["side"]
+            self._side = self._file_side = _UNSET if side == {"unset": True} else side
+            self._labels = dict(state["labels"])
+            self._session_name = state["name"]
+            self._parents = dict(state["parents"])
+            malformed = int(state["malformed"])
+            invalid = int(state["invalid_utf8"])
+        except (KeyError, TypeError, ValueError, OSError):
+            return None
+        size = found.size
+        self._index_size = size
+        self._index_blocks = found.blocks()
+        self._blocks_size = size
+        self._digest = None  # computed from the file when asked for (``digest``)
+        os.lseek(fd, size, os.SEEK_SET)
+        loaded = self._parse_delta(fd, size)
+        loaded.malformed += malformed
+        loaded.invalid_utf8 += invalid
+        loaded.first, loaded.seen_first = header, True
+        try:
+            self._walk(self._leaf, context=True)  # the context, checked against the index
+        except _index.Mismatch:
+            return None
+        return loaded
+
+    def _parse_delta(self, fd: int, start: int) -> _io.Loaded:
+        """The lines in ``[start, end of file)`` into the model (``_apply``), as entries the
+        manager holds; the digest rolls over them when it covers exactly ``[0, start)``."""
+        digest = self._digest if self._digest_size == start else None
+        sink = _io.RowSink(start, self._take_delta, digest)
+        os.lseek(fd, start, os.SEEK_SET)
+        loaded = _io.parse_fd(fd, sink, self._chunk)
+        self._clean = sink.clean_end
+        if digest is not None:
+            self._digest_size = loaded.size
+        elif self._digest is None:
+            self._digest_size = loaded.size  # the lazy digest covers what was parsed
+        self._malformed += loaded.malformed
+        self._invalid_utf8 += loaded.invalid_utf8
+        self._torn = loaded.torn
+        self._unterminated = loaded.unterminated
+        if loaded.torn is not None:
+            self._clean_digest = loaded.clean_digest
+            self._clean_offset = loaded.torn[0]
+        self._note_end(fd, loaded.size)
+        return loaded
+
+    def _take_delta(self, value: Entry, offset: int, length: int) -> None:
+        kind = value.get("type")
+        ident = value.get("id")
+        valid = isinstance(ident, str) and bool(ident)
+        stored = ident if valid and kind != "session" else None
+        self._entries.append(value)
+        self._delta_rows.append((offset, length, value, stored))
+        if kind == "session":
+            if self._header is None:
+                self._header = value
+            return
+        if not valid:
+            self._missing_id = True
+        self._apply(value)
+
+    def _note_end(self, fd: int, size: int) -> None:
+        self._upto = size
+        keep = min(size, 4096)
+        self._tail = _io.read_exact(fd, keep, size - keep) if keep else b""
+
+    def _adopt_rows(self, loaded: _io.Loaded, fp: Fingerprint) -> None:
+        """After a parse into the row table (cold or through the index)."""
+        self._parsed_fp = fp
+        self._file_known = True
+        if self._digest is not None:
+            self._digest_size = loaded.size
+            self._parsed_digest = self._digest.copy()
+        else:
+            self._digest_size = loaded.size
+            self._parsed_digest = _PENDING
+        if self._index_size == 0:  # cold: the parse saw every line
+            self._malformed = loaded.malformed
+            self._invalid_utf8 = loaded.invalid_utf8
+            self._torn = loaded.torn
+            self._unterminated = loaded.unterminated
+            self._clean_digest = loaded.clean_digest
+            self._clean_offset = loaded.torn[0] if loaded.torn is not None else None
+            self._upto = loaded.size
+            if loaded.size:
+                fd = os.open(self._path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                try:
+                    self._note_end(fd, loaded.size)
+                finally:
+                    os.close(fd)
+        else:
+            self._malformed = loaded.malformed
+            self._invalid_utf8 = loaded.invalid_utf8
+        self._not_session = _io.describe_not_a_session(
+            loaded.first, loaded.seen_first, loaded.malformed
+        )
+        if self._header is not None:
+            self._version = _io.reference_version(self._header)
+        self._maybe_write_index()
+
+    def refresh(self) -> int:
+        """Brings the model up to date with the file, parsing only the lines appended since
+        this manager last read or wrote it; returns how many bytes were parsed.
+
+        Incremental when the model is exactly a reader's view of the file's first bytes
+        (no merge since the last load, no torn or unterminated last line) and the file
+        still holds those bytes (same identity, the last 4 KiB before that point
+        unchanged); otherwise it is ``reload()`` (which still uses the index). Either way
+        the result is what a fresh ``open`` gives.
+        """
+        base = self._base
+        if (
+            base is None
+            or not self._pure
+            or self._torn is not None
+            or self._unterminated
+            or not self._file_known
+        ):
+            self._load()
+            return self._parsed_size()
+        sf = _backend.active()
+        before: Fingerprint = sf.fingerprint(self._path, window=self._window)
+        upto = self._upto
+        if not before.exists or (before.dev, before.ino) != (base.dev, base.ino):
+            self._load()
+            return self._parsed_size()
+        try:
+            fd = os.open(self._path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except FileNotFoundError:
+            self._load()
+            return 0
+        try:
+            st = os.fstat(fd)
+            tail = self._tail
+            if (
+                (st.st_dev, st.st_ino) != (base.dev, base.ino)
+                or st.st_size < upto
+                or _io.read_exact(fd, len(tail), upto - len(tail)) != tail
+            ):
+                loaded = None
+            else:
+                with _io.gc_paused():
+                    loaded = self._parse_delta(fd, upto)
+        finally:
+            os.close(fd)
+        after: Fingerprint = sf.fingerprint(self._path, window=self._window)
+        if loaded is None or after != before or after.size != loaded.size:
+            self._load()  # the file changed meanwhile: what it is now, from the index
+            return self._parsed_size()
+        self._parsed_fp = after
+        self._parsed_digest = (
+            self._digest.copy()
+            if self._digest is not None and self._digest_size == loaded.size
+            else _PENDING
+        )
+        self._maybe_write_index()
+        return loaded.size - upto
+
+    # ------------------------------------------------------------------------------------
+    # The index file.
+    # ------------------------------------------------------------------------------------
+
+    def _parsed_size(self) -> int:
+        fp = self._parsed_fp
+        return int(fp.size) if fp.exists else 0
+
+    def _indexable(self) -> bool:
+        version = self._version
+        return (
+            self._use_index is not False
+            and self._base is not None
+            and self._pure
+            and not self._unterminated
+            and self._header is not None
+            and self._not_session is None
+            and version is not None
+            and not version < 2
+            and self._base.header_row >= 0
+        )
+
+    def _maybe_write_index(self) -> None:
+        """Writes ``<path>.idx`` for the prefix ``[0, _clean)`` when this manager's model is a
+        reader's view of it and the index on disk is missing or far behind. Never raises
+        for a failed write (an index is a cache)."""
+        if not self._indexable():
+            return
+        clean = self._clean
+        if self._index_size:
+            if clean - self._index_size < _index.REWRITE_AFTER:
+                return
+        elif clean < _index.INDEX_MIN_BYTES and self._use_index is not True:
+            return
+        if clean <= 0:
+            return
+        base = self._base
+        assert base is not None
+        try:
+            _, looked = self._walk(self._leaf, context=True)
+            delta_rows = {r[3]: i for i, r in enumerate(self._delta_rows) if r[3] is not None}
+            hints: dict[str, tuple[int, int, int]] = {}
+            for ident in looked:
+                at = delta_rows.get(ident)
+                if at is not None:
+                    off, ln, _, _ = self._delta_rows[at]
+                    hints[ident] = (base.count + at, off, ln)
+                elif ident not in self._by_id.live:
+                    row = base.row_of(ident)
+                    if row is not None:
+                        off, ln = base.span(row)
+                        hints[ident] = (row, off, ln)
+            if self._blocks_size == clean:
+                blocks: list[bytes] | None = self._index_blocks
+            else:
+                blocks = _index.rehash_blocks(
+                    self._path, self._index_blocks, self._blocks_size, clean
+                )
+            if blocks is None:
+                return
+            rows = [r for r in self._delta_rows if r[0] < clean]
+            side = self._side
+            state = {
+                "leaf": self._leaf,
+                "side": {"unset": True} if isinstance(side, _Unset) else side,
+                "labels": self._labels,
+                "name": self._session_name,
+                "parents": self._parents,
+                "malformed": self._malformed,
+                "invalid_utf8": self._invalid_utf8,
+            }
+            written = _index.write_index(self._path, base, rows, clean, blocks, state, hints)
+        except (_index.Mismatch, OSError, ValueError):
+            return
+        if written is not None:
+            self._index_size = clean
+            self._index_blocks = blocks
+            self._blocks_size = clean
 
     def _adopt(self, loaded: _io.Loaded, fp: Fingerprint) -> None:
         self._parsed_fp = fp
@@ -365,7 +755,7 @@ class SessionManager:
         if kind == "leaf":
             self._apply_leaf_control(ident, entry)
             return
-        self._by_id[ident] = entry
+        self._store(ident, entry)
         if kind not in KNOWN_ENTRY_TYPES:
             # Opaque: kept (it can be looked up, labelled, named as a parent) but it never
             # moves the visible leaf; it extends an open side branch, as openclaw's opaque
@@ -386,6 +776,14 @@ class SessionManager:
         elif kind == "session_info":
             self._apply_session_info(entry)
 
+    def _store(self, ident: str, entry: Entry) -> None:
+        row = self._row
+        if row is not None:
+            assert self._base is not None
+            self._base.put_row(ident, row)  # the table's row, read back when asked for
+        else:
+            self._by_id[ident] = entry
+
     def _parent_of(self, ident: str, entry: Entry) -> object:
         """The parent id a reader gives the entry (``_NO_PARENT`` stands for "use its own
         ``parentId``")."""
@@ -396,7 +794,7 @@ class SessionManager:
         # A leaf control moves the visible leaf (and the side cursor) without content. One
         # that names an unknown entry, or is not shaped like a control, is ignored, as
         # openclaw's reader ignores it.
-        self._by_id[ident] = entry
+        self._store(ident, entry)
         if "parentId" not in entry or "targetId" not in entry:
             return
         mode = entry.get("appendMode")
@@ -461,7 +859,7 @@ class SessionManager:
 
     def __repr__(self) -> str:
         return (
-            f"<SessionManager {self._path!r} entries={len(self._entries)} "
+            f"<SessionManager {self._path!r} entries={len(self.entries)} "
             f"leaf={self._leaf!r} digest_size={self._digest_size}>"
         )
 
@@ -470,10 +868,15 @@ class SessionManager:
         return self._header
 
     @property
-    def entries(self) -> list[Entry]:
+    def entries(self) -> Sequence[Entry]:
         """Every entry in file order (own appends and merged entries included), without the
-        header. A new list each time; the dicts themselves are the model's."""
-        return list(self._entries)
+        header: a list-like snapshot (``len``, indexing, slicing, iteration, ``==`` with a
+        list). A new one each time. The entries of the parsed prefix are read back from the
+        file by offset when they are asked for, not held in memory (an open parses only the
+        model context); the dicts the model holds are the model's own. ``list(m.entries)``
+        materialises them all. ``TranscriptChangedError`` when the file's prefix changed
+        since it was parsed (reload)."""
+        return _index.LazyEntries(self._base, self._entries)
 
     @property
     def leaf_id(self) -> str | None:
@@ -548,8 +951,51 @@ class SessionManager:
     @property
     def digest(self) -> Any:
         """``RollingDigest`` of the file's bytes ``[0, digest_size)``. The live object: take
-        ``.copy()`` before rolling it yourself."""
+        ``.copy()`` before rolling it yourself.
+
+        After an open through the index it is computed on first use, by reading
+        ``[0, digest_size)`` once (checked against the index's block hashes and the bytes
+        this manager parsed last: ``TranscriptChangedError`` when they differ)."""
+        if self._digest is None:
+            self._digest = self._digest_from_file(self._digest_size)
         return self._digest
+
+    def _digest_from_file(self, size: int) -> Any:
+        digest = _backend.active().RollingDigest()
+        hasher = _index.BlockHasher()
+        base = self._base
+        fd = os.open(self._path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        try:
+            st = os.fstat(fd)
+            if base is not None and (st.st_dev, st.st_ino) != (base.dev, base.ino):
+                raise TranscriptChangedError(
+                    f"transcript was replaced since it was parsed: {self._path}"
+                )
+            offset = 0
+            while offset < size:
+                block = _io.pread(fd, min(_io.DEFAULT_CHUNK, size - offset), offset)
+                if not block:
+                    raise TranscriptChangedError(
+                        f"transcript shrank since it was parsed: {self._path}"
+                    )
+                digest.update(block)
+                hasher.update(block)
+                offset += len(block)
+            tail = self._tail
+            if (
+                size == self._upto
+                and tail
+                and _io.read_exact(fd, len(tail), size - len(tail)) != tail
+            ):
+                raise TranscriptChangedError(
+                    f"transcript changed since it was parsed: {self._path}"
+                )
+        finally:
+            os.close(fd)
+        full = min(self._blocks_size, size) // _index.BLOCK
+        if hasher.full[:full] != self._index_blocks[:full]:
+            raise TranscriptChangedError(f"transcript changed since it was parsed: {self._path}")
+        return digest
 
     @property
     def digest_size(self) -> int:
@@ -566,7 +1012,14 @@ class SessionManager:
         ``parsed_fingerprint`` (``None`` when the file was missing). A private copy that this
         manager never rolls, so it can be cached and shared as is, e.g.
         ``REGISTRY.remember_digest(key, m.parsed_fingerprint, m.parsed_digest)``; whoever
-        rolls it forward must ``copy()`` it first."""
+        rolls it forward must ``copy()`` it first. After an open through the index it is
+        computed on first use (see ``digest``)."""
+        if self._parsed_digest is _PENDING:
+            size = self._parsed_fp.size
+            if self._digest_size == size:
+                self._parsed_digest = self.digest.copy()
+            else:
+                self._parsed_digest = self._digest_from_file(size)
         return self._parsed_digest
 
     def get_entry(self, entry_id: str) -> Entry | None:
@@ -578,16 +1031,45 @@ class SessionManager:
         Leaf controls on the way stand for their targets and are not listed. An unknown id
         gives ``[]``, as pi-mono's ``getBranch`` does; a parent cycle stops the walk.
         """
-        current = self._leaf if leaf_id is None else leaf_id
+        path, _ = self._walk(self._leaf if leaf_id is None else leaf_id)
+        return path
+
+    def context_entries(self) -> list[Entry]:
+        """The entries of the model context at the visible leaf, cut as pi-mono's
+        ``buildSessionContext`` cuts them: the latest ``compaction`` on the leaf's path
+        (``branch()``), then the path's entries from that compaction's
+        ``firstKeptEntryId`` up to the compaction, then the path's entries after it to the
+        leaf. Without a compaction on the path: the whole path (``branch()``); no leaf:
+        ``[]``. Entries of every type on the path are listed (the caller turns the ones it
+        sends into messages: ``message``, ``custom_message``, ``branch_summary``, ...). When
+        the first kept entry is not on the path before the compaction, only the
+        compaction and what follows it are listed, as in the original.
+
+        Reads the path from the leaf back to the first kept entry only, never the history
+        before it: after ``open`` these entries are in memory already (the open parses
+        them), so this costs a walk over the context.
+        """
+        path, _ = self._walk(self._leaf, context=True)
+        return _cut_context(path)
+
+    def _walk(self, leaf: str | None, *, context: bool = False) -> tuple[list[Entry], list[str]]:
+        """``branch(leaf)``, and the ids looked up on the way. With ``context``, the walk
+        stops at the first kept entry of the latest compaction on the path (what
+        ``_cut_context`` needs)."""
+        current = leaf
         path: list[Entry] = []
+        looked: list[str] = []
         seen: set[str] = set()
         by_id = self._by_id
         every_type = self._pre_tree
+        compaction: Entry | None = None
+        context = context and not every_type
         while current is not None and current not in seen:
             seen.add(current)
             entry = by_id.get(current)
             if entry is None:
                 break
+            looked.append(current)
             kind = entry.get("type")
             if kind == "leaf" and not every_type:
                 target = entry.get("targetId")
@@ -595,10 +1077,16 @@ class SessionManager:
                 continue
             if every_type or kind in KNOWN_ENTRY_TYPES:
                 path.append(entry)  # an entry of an unknown type is walked through, unlisted
+                if context:
+                    if compaction is None:
+                        if kind == "compaction":
+                            compaction = entry
+                    elif entry.get("id") == compaction.get("firstKeptEntryId"):
+                        break  # the first kept entry: nothing above it is in the context
             parent = self._parent_of(current, entry)
             current = parent if isinstance(parent, str) else None
         path.reverse()
-        return path
+        return path, looked
 
     def children(self, entry_id: str | None) -> list[Entry]:
         """Entries whose parent (as ``branch`` follows it) is ``entry_id`` (``None``: the
@@ -712,6 +1200,7 @@ class SessionManager:
             # lost before this manager learnt it.
             known = existing.get("id")
             if isinstance(known, str) and known not in self._by_id:
+                self._pure = False  # an entry from somewhere in the file
                 self._entries.append(existing)
                 self._apply(existing)
             return str(known)
@@ -835,8 +1324,19 @@ class SessionManager:
         # Exactly our bytes between the two stats: the line sits at the old end, so the
         # digest can roll over it without reading anything.
         if size == self._digest_size and after == size + len(data):
-            self._digest.update(data)
+            if self._digest is not None:
+                self._digest.update(data)
             self._digest_size = after
+        # The model stays a reader's view of the file when the line landed right where
+        # the model ends (no foreign line between).
+        if self._pure and header is None and end - len(data) == size == self._upto:
+            ident = entry.get("id")
+            self._delta_rows.append((end - len(line), len(line) - 1, entry, ident))
+            self._upto = end
+            self._tail = (self._tail + data)[-4096:]
+            self._clean = end
+        else:
+            self._pure = False
 
     # ------------------------------------------------------------------------------------
     # Digest bookkeeping.
@@ -860,13 +1360,15 @@ class SessionManager:
                 f"{self._digest_size}): {self._path}"
             )
         view = memoryview(data)
-        self._digest.update(view)
+        if self._digest is not None:
+            self._digest.update(view)
         self._digest_size += view.nbytes
 
     def sync_digest(self) -> int:
         """Reads whatever the file holds past ``digest_size`` (positionally, nothing else)
         and rolls the digest over it; returns the byte count. ``ValueError`` if the file is
         now shorter than ``digest_size`` (it was truncated: the digest cannot be right)."""
+        digest = self.digest
         fd = os.open(self._path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         try:
             size = os.fstat(fd).st_size
@@ -880,7 +1382,7 @@ class SessionManager:
                 block = _io.pread(fd, min(_io.DEFAULT_CHUNK, size - offset), offset)
                 if not block:
                     break
-                self._digest.update(block)
+                digest.update(block)
                 offset += len(block)
         finally:
             os.close(fd)
@@ -971,6 +1473,9 @@ class SessionManager:
     def _rewind_digest(self, offset: int) -> None:
         if self._digest_size <= offset:
             return  # the digest never covered the cut bytes
+        if self._digest is None:  # computed when asked for: it will cover [0, offset)
+            self._digest_size = offset
+            return
         if self._clean_digest is not None and self._clean_offset == offset:
             self._digest = self._clean_digest.copy()
         else:
@@ -1018,6 +1523,8 @@ class SessionManager:
         side = self.side_cursor
         reader_leaf = self._file_leaf
         reader_side = self._file_side
+        if plan:
+            self._pure = False  # merged entries hang where no reader of the file puts them
         for source, adopted in plan:
             ident: str = source["id"]
             if adopted is None:  # a side leaf control: the cursor stays where it is
@@ -1111,6 +1618,30 @@ class SessionManager:
             plan.append((source, adopted))
             side = ident
         return plan
+
+
+def _cut_context(path: list[Entry]) -> list[Entry]:
+    """pi-mono ``buildSessionContext``'s cut of a root-to-leaf path (or of its suffix that
+    starts at the first kept entry): the latest compaction, the entries from its first kept
+    entry up to it, then the entries after it."""
+    at = -1
+    for i in range(len(path) - 1, -1, -1):
+        if path[i].get("type") == "compaction":
+            at = i
+            break
+    if at < 0:
+        return list(path)
+    compaction = path[at]
+    first_kept = compaction.get("firstKeptEntryId")
+    out = [compaction]
+    found = False
+    for entry in path[:at]:
+        if entry.get("id") == first_kept:
+            found = True
+        if found:
+            out.append(entry)
+    out.extend(path[at + 1 :])
+    return out
 
 
 def _entry_at(fd: int, start: int, end: int) -> Entry:
