@@ -23,10 +23,11 @@ CHART_SUFFIXES = (".png", ".svg", ".pdf")
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "bench",
-        help="compare the naive, pure-Python and C paths (P1-P7, V1-V2, T1-T2, L1-L2, J1-J2, F1)",
+        help="compare the naive, pure-Python and C paths (P, V, T, L, J, F and S measures)",
         description="Runs the performance measures (P1-P7, V1-V2 for the held probes, T1-T2 "
         "for one turn with the real lock, L1-L2 for the lock, J1-J2 for the owned-write "
-        "journal, F1 for verify=full owned appends) on generated transcripts and prints each "
+        "journal, F1 for verify=full owned appends, S1-S2 for the PostgreSQL store when a "
+        "server can be started) on generated transcripts and prints each "
         "ratio next "
         "to its target. Files go to a temporary directory that is removed "
         "afterwards; the page cache is warmed on purpose before anything is timed.",
