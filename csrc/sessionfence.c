@@ -744,6 +744,63 @@ uint64_t sf_xxh3_64(const uint8_t *buf, size_t len)
     return XXH3_64bits(buf, len);
 }
 
+int64_t sf_utf8_invalid_at(const uint8_t *buf, size_t len)
+{
+    size_t i = 0;
+    if (buf == NULL)
+        return len ? 0 : -1;
+    while (i < len) {
+        /* ASCII runs 8 bytes at a time (memcpy: no unaligned access) */
+        while (len - i >= 8) {
+            uint64_t w;
+            memcpy(&w, buf + i, 8);
+            if (w & UINT64_C(0x8080808080808080))
+                break;
+            i += 8;
+        }
+        if (i >= len)
+            break;
+        uint8_t c = buf[i];
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        size_t need;
+        uint8_t lo = 0x80, hi = 0xBF; /* the range of the second byte */
+        if (c >= 0xC2 && c <= 0xDF) {
+            need = 1;
+        } else if (c == 0xE0) {
+            need = 2;
+            lo = 0xA0; /* no overlong 3-byte forms */
+        } else if ((c >= 0xE1 && c <= 0xEC) || c == 0xEE || c == 0xEF) {
+            need = 2;
+        } else if (c == 0xED) {
+            need = 2;
+            hi = 0x9F; /* no surrogates */
+        } else if (c == 0xF0) {
+            need = 3;
+            lo = 0x90; /* no overlong 4-byte forms */
+        } else if (c >= 0xF1 && c <= 0xF3) {
+            need = 3;
+        } else if (c == 0xF4) {
+            need = 3;
+            hi = 0x8F; /* nothing above U+10FFFF */
+        } else {
+            return (int64_t)i; /* 0x80-0xC1, 0xF5-0xFF never lead */
+        }
+        if (len - i - 1 < need)
+            return (int64_t)i;
+        if (buf[i + 1] < lo || buf[i + 1] > hi)
+            return (int64_t)i;
+        for (size_t k = 2; k <= need; k++) {
+            if ((buf[i + k] & 0xC0) != 0x80)
+                return (int64_t)i;
+        }
+        i += need + 1;
+    }
+    return -1;
+}
+
 void sf_xxh3_128(const uint8_t *buf, size_t len, uint64_t *hi, uint64_t *lo)
 {
     XXH128_hash_t h = XXH3_128bits(buf, len);

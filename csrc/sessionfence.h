@@ -119,6 +119,14 @@ void *sf_digest_copy(const void *state);
 int sf_digest_update(void *state, const uint8_t *buf, size_t len);
 void sf_digest_value(const void *state, uint64_t *hi, uint64_t *lo);
 int sf_digest_update_file(void *state, const char *path, int64_t size, sf_err *err);
+/*
+ * Where strict UTF-8 decoding of buf[0, len) fails: the offset of the first byte of the
+ * first malformed sequence (an invalid lead byte, a bad continuation byte, an overlong
+ * form, a surrogate, a code point above U+10FFFF, or a sequence cut by the end), exactly
+ * what Python's bytes.decode("utf-8") reports as the error's start; -1 when all of it is
+ * valid. The transcript parser uses it to know a line needs no replacement characters.
+ */
+int64_t sf_utf8_invalid_at(const uint8_t *buf, size_t len);
 /* CDEF-END */
 
 #endif

@@ -45,6 +45,7 @@ __all__ = [
     "fingerprint",
     "fingerprint_many",
     "read_range",
+    "utf8_invalid_at",
 ]
 
 NAME = "cffi"
@@ -311,6 +312,13 @@ def _digest_error(err: Any, path: PathArg, size: int) -> NoReturn:
     if err.code == lib.SF_ESHORT:
         raise shorter_than(path, size, int(err.detail))
     _raise(err, path)
+
+
+def utf8_invalid_at(data: bytes | bytearray | memoryview) -> int:
+    """Offset where strict UTF-8 decoding of ``data`` fails (the start of the first
+    malformed sequence, as ``UnicodeDecodeError.start``), or -1 when it is all valid."""
+    buf = ffi.from_buffer("uint8_t[]", data)
+    return int(lib.sf_utf8_invalid_at(buf, len(buf)))
 
 
 def content_digest(path: PathArg, size: int | None = None) -> int:

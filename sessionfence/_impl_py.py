@@ -45,6 +45,7 @@ __all__ = [
     "fingerprint",
     "fingerprint_many",
     "read_range",
+    "utf8_invalid_at",
 ]
 
 NAME = "python"
@@ -361,6 +362,16 @@ def _digest_file(state: xxhash.xxh3_128, path: PathArg, size: int | None) -> Non
             off += len(chunk)
     finally:
         os.close(fd)
+
+
+def utf8_invalid_at(data: bytes | bytearray | memoryview) -> int:
+    """Offset where strict UTF-8 decoding of ``data`` fails (the start of the first
+    malformed sequence, as ``UnicodeDecodeError.start``), or -1 when it is all valid."""
+    try:
+        str(data, "utf-8")
+    except UnicodeDecodeError as exc:
+        return int(exc.start)
+    return -1
 
 
 def content_digest(path: PathArg, size: int | None = None) -> int:

@@ -605,6 +605,35 @@ static void test_version_and_free(void)
     sf_free(NULL); /* like free(NULL) */
 }
 
+static void test_utf8_invalid_at(void)
+{
+    static const struct {
+        const char *bytes;
+        size_t len;
+        int64_t want;
+    } cases[] = {
+        {"", 0, -1},
+        {"plain ascii text, longer than eight", 35, -1},
+        {"caf\xc3\xa9 \xe6\x97\xa5 \xf0\x9f\x8e\x89", 15, -1},
+        {"ab\xff", 3, 2},
+        {"abcdefgh\x80", 9, 8},
+        {"\xc0\xaf", 2, 0},               /* overlong */
+        {"x\xe0\x80\xaf", 4, 1},         /* overlong 3-byte */
+        {"\xed\xa0\x80", 3, 0},           /* surrogate */
+        {"\xed\x9f\xbf", 3, -1},          /* U+D7FF */
+        {"\xf4\x90\x80\x80", 4, 0},       /* above U+10FFFF */
+        {"\xf4\x8f\xbf\xbf", 4, -1},      /* U+10FFFF */
+        {"ok\xe6\x97", 4, 2},             /* cut by the end */
+        {"\xe6\x41\x97", 3, 0},           /* bad continuation */
+        {"\xf0\x9f\x8e\x41", 4, 0},
+        {"\xf5\x80\x80\x80", 4, 0},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        CHECK(sf_utf8_invalid_at((const uint8_t *)cases[i].bytes, cases[i].len) == cases[i].want);
+    }
+    CHECK(sf_utf8_invalid_at(NULL, 0) == -1);
+}
+
 static void test_xxh3_vectors(void)
 {
     static const struct {
@@ -1523,6 +1552,7 @@ int main(void)
     } while (0)
     RUN(test_version_and_free);
     RUN(test_xxh3_vectors);
+    RUN(test_utf8_invalid_at);
     RUN(test_fingerprint);
     RUN(test_fingerprint_many);
     RUN(test_probe);

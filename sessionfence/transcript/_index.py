@@ -18,13 +18,14 @@ does not know, and the index is ignored and rebuilt from a full parse: it costs 
 correctness. It is written by temp file + ``os.replace``, so a reader sees a whole old one or
 a whole new one; any process may write it (two writers race to the same content).
 
-Layout (little-endian): ``MAGIC``, ``u32`` length of the meta JSON, the meta JSON, its
-``xxh3_64`` (8 bytes), then the sections the meta names (offset, length, ``xxh3_64``) with
-one row per JSON-object line: ``offsets`` (``q``), ``lengths`` (``q``), ``kinds`` (type
-code | parent class << 4), ``id_lens``/``ids`` and ``par_lens``/``pars`` (UTF-8 with
-surrogates passed, length ``-1`` for none). The meta holds the file proof, the per-block
-XXH3-128 hashes of ``[0, size)`` (1 MiB blocks, the last one partial), and the tree state at
-``size``: leaf and side cursor, labels, session name, parent overrides, malformed and
+Layout, in the writer's byte order (which the meta names; another one is not read):
+``MAGIC``, ``u32`` length of the meta JSON, the meta JSON, its ``xxh3_64`` (8 bytes), then
+the sections the meta names (offset, length, ``xxh3_64``) with one row per JSON-object
+line: ``offsets`` (``q``), ``lengths`` (``q``), ``kinds`` (type code | parent class << 4),
+``ids`` (the id the tree stores the row under, or null) and ``pars`` (a string
+``parentId``, or null), both JSON arrays. The meta holds the file proof, the per-block
+XXH3-128 hashes of ``[0, size)`` (1 MiB blocks, the last one partial), and the tree state
+at ``size``: leaf and side cursor, labels, session name, parent overrides, malformed and
 invalid-UTF-8 line counts, and ``hints``: the rows of the context path (the latest
 compaction on the leaf's path, its first kept entry, the entries to the leaf), so an open
 reads nothing else.
@@ -36,6 +37,7 @@ import contextlib
 import json
 import os
 import struct
+import sys
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final, overload
@@ -72,7 +74,7 @@ _O_BINARY: int = getattr(os, "O_BINARY", 0)
 
 # Row kinds: a type code in the low 4 bits, the parent class above it.
 T_SESSION, T_LEAF, T_OTHER = 0, 1, 2
-_KNOWN_CODES: Final = {
+KNOWN_CODES: Final = {
     "message": 3,
     "thinking_level_change": 4,
     "model_change": 5,
@@ -106,7 +108,7 @@ def row_kind(value: Entry) -> int:
     elif kind == "leaf":
         code = T_LEAF
     else:
-        code = _KNOWN_CODES.get(kind, T_OTHER) if isinstance(kind, str) else T_OTHER
+        code = KNOWN_CODES.get(kind, T_OTHER) if isinstance(kind, str) else T_OTHER
     parent = value.get("parentId")
     pclass = P_NONE if parent is None else P_STR if isinstance(parent, str) else P_OTHER
     return code | (pclass << 4)
@@ -393,6 +395,15 @@ class IndexData:
         return base
 
     def _load_sections(self, base: Base) -> None:
+        """The row table from the index file; when it is gone or damaged (or another
+        process replaced it meanwhile), from the transcript itself: a scan of the prefix
+        the index described (which the open proved unchanged)."""
+        try:
+            self._read_sections(base)
+        except (Mismatch, OSError, KeyError, TypeError, ValueError):
+            rebuild_rows(base)
+
+    def _read_sections(self, base: Base) -> None:
         sections = self.meta["sections"]
         try:
             fd = os.open(self.raw_path, os.O_RDONLY | _O_BINARY)
@@ -418,39 +429,52 @@ class IndexData:
         if len(offsets) != n or len(lengths) != n or len(kinds) != n:
             raise Mismatch("index sections disagree on the row count")
         base.offsets, base.lengths, base.kinds = offsets, lengths, kinds
-        base.ids = _unpack_strs(got["id_lens"], got["ids"], n)
-        base.pars = _unpack_strs(got["par_lens"], got["pars"], n)
+        base.ids = _unpack_strs(got["ids"], n)
+        base.pars = _unpack_strs(got["pars"], n)
 
 
-def _pack_strs(values: Sequence[str | None]) -> tuple[bytes, bytes]:
-    lens = array("q")
-    parts: list[bytes] = []
-    for v in values:
-        if v is None:
-            lens.append(-1)
-        else:
-            b = v.encode("utf-8", "surrogatepass")
-            lens.append(len(b))
-            parts.append(b)
-    return lens.tobytes(), b"".join(parts)
+def rebuild_rows(base: Base) -> None:
+    """Fills ``base``'s row table by parsing its transcript again (the rows of
+    ``[0, base.size)`` a cold parse records: the same offsets, kinds and stored ids)."""
+    from . import _io
+
+    fresh = Base(base.path, base.dev, base.ino)
+    header = [-1]
+    limit = base.size
+
+    def take(value: Entry, offset: int, length: int) -> None:
+        if offset + length >= limit:
+            return  # past the prefix the table describes
+        kind = value.get("type")
+        ident = value.get("id")
+        valid = isinstance(ident, str) and bool(ident)
+        row = fresh.add(offset, length, value, ident if valid and kind != "session" else None)
+        if kind == "session" and header[0] < 0:
+            header[0] = row
+
+    fd = base._open()
+    try:
+        _io.parse_fd(fd, _io.RowSink(0, take, skeleton=True))
+    finally:
+        os.close(fd)
+    if fresh.count != base.count or header[0] != base.header_row:
+        raise Mismatch(f"the transcript's prefix no longer has the rows parsed: {base.path}")
+    base.offsets, base.lengths, base.kinds = fresh.offsets, fresh.lengths, fresh.kinds
+    base.ids, base.pars = fresh.ids, fresh.pars
 
 
-def _unpack_strs(lens_raw: bytes, blob: bytes, n: int) -> list[str | None]:
-    lens = array("q")
-    lens.frombytes(lens_raw)
-    if len(lens) != n:
+def _pack_strs(values: Sequence[str | None]) -> bytes:
+    # JSON (C speed both ways); ensure_ascii keeps lone surrogates as escapes
+    return json.dumps(values, separators=(",", ":")).encode("ascii")
+
+
+def _unpack_strs(raw: bytes, n: int) -> list[str | None]:
+    values = json.loads(raw)
+    if type(values) is not list or len(values) != n:
         raise Mismatch("index string table has the wrong row count")
-    out: list[str | None] = []
-    at = 0
-    for ln in lens:
-        if ln < 0:
-            out.append(None)
-        else:
-            out.append(blob[at : at + ln].decode("utf-8", "surrogatepass"))
-            at += ln
-    if at != len(blob):
-        raise Mismatch("index string table has the wrong length")
-    return out
+    if not all(v is None or type(v) is str for v in values):
+        raise Mismatch("index string table holds something else than ids")
+    return values
 
 
 def read_index(path: str) -> IndexData | None:
@@ -472,7 +496,12 @@ def read_index(path: str) -> IndexData | None:
         if struct.unpack("<Q", check)[0] != _h64(meta_raw):
             return None
         meta = json.loads(meta_raw)
-        if type(meta) is not dict or meta.get("format") != FORMAT or meta.get("block") != BLOCK:
+        if (
+            type(meta) is not dict
+            or meta.get("format") != FORMAT
+            or meta.get("block") != BLOCK
+            or meta.get("order") != sys.byteorder
+        ):
             return None
         return IndexData(meta, raw_path, len(MAGIC) + 4 + meta_len + 8)
     except (OSError, ValueError, struct.error):
@@ -568,16 +597,12 @@ def write_index(
         return None
     finally:
         os.close(fd)
-    id_lens, id_blob = _pack_strs(ids)
-    par_lens, par_blob = _pack_strs(pars)
     sections_raw = {
         "offsets": offsets.tobytes(),
         "lengths": lengths.tobytes(),
         "kinds": bytes(kinds),
-        "id_lens": id_lens,
-        "ids": id_blob,
-        "par_lens": par_lens,
-        "pars": par_blob,
+        "ids": _pack_strs(ids),
+        "pars": _pack_strs(pars),
     }
     sections: dict[str, list[int]] = {}
     at = 0
@@ -587,6 +612,7 @@ def write_index(
     meta = {
         "format": FORMAT,
         "block": BLOCK,
+        "order": sys.byteorder,
         "size": size,
         "dev": base.dev,
         "ino": base.ino,

@@ -21,6 +21,7 @@ import contextlib
 import errno
 import math
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -250,8 +251,12 @@ class RowSink:
         take: Callable[[dict[str, Any], int, int], None],
         digest: DigestT | None = None,
         blocks: Any = None,
+        *,
+        skeleton: bool = False,
     ) -> None:
         self.start = start
+        # values may be skeletons: only type, id, parentId and appendMode (see _parse_rows)
+        self.skeleton = skeleton
         self.take = take
         self.digest = digest
         self.blocks = blocks
@@ -312,11 +317,13 @@ def parse_fd(fd: int, digest: DigestT | RowSink, chunk: int = DEFAULT_CHUNK) -> 
         lines: list[bytes | memoryview] = []
         offsets: list[int] = []
         start = 0
+        joined = False
         if pending:
+            joined = True
             start = data.find(b"\n") + 1
-            joined = b"".join(pending)
+            before = sum(len(part) for part in pending)
             pending.append(data[: start - 1])
-            line_at = at - len(joined)
+            line_at = at - before
             lines.append(b"".join(pending))
             offsets.append(line_at)
             pending = []
@@ -330,6 +337,7 @@ def parse_fd(fd: int, digest: DigestT | RowSink, chunk: int = DEFAULT_CHUNK) -> 
                 lines[0] = lines[0][len(_UTF8_BOM) :]
                 offsets[0] += len(_UTF8_BOM)
         find = data.find
+        region = start  # lines from here to nl all sit in this read buffer
         while start <= nl:
             end = find(b"\n", start, nl + 1)
             if end > start:
@@ -341,7 +349,7 @@ def parse_fd(fd: int, digest: DigestT | RowSink, chunk: int = DEFAULT_CHUNK) -> 
         if sink is None:
             _parse_lines(lines, out)
         else:
-            _parse_rows(lines, offsets, out, sink.take)
+            _parse_rows(lines, offsets, out, sink, view[region : nl + 1], joined)
         del lines, view  # the views pin ``data``; let it go before the next read
     out.size = base + total
     if pending:
@@ -373,16 +381,103 @@ def parse_fd(fd: int, digest: DigestT | RowSink, chunk: int = DEFAULT_CHUNK) -> 
     return out
 
 
+# Entry types whose every field the tree needs (and the header): parsed whole even on the
+# skeleton route.
+_WHOLE_TYPES = frozenset({"session", "leaf", "label", "session_info"})
+
+
+def _skeleton_decoder() -> Callable[[bytes | memoryview], Any] | None:
+    """A msgspec decoder of just the fields the tree needs (the rest of the line is checked
+    for JSON syntax and skipped, not built), when msgspec is the selected fast parser."""
+    if _jsonl.fast_parser() != "msgspec":
+        return None
+    global _SKELETON
+    if _SKELETON is None:
+        import msgspec
+
+        unset = msgspec.UNSET
+
+        class Skeleton(msgspec.Struct):
+            type: Any = unset
+            id: Any = unset
+            parentId: Any = unset
+            appendMode: Any = unset
+
+        _SKELETON = (msgspec.json.Decoder(Skeleton).decode, unset)
+    return _SKELETON[0]
+
+
+_SKELETON: tuple[Callable[[bytes | memoryview], Any], Any] | None = None
+
+
 def _parse_rows(
     lines: list[bytes | memoryview],
     offsets: list[int],
     out: Loaded,
-    take: Callable[[dict[str, Any], int, int], None],
+    sink: RowSink,
+    region: memoryview | None = None,
+    joined: bool = False,
 ) -> None:
     """``_parse_lines`` for a ``RowSink``: the same verdicts, values handed on with their
-    place in the file instead of kept."""
+    place in the file instead of kept.
+
+    With ``sink.skeleton`` (and msgspec), a line that is valid UTF-8 (checked at C speed)
+    and of a type in neither ``_WHOLE_TYPES`` nor first in the file is decoded as a
+    skeleton: msgspec checks its whole syntax but builds only ``type``, ``id``,
+    ``parentId`` and ``appendMode`` (what the tree rules read), so big message bodies are
+    never turned into strings. Whatever msgspec refuses, or is not an object, goes the
+    exact route (``loads_line``), as does every line that is not valid UTF-8.
+
+    ``region``: the read buffer's bytes that hold every line but a first ``joined`` one
+    (pieced together from two reads): one UTF-8 check covers them all when it passes."""
+    take = sink.take
     loads = _jsonl.loads_line
-    for line, offset in zip(lines, offsets, strict=True):
+    skeleton = _skeleton_decoder() if sink.skeleton else None
+    skeletons: list[Any] = []
+    region_ok = False
+    if skeleton is not None:
+        from .. import _backend
+
+        invalid_at = _backend.active().utf8_invalid_at
+        assert _SKELETON is not None
+        unset = _SKELETON[1]
+        # The UTF-8 check of the region runs beside the skeleton decodes (the C check
+        # releases the GIL); the lines are taken only once both are done.
+        verdict: list[int] = []
+        checker = None
+        if region is not None:
+            checker = threading.Thread(target=lambda: verdict.append(invalid_at(region)))
+            checker.start()
+        for line in lines:
+            try:
+                skeletons.append(skeleton(line))
+            except (ValueError, RecursionError, TypeError):
+                skeletons.append(None)
+        if checker is not None:
+            checker.join()
+            region_ok = bool(verdict) and verdict[0] < 0
+    first = joined
+    for i, (line, offset) in enumerate(zip(lines, offsets, strict=True)):
+        if skeleton is not None and out.seen_first:
+            ok = region_ok and not first
+            first = False
+            sk = skeletons[i] if ok or invalid_at(line) < 0 else None
+            if sk is not None:
+                kind = sk.type
+                if not (type(kind) is str and kind in _WHOLE_TYPES):
+                    value: dict[str, Any] = {}
+                    if kind is not unset:
+                        value["type"] = kind
+                    if sk.id is not unset:
+                        value["id"] = sk.id
+                    if sk.parentId is not unset:
+                        value["parentId"] = sk.parentId
+                    if sk.appendMode is not unset:
+                        value["appendMode"] = sk.appendMode
+                    take(value, offset, len(line))
+                    continue
+        else:
+            first = False
         try:
             value, replaced = loads(line)
         except (ValueError, RecursionError):

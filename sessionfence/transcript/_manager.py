@@ -131,6 +131,13 @@ KNOWN_ENTRY_TYPES: Final = frozenset(
 
 _NO_PARENT: Final = object()  # no in-memory parent override for an entry
 _PENDING: Final = object()  # a digest computed from the file when first asked for
+# Known types whose line only moves the leaf (no label, name or leaf-control rules), with
+# their row kind when the parentId is a string (the fast path of the row parse).
+_PLAIN_CODES: Final = {
+    kind: code | (_index.P_STR << 4)
+    for kind, code in _index.KNOWN_CODES.items()
+    if kind not in ("label", "session_info")
+}
 
 
 class _IdMap:
@@ -341,6 +348,8 @@ class SessionManager:
         self._index_size = 0  # what the index on disk covers (0: none known)
         self._index_blocks: list[bytes] = []
         self._blocks_size = 0  # _index_blocks hash the bytes [0, _blocks_size)
+        self._first: Any = None  # the first line that parsed as JSON (not_a_session)
+        self._seen_first = False
 
     def _load(self) -> None:
         sf = _backend.active()
@@ -407,7 +416,7 @@ class SessionManager:
         self._base = base
         self._by_id = _IdMap(base)
         blocks = _index.BlockHasher()
-        sink = _io.RowSink(0, self._take_row, self._digest, blocks)
+        sink = _io.RowSink(0, self._take_row, self._digest, blocks, skeleton=True)
         try:
             loaded = _io.parse_fd(fd, sink, self._chunk)
         finally:
@@ -423,6 +432,28 @@ class SessionManager:
         assert base is not None
         kind = value.get("type")
         ident = value.get("id")
+        parent = value.get("parentId")
+        code = _PLAIN_CODES.get(kind) if type(kind) is str else None
+        if (
+            code is not None
+            and type(ident) is str
+            and ident
+            and type(parent) is str
+            and "appendMode" not in value
+        ):
+            # The common line (a message with its id and parentId): what ``_apply`` does
+            # for it, without the calls. It becomes the leaf, and closes a side branch.
+            row = base.count
+            base.offsets.append(offset)
+            base.lengths.append(length)
+            base.kinds.append(code)
+            base.ids.append(ident)
+            base.pars.append(parent)
+            base.count = row + 1
+            base.put_row(ident, row)
+            self._leaf = self._file_leaf = ident
+            self._side = self._file_side = _UNSET
+            return
         valid = isinstance(ident, str) and bool(ident)
         stored = ident if valid and kind != "session" else None
         row = base.add(offset, length, value, stored)
@@ -504,12 +535,15 @@ class SessionManager:
         ident = value.get("id")
         valid = isinstance(ident, str) and bool(ident)
         stored = ident if valid and kind != "session" else None
-        self._entries.append(value)
         self._delta_rows.append((offset, length, value, stored))
         if kind == "session":
             if self._header is None:
-                self._header = value
+                self._header = value  # the header: not an entry
+                self._pure = False  # no row table to name it in: no index from here
+            else:
+                self._entries.append(value)  # a second header is kept, but is no tree node
             return
+        self._entries.append(value)
         if not valid:
             self._missing_id = True
         self._apply(value)
@@ -546,6 +580,7 @@ class SessionManager:
         else:
             self._malformed = loaded.malformed
             self._invalid_utf8 = loaded.invalid_utf8
+        self._first, self._seen_first = loaded.first, loaded.seen_first
         self._not_session = _io.describe_not_a_session(
             loaded.first, loaded.seen_first, loaded.malformed
         )
@@ -599,9 +634,16 @@ class SessionManager:
         finally:
             os.close(fd)
         after: Fingerprint = sf.fingerprint(self._path, window=self._window)
-        if loaded is None or after != before or after.size != loaded.size:
+        if loaded is None or after != before or after.size != loaded.size or self._pre_tree_rows():
             self._load()  # the file changed meanwhile: what it is now, from the index
             return self._parsed_size()
+        if not self._seen_first and loaded.seen_first:
+            self._first, self._seen_first = loaded.first, True
+        self._not_session = _io.describe_not_a_session(
+            self._first, self._seen_first, self._malformed
+        )
+        if self._header is not None:
+            self._version = _io.reference_version(self._header)
         self._parsed_fp = after
         self._parsed_digest = (
             self._digest.copy()
@@ -954,47 +996,46 @@ class SessionManager:
         ``.copy()`` before rolling it yourself.
 
         After an open through the index it is computed on first use, by reading
-        ``[0, digest_size)`` once (checked against the index's block hashes and the bytes
-        this manager parsed last: ``TranscriptChangedError`` when they differ)."""
+        ``[0, digest_size)`` once, checked against the index's block hashes and the last
+        bytes this manager parsed; when they differ (the file was rewritten since), it is
+        a digest no content has, so a fence seeded with it sees the change."""
         if self._digest is None:
             self._digest = self._digest_from_file(self._digest_size)
         return self._digest
 
     def _digest_from_file(self, size: int) -> Any:
+        """The digest of ``[0, size)`` read now. When those bytes are provably not the ones
+        parsed (another file, a block or the bytes before ``_upto`` differ), the digest of
+        the parsed bytes is out of reach: the result is then one that no content has (the
+        bytes read and a random marker), so whoever compares it with the file (a fence
+        seeded with it) sees the change, as it would have with the parse's own digest."""
         digest = _backend.active().RollingDigest()
         hasher = _index.BlockHasher()
         base = self._base
+        same = True
         fd = os.open(self._path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         try:
             st = os.fstat(fd)
             if base is not None and (st.st_dev, st.st_ino) != (base.dev, base.ino):
-                raise TranscriptChangedError(
-                    f"transcript was replaced since it was parsed: {self._path}"
-                )
+                same = False
             offset = 0
             while offset < size:
                 block = _io.pread(fd, min(_io.DEFAULT_CHUNK, size - offset), offset)
                 if not block:
-                    raise TranscriptChangedError(
-                        f"transcript shrank since it was parsed: {self._path}"
-                    )
+                    same = False
+                    break
                 digest.update(block)
                 hasher.update(block)
                 offset += len(block)
             tail = self._tail
-            if (
-                size == self._upto
-                and tail
-                and _io.read_exact(fd, len(tail), size - len(tail)) != tail
-            ):
-                raise TranscriptChangedError(
-                    f"transcript changed since it was parsed: {self._path}"
-                )
+            at = size - len(tail)
+            if same and size == self._upto and tail and _io.read_exact(fd, len(tail), at) != tail:
+                same = False
         finally:
             os.close(fd)
         full = min(self._blocks_size, size) // _index.BLOCK
-        if hasher.full[:full] != self._index_blocks[:full]:
-            raise TranscriptChangedError(f"transcript changed since it was parsed: {self._path}")
+        if not same or hasher.full[:full] != self._index_blocks[:full]:
+            digest.update(b"\0sessionfence: not the bytes parsed\0" + os.urandom(16))
         return digest
 
     @property
