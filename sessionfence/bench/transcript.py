@@ -10,8 +10,10 @@ sparse): the cold open reads every byte.
 
 - **O1**: ``SessionManager.open(path).context_entries()`` through a valid index, large ÷ 1 MiB
   transcript, target <= 5 (the open parses only the model context).
-- **O2**: peak RSS (``ru_maxrss``) of a fresh interpreter that does that open on the large
-  transcript, target <= 150 MiB; the same interpreter without the open is shown beside it.
+- **O2**: peak RSS of a fresh interpreter that does that open on the large transcript
+  (``VmHWM`` from ``/proc/self/status``; ``ru_maxrss`` where there is none: on Linux
+  ``ru_maxrss`` survives ``exec`` and would report the forking bench process's peak),
+  target <= 150 MiB; the same interpreter without the open is shown beside it.
 - **O3**: cold open (no index: it is deleted before each round; the open writes it again)
   ÷ a ``json.loads``-per-line loop over the same file, target <= 0.5.
 - **O4**: reopen (open + ``context_entries()``) after a 1 KiB append to the large
@@ -249,8 +251,18 @@ from sessionfence import SessionManager
 if sys.argv[2] == "open":
     m = SessionManager.open(sys.argv[1])
     n = len(m.context_entries())
-kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(kb * (1 if sys.platform != "darwin" else 1 / 1024))
+kib = None
+try:  # this process's own peak (Linux): ru_maxrss survives exec, so it would include
+    with open("/proc/self/status") as f:  # the peak of the bench process that forked it
+        for row in f:
+            if row.startswith("VmHWM:"):
+                kib = float(row.split()[1])
+except OSError:
+    pass
+if kib is None:
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kib = kib / 1024 if sys.platform == "darwin" else kib
+print(kib)
 """
 
 
@@ -279,7 +291,7 @@ def measure_o2(bench: bs.Bench) -> list[bs.Result]:
             f"peak RSS (MiB) of a fresh process: warm open + context_entries(), "
             f"{bs.format_bytes(large.stat().st_size)}",
             peak,
-            "MiB (ru_maxrss)",
+            "MiB (VmHWM, else ru_maxrss)",
             bs.Target("<=", 150),
             {
                 bs.column("python"): bs.Figure(f"{peak:.1f} MiB", None, "MiB"),

@@ -121,10 +121,35 @@ def _lock_part(path: str) -> dict[str, Any]:
     }
 
 
+_PROGRESS_FROM = 64 << 20  # files this large show how far their parse is (on a terminal)
+
+
+def _progress_for(path: str) -> Any:
+    """A ``progress`` callback printing ``parsing FILE: 37% of 1024 MiB`` on stderr while a
+    large transcript is parsed (its first open, before the index exists), when stderr is a
+    terminal; ``None`` otherwise."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return None
+    if size < _PROGRESS_FROM or not sys.stderr.isatty():
+        return None
+    shown = [-1]
+
+    def report(done: int, total: int) -> None:
+        pct = 100 * done // max(total, 1)
+        if pct != shown[0]:
+            shown[0] = pct
+            end = "\n" if done >= total else ""
+            print(f"\rparsing {path}: {pct}% of {total >> 20} MiB", end=end, file=sys.stderr)
+
+    return report
+
+
 def _transcript_part(path: str) -> dict[str, Any]:
     from ..transcript import SessionManager
 
-    manager = SessionManager.open(path)
+    manager = SessionManager.open(path, progress=_progress_for(path))
     entries = manager.entries
     last = entries[-1] if entries else None
     return {

@@ -257,6 +257,8 @@ class RowSink:
         self.start = start
         # values may be skeletons: only type, id, parentId and appendMode (see _parse_rows)
         self.skeleton = skeleton
+        # called with the file offset reached after each read
+        self.progress: Callable[[int], None] | None = None
         self.take = take
         self.digest = digest
         self.blocks = blocks
@@ -306,6 +308,8 @@ def parse_fd(fd: int, digest: DigestT | RowSink, chunk: int = DEFAULT_CHUNK) -> 
             break
         at = base + total  # file offset of data[0]
         total += len(data)
+        if sink is not None and sink.progress is not None:
+            sink.progress(base + total)
         nl = data.rfind(b"\n")
         if nl < 0:
             pending.append(data)

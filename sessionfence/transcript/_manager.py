@@ -69,7 +69,7 @@ import contextlib
 import dataclasses
 import errno
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -239,6 +239,7 @@ class SessionManager:
         cwd: str | None = None,
         writer: SessionWriter | None = None,
         index: bool | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> None:
         raw = os.fspath(path)
         self._path: str = os.fsdecode(raw) if isinstance(raw, bytes) else raw
@@ -249,6 +250,7 @@ class SessionManager:
         self._cwd = cwd
         self.writer = writer
         self._use_index = index
+        self._progress = progress
         self._load()
         # The fence asks open managers whether an id exists (a foreign line reusing one
         # is refused), and recognises the lines they wrote as this process's own.
@@ -264,6 +266,7 @@ class SessionManager:
         cwd: str | None = None,
         writer: SessionWriter | None = None,
         index: bool | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> SessionManager:
         """Parses ``path`` (see the class docstring).
 
@@ -284,8 +287,20 @@ class SessionManager:
         size; ``False`` neither reads nor writes it and parses every line into memory (the
         reference behaviour). Either way the result is that of a full parse; ``entries``
         are read back by offset when asked for.
+
+        ``progress(done, total)`` is called after every chunk a parse reads (bytes of the
+        file parsed so far, its size), e.g. to show how far the first open of a very large
+        transcript is; it must not touch the manager.
         """
-        return cls(path, window=window, chunk_size=chunk_size, cwd=cwd, writer=writer, index=index)
+        return cls(
+            path,
+            window=window,
+            chunk_size=chunk_size,
+            cwd=cwd,
+            writer=writer,
+            index=index,
+            progress=progress,
+        )
 
     # ------------------------------------------------------------------------------------
     # Loading.
@@ -417,6 +432,7 @@ class SessionManager:
         self._by_id = _IdMap(base)
         blocks = _index.BlockHasher()
         sink = _io.RowSink(0, self._take_row, self._digest, blocks, skeleton=True)
+        sink.progress = self._report(st.st_size)
         try:
             loaded = _io.parse_fd(fd, sink, self._chunk)
         finally:
@@ -426,6 +442,12 @@ class SessionManager:
         self._index_blocks = blocks.hashes()
         self._blocks_size = sink.clean_end
         return loaded
+
+    def _report(self, total: int) -> Callable[[int], None] | None:
+        progress = self._progress
+        if progress is None:
+            return None
+        return lambda done: progress(done, max(total, done))
 
     def _take_row(self, value: Entry, offset: int, length: int) -> None:
         base = self._base
@@ -513,6 +535,7 @@ class SessionManager:
         manager holds; the digest rolls over them when it covers exactly ``[0, start)``."""
         digest = self._digest if self._digest_size == start else None
         sink = _io.RowSink(start, self._take_delta, digest)
+        sink.progress = self._report(os.fstat(fd).st_size)
         os.lseek(fd, start, os.SEEK_SET)
         loaded = _io.parse_fd(fd, sink, self._chunk)
         self._clean = sink.clean_end
