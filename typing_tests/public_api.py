@@ -174,6 +174,13 @@ def transcripts(path: Path) -> None:
     assert_type(guarded, sf.SessionManager)
     assert_type(sf.is_expected_compaction_append("id-1", b"{}\n"), bool)
     assert_type(sf.migrate_transcript(path), sf.MigrationResult)
+    # Large transcripts: the index, the model context, incremental reloads, lazy entries.
+    big = sf.SessionManager.open(path, index=None, progress=lambda done, total: None)
+    assert_type(big.context_entries(), list[dict[str, Any]])
+    assert_type(big.refresh(), int)
+    assert_type(len(big.entries), int)
+    assert_type(big.entries[0], dict[str, Any])
+    sf.SessionManager.open(path, index="yes")  # type: ignore[arg-type]
 
 
 # -- Writer claims and the owned-write journal -----------------------------------------------
