@@ -10,7 +10,13 @@ Contenders, one group per size, all on the same file with a warm page cache:
   to show how much of the gain is that alone;
 - ``open-json``: ``SessionManager.open`` with the stdlib parser (what a bare install does);
 - ``open-msgspec`` / ``open-orjson``: ``SessionManager.open`` with an optional fast parser,
-  each skipped when it is not installed.
+  each skipped when it is not installed; these are cold opens (the index is removed before
+  each round), so with msgspec every line takes the skeleton route (docs/transcripts.md,
+  "Large transcripts");
+- ``full-msgspec``: ``SessionManager.open(index=False)``, the full parse into memory (what
+  every open was before the index).
+
+``test_warm_open`` times the open through the index plus ``context_entries()``.
 
 ``open`` does more than the loop: it also hashes every byte (XXH3-128 rolling digest),
 fingerprints the file before and after, checks each value is an object and builds the tree
@@ -28,7 +34,9 @@ load average about 2), 100.1 MB realistic transcript, 17 000 lines, min of 5 rou
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,6 +46,7 @@ import pytest
 
 from sessionfence import SessionManager, _jsonl
 from sessionfence.transcript import _io as _io
+from sessionfence.transcript._index import index_path_for
 
 MB = 1_000_000
 MiB = 1 << 20
@@ -181,15 +190,27 @@ def plain_json_loop_gc_off(path: Path) -> list[Any]:
         return plain_json_loop(path)
 
 
-def open_with(fast: str | None) -> Callable[[Path], SessionManager]:
+def open_with(fast: str | None, index: bool | None = None) -> Callable[[Path], SessionManager]:
+    """A cold open (the index is removed first: every line is parsed), or with
+    ``index=False`` the reference full parse into memory."""
+
     def run(path: Path) -> SessionManager:
         old = _jsonl.set_fast_parser(fast)
         try:
-            return SessionManager.open(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(index_path_for(path))
+            return SessionManager.open(path, index=index)
         finally:
             _jsonl.set_fast_parser(old)
 
     return run
+
+
+def warm_open(path: Path) -> SessionManager:
+    """Open through a valid index + the model context (what an agent needs first)."""
+    manager = SessionManager.open(path)
+    manager.context_entries()
+    return manager
 
 
 CONTENDERS: dict[str, Callable[[Path], Any]] = {
@@ -198,6 +219,7 @@ CONTENDERS: dict[str, Callable[[Path], Any]] = {
     "open-json": open_with(None),
     "open-msgspec": open_with("msgspec"),
     "open-orjson": open_with("orjson"),
+    "full-msgspec": open_with("msgspec", index=False),
 }
 
 
@@ -223,8 +245,8 @@ def test_parse(
     contender: str,
     bench_quick: bool,
 ) -> None:
-    parser = contender.removeprefix("open-")
-    optional = contender.startswith("open-") and parser != "json"
+    parser = contender.removeprefix("open-").removeprefix("full-")
+    optional = contender.startswith(("open-", "full-")) and parser != "json"
     if optional and parser not in _jsonl.available_fast_parsers():
         pytest.skip(f"{parser} is not installed (optional extra)")
     path = transcripts(size)
@@ -243,3 +265,18 @@ def test_parse(
         seconds = stats.stats.min
         benchmark.extra_info["MB/s"] = round(actual / MB / seconds, 1)
         _results.setdefault(actual, {})[contender] = seconds
+
+
+@pytest.mark.parametrize("size", [pytest.param(1 * MiB, id="1MiB"), *SIZES])
+def test_warm_open(
+    benchmark: Benchmark, transcripts: Callable[[int], Path], size: int, bench_quick: bool
+) -> None:
+    """Open through the index + ``context_entries()``: O(appended bytes + context), not
+    O(file) (these generated sessions have no compaction, so their context is the whole
+    branch; ``sessionfence bench`` O1/O4 use sessions with periodic compactions)."""
+    path = transcripts(size)
+    SessionManager.open(path, index=True)  # writes the index
+    benchmark.group = "transcript warm open"
+    rounds = 3 if bench_quick else 20
+    manager = benchmark.pedantic(warm_open, args=(path,), rounds=rounds, iterations=1)
+    assert manager.digest_size == path.stat().st_size

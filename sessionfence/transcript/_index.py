@@ -70,10 +70,14 @@ BLOCK: Final = 1 << 20
 INDEX_MIN_BYTES = 256 << 10
 #: A manager rewrites the index when it parsed at least this many bytes past it.
 REWRITE_AFTER = 1 << 20
+#: At most this many context rows are named in the index (a session without compactions
+#: has its whole branch as context: the rest is found through the row table).
+MAX_HINTS = 4096
 _O_BINARY: int = getattr(os, "O_BINARY", 0)
 
 # Row kinds: a type code in the low 4 bits, the parent class above it.
 T_SESSION, T_LEAF, T_OTHER = 0, 1, 2
+T_KNOWN_MIN = 3  # codes from here on are the known entry types
 KNOWN_CODES: Final = {
     "message": 3,
     "thinking_level_change": 4,
@@ -167,6 +171,7 @@ class Base:
         self.hints: dict[str, tuple[int, int, int]] = {}  # id -> (row, offset, length)
         self.hint_rows: dict[int, tuple[str, int, int]] = {}  # row -> (id, offset, length)
         self.cache: dict[int, Entry] = {}
+        self._fd: int | None = None  # kept open by ``keep_open`` for a run of reads
 
     # -- building ---------------------------------------------------------------------
 
@@ -231,6 +236,19 @@ class Base:
 
     # -- reading entries back ---------------------------------------------------------
 
+    @contextlib.contextmanager
+    def keep_open(self) -> Iterator[None]:
+        """Reads inside the block share one descriptor (a walk reads many lines)."""
+        if self._fd is not None:
+            yield
+            return
+        self._fd = self._open()
+        try:
+            yield
+        finally:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
     def _open(self) -> int:
         fd = os.open(self.path, os.O_RDONLY | _O_BINARY)
         st = os.fstat(fd)
@@ -259,11 +277,14 @@ class Base:
         if found is not None:
             return found
         offset, length = self.span(row)
-        fd = self._open()
-        try:
-            data = read_exact(fd, length, offset)
-        finally:
-            os.close(fd)
+        if self._fd is not None:
+            data = read_exact(self._fd, length, offset)
+        else:
+            fd = self._open()
+            try:
+                data = read_exact(fd, length, offset)
+            finally:
+                os.close(fd)
         value = self._decode(row, data)
         if keep:
             self.cache[row] = value

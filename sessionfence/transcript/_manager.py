@@ -715,7 +715,7 @@ class SessionManager:
         base = self._base
         assert base is not None
         try:
-            _, looked = self._walk(self._leaf, context=True)
+            looked = self._hint_ids()
             delta_rows = {r[3]: i for i, r in enumerate(self._delta_rows) if r[3] is not None}
             hints: dict[str, tuple[int, int, int]] = {}
             for ident in looked:
@@ -1116,10 +1116,74 @@ class SessionManager:
         path, _ = self._walk(self._leaf, context=True)
         return _cut_context(path)
 
-    def _walk(self, leaf: str | None, *, context: bool = False) -> tuple[list[Entry], list[str]]:
+    def _hint_ids(self) -> list[str]:
+        """The ids ``_walk(leaf, context=True)`` looks up, found through the row table
+        (kinds and string parents) without parsing the lines: only leaf controls and
+        compactions on the way are read. At most ``MAX_HINTS``."""
+        base = self._base
+        assert base is not None
+        base.load()
+        live = self._by_id.live
+        current = self._leaf
+        seen: set[str] = set()
+        looked: list[str] = []
+        first_kept: object = _NO_PARENT  # none met yet
+        with base.keep_open():
+            while current is not None and current not in seen:
+                if len(looked) >= _index.MAX_HINTS:
+                    break
+                seen.add(current)
+                entry = live.get(current)
+                if entry is not None:
+                    kind = entry.get("type")
+                    parent = self._parent_of(current, entry)
+                else:
+                    row = base.row_of(current)
+                    if row is None:
+                        break
+                    code = base.kinds[row] & 0x0F
+                    if code in (_index.T_LEAF, _index.KNOWN_CODES["compaction"]):
+                        entry = base.entry(row)
+                        kind = entry.get("type")
+                        parent = self._parent_of(current, entry)
+                    else:
+                        kind = "session" if code == _index.T_SESSION else None
+                        if code >= _index.T_KNOWN_MIN:
+                            kind = "message"  # any known type that is not a compaction
+                        override = self._parents.get(current, _NO_PARENT)
+                        parent = override if override is not _NO_PARENT else base.pars[row]
+                looked.append(current)
+                if kind == "leaf":
+                    assert entry is not None
+                    target = entry.get("targetId")
+                    current = target if isinstance(target, str) else None
+                    continue
+                if kind in KNOWN_ENTRY_TYPES:
+                    if first_kept is _NO_PARENT:
+                        if kind == "compaction":
+                            assert entry is not None
+                            first_kept = entry.get("firstKeptEntryId")
+                    elif current == first_kept:
+                        break
+                current = parent if isinstance(parent, str) else None
+        return looked
+
+    def _walk(
+        self, leaf: str | None, *, context: bool = False, limit: int | None = None
+    ) -> tuple[list[Entry], list[str]]:
         """``branch(leaf)``, and the ids looked up on the way. With ``context``, the walk
         stops at the first kept entry of the latest compaction on the path (what
-        ``_cut_context`` needs)."""
+        ``_cut_context`` needs); with ``limit``, after that many lookups (the path is then
+        incomplete: for the index's hints only)."""
+        base = self._base
+        if base is None:
+            return self._walk_from(leaf, context, limit)
+        with base.keep_open():
+            return self._walk_from(leaf, context, limit)
+
+    def _walk_from(
+        self, leaf: str | None, context: bool, limit: int | None
+    ) -> tuple[list[Entry], list[str]]:
         current = leaf
         path: list[Entry] = []
         looked: list[str] = []
@@ -1129,6 +1193,8 @@ class SessionManager:
         compaction: Entry | None = None
         context = context and not every_type
         while current is not None and current not in seen:
+            if limit is not None and len(looked) >= limit:
+                break
             seen.add(current)
             entry = by_id.get(current)
             if entry is None:

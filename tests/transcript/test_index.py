@@ -184,6 +184,8 @@ def check_indexed_open(
     write_lines(path, head + lines)
     first = SessionManager.open(path, index=True)  # parses, writes the index
     assert state(first) == full(path)
+    if first._indexable():  # the hints the index names are what the context walk reads
+        assert first._hint_ids() == first._walk(first.leaf_id, context=True)[1]
     warm = SessionManager.open(path)  # through the index
     assert state(warm) == full(path)
     # lines appended behind the index: the open parses only those
