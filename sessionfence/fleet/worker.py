@@ -267,8 +267,9 @@ async def _owned_attempt(task: Task, cfg: FleetConfig, board: Board, log: LogWri
     try:
         reparsed = fingerprint(task.path) != manager.parsed_fingerprint
         if reparsed:
-            manager = SessionManager.open(task.path)
-            _PARSED.add(manager)
+            # The file changed since the parse: parse only the lines appended since (a
+            # rewrite reloads, through the transcript index), never the whole file.
+            manager.refresh()
         # The claimant's appends are journaled (and refused once another run claimed the
         # session): the fence accepts them by their records, a successor's check at commit.
         manager.writer = ctl.writer
