@@ -33,6 +33,7 @@ reads nothing else.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import os
@@ -172,6 +173,9 @@ class Base:
         self.hint_rows: dict[int, tuple[str, int, int]] = {}  # row -> (id, offset, length)
         self.cache: dict[int, Entry] = {}
         self._fd: int | None = None  # kept open by ``keep_open`` for a run of reads
+        # the sorted xxh3_64 of every stored id, from the index (``maybe_has_id``)
+        self._hash_loader: Callable[[], array[int] | None] | None = None
+        self._hashes: array[int] | None = None
 
     # -- building ---------------------------------------------------------------------
 
@@ -217,6 +221,20 @@ class Base:
 
     def has_id(self, ident: str) -> bool:
         return self.row_of(ident) is not None
+
+    def maybe_has_id(self, ident: str) -> bool:
+        """False only when no row has ``ident`` (True may be a hash collision): what a new
+        random id needs, without loading the row table when the index holds the id hashes."""
+        if self._ids_map is None and self._hash_loader is not None:
+            if self._hashes is None:
+                self._hashes = self._hash_loader()
+                if self._hashes is None:
+                    self._hash_loader = None  # damaged: the row table answers
+            if self._hashes is not None:
+                key = _h64(ident.encode("utf-8", "surrogatepass"))
+                at = bisect.bisect_left(self._hashes, key)
+                return at < len(self._hashes) and self._hashes[at] == key
+        return self.has_id(ident)
 
     def span(self, row: int) -> tuple[int, int]:
         if not self.loaded:
@@ -413,7 +431,16 @@ class IndexData:
         base.hints = {k: (int(v[0]), int(v[1]), int(v[2])) for k, v in meta["hints"].items()}
         base.hint_rows = {v[0]: (k, v[1], v[2]) for k, v in base.hints.items()}
         base._loader = self._load_sections
+        base._hash_loader = self._load_hashes
         return base
+
+    def _load_hashes(self) -> array[int] | None:
+        try:
+            hashes = array("Q")
+            hashes.frombytes(self.read_section("id_hashes"))
+        except (Mismatch, ValueError):
+            return None
+        return hashes
 
     def _load_sections(self, base: Base) -> None:
         """The row table from the index file; when it is gone or damaged (or another
@@ -424,8 +451,25 @@ class IndexData:
         except (Mismatch, OSError, KeyError, TypeError, ValueError):
             rebuild_rows(base)
 
+    def read_section(self, name: str) -> bytes:
+        """One section, checked (``Mismatch`` when it is missing or damaged)."""
+        try:
+            at, length, digest = self.meta["sections"][name]
+            fd = os.open(self.raw_path, os.O_RDONLY | _O_BINARY)
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            raise Mismatch(f"index section {name} unreadable: {exc}") from None
+        try:
+            data = read_exact(fd, int(length), self.sections_at + int(at))
+        except OSError as exc:
+            raise Mismatch(f"index unreadable: {exc}") from None
+        finally:
+            os.close(fd)
+        if _h64(data) != int(digest):
+            raise Mismatch(f"index section {name} is damaged")
+        return data
+
     def _read_sections(self, base: Base) -> None:
-        sections = self.meta["sections"]
+        sections = {k: v for k, v in self.meta["sections"].items() if k != "id_hashes"}
         try:
             fd = os.open(self.raw_path, os.O_RDONLY | _O_BINARY)
         except OSError as exc:
@@ -624,6 +668,9 @@ def write_index(
         "kinds": bytes(kinds),
         "ids": _pack_strs(ids),
         "pars": _pack_strs(pars),
+        "id_hashes": array(
+            "Q", sorted({_h64(i.encode("utf-8", "surrogatepass")) for i in ids if i is not None})
+        ).tobytes(),
     }
     sections: dict[str, list[int]] = {}
     at = 0

@@ -165,6 +165,11 @@ class _IdMap:
     def __setitem__(self, ident: str, entry: Entry) -> None:
         self.live[ident] = entry
 
+    def maybe_contains(self, ident: str) -> bool:
+        """``in``, except that True may be wrong (a hash collision in the index): enough to
+        pick a new random id, without loading the row table."""
+        return ident in self.live or (self.base is not None and self.base.maybe_has_id(ident))
+
     def items(self) -> Iterator[tuple[str, Entry]]:
         """In the order the ids first appeared, each with its last entry (as a dict)."""
         if self.base is None:
@@ -525,8 +530,16 @@ class SessionManager:
         loaded.invalid_utf8 += invalid
         loaded.first, loaded.seen_first = header, True
         try:
-            self._walk(self._leaf, context=True)  # the context, checked against the index
-        except _index.Mismatch:
+            # The lines of the model context the index names (at most MAX_HINTS, from the
+            # leaf back), read now: checked against the index, and in memory for
+            # context_entries(). A context longer than that (a session without
+            # compactions) is read when it is asked for.
+            base = self._base
+            assert base is not None
+            with base.keep_open():
+                for row, _, _ in sorted(base.hints.values(), key=lambda h: h[1]):
+                    base.entry(row)
+        except (_index.Mismatch, OSError):
             return None
         return loaded
 
@@ -1315,7 +1328,7 @@ class SessionManager:
             raise ValueError("an idempotency key needs a journaled manager (writer=...)")
         ident = fields.get("id")
         if not isinstance(ident, str):
-            ident = _io.new_entry_id(self._by_id.__contains__)
+            ident = _io.new_entry_id(self._by_id.maybe_contains)
         parent = fields.get("parentId", self._leaf)
         timestamp = fields["timestamp"] if "timestamp" in fields else _io.iso_now()
         # Base fields first, in the JavaScript writers' order; the type's own fields follow.

@@ -299,8 +299,10 @@ def test_warm_open_reads_the_context_not_the_history(
     assert loads == []  # the row table was never needed
     assert ctx[0]["type"] == "compaction"
     assert ctx == SessionManager.open(path, index=False).context_entries()
+    m.append_message({"role": "user", "content": "a new id needs no row table either"})
+    assert loads == []
     assert len(m.entries) > 5 * len(ctx)
-    assert list(m.entries) == list(SessionManager.open(path, index=False).entries)
+    assert list(m.entries)[:-1] == list(SessionManager.open(path, index=False).entries)[:-1]
 
 
 def test_context_entries_cuts_as_build_session_context(tmp_path: Path) -> None:
