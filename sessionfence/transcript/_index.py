@@ -33,7 +33,6 @@ reads nothing else.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import json
 import os
@@ -173,9 +172,9 @@ class Base:
         self.hint_rows: dict[int, tuple[str, int, int]] = {}  # row -> (id, offset, length)
         self.cache: dict[int, Entry] = {}
         self._fd: int | None = None  # kept open by ``keep_open`` for a run of reads
-        # the sorted xxh3_64 of every stored id, from the index (``maybe_has_id``)
-        self._hash_loader: Callable[[], array[int] | None] | None = None
-        self._hashes: array[int] | None = None
+        # every stored id, from the index's ids section alone (``maybe_has_id``)
+        self._id_set_loader: Callable[[], set[str] | None] | None = None
+        self._id_set: set[str] | None = None
 
     # -- building ---------------------------------------------------------------------
 
@@ -223,17 +222,15 @@ class Base:
         return self.row_of(ident) is not None
 
     def maybe_has_id(self, ident: str) -> bool:
-        """False only when no row has ``ident`` (True may be a hash collision): what a new
-        random id needs, without loading the row table when the index holds the id hashes."""
-        if self._ids_map is None and self._hash_loader is not None:
-            if self._hashes is None:
-                self._hashes = self._hash_loader()
-                if self._hashes is None:
-                    self._hash_loader = None  # damaged: the row table answers
-            if self._hashes is not None:
-                key = _h64(ident.encode("utf-8", "surrogatepass"))
-                at = bisect.bisect_left(self._hashes, key)
-                return at < len(self._hashes) and self._hashes[at] == key
+        """``has_id``, answered from the index's ids alone when the row table is not loaded
+        (what a new random id needs: the ids, not the offsets, parents and the row map)."""
+        if self._ids_map is None and self._id_set_loader is not None:
+            if self._id_set is None:
+                self._id_set = self._id_set_loader()
+                if self._id_set is None:
+                    self._id_set_loader = None  # damaged: the row table answers
+            if self._id_set is not None:
+                return ident in self._id_set
         return self.has_id(ident)
 
     def span(self, row: int) -> tuple[int, int]:
@@ -431,16 +428,17 @@ class IndexData:
         base.hints = {k: (int(v[0]), int(v[1]), int(v[2])) for k, v in meta["hints"].items()}
         base.hint_rows = {v[0]: (k, v[1], v[2]) for k, v in base.hints.items()}
         base._loader = self._load_sections
-        base._hash_loader = self._load_hashes
+        base._id_set_loader = self._load_id_set
         return base
 
-    def _load_hashes(self) -> array[int] | None:
+    def _load_id_set(self) -> set[str] | None:
         try:
-            hashes = array("Q")
-            hashes.frombytes(self.read_section("id_hashes"))
+            ids = _unpack_strs(self.read_section("ids"), int(self.meta["rows"]))
         except (Mismatch, ValueError):
             return None
-        return hashes
+        found = set(ids)
+        found.discard(None)
+        return found  # type: ignore[return-value]
 
     def _load_sections(self, base: Base) -> None:
         """The row table from the index file; when it is gone or damaged (or another
@@ -469,7 +467,7 @@ class IndexData:
         return data
 
     def _read_sections(self, base: Base) -> None:
-        sections = {k: v for k, v in self.meta["sections"].items() if k != "id_hashes"}
+        sections = self.meta["sections"]
         try:
             fd = os.open(self.raw_path, os.O_RDONLY | _O_BINARY)
         except OSError as exc:
@@ -668,9 +666,6 @@ def write_index(
         "kinds": bytes(kinds),
         "ids": _pack_strs(ids),
         "pars": _pack_strs(pars),
-        "id_hashes": array(
-            "Q", sorted({_h64(i.encode("utf-8", "surrogatepass")) for i in ids if i is not None})
-        ).tobytes(),
     }
     sections: dict[str, list[int]] = {}
     at = 0

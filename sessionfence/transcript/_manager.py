@@ -166,8 +166,8 @@ class _IdMap:
         self.live[ident] = entry
 
     def maybe_contains(self, ident: str) -> bool:
-        """``in``, except that True may be wrong (a hash collision in the index): enough to
-        pick a new random id, without loading the row table."""
+        """``in``, for picking a new random id: answered from the index's ids alone,
+        without loading the row table."""
         return ident in self.live or (self.base is not None and self.base.maybe_has_id(ident))
 
     def items(self) -> Iterator[tuple[str, Entry]]:
