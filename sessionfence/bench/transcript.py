@@ -51,7 +51,7 @@ GiB = bs.GiB
 COMPACT_EVERY = 768 * KiB
 
 # (large, small) transcript sizes per profile
-_SIZES = {"full": (1 * GiB, 1 * MiB), "quick": (24 * MiB, 1 * MiB), "tiny": (1 * MiB, 256 * KiB)}
+_SIZES = {"full": (1 * GiB, 1 * MiB), "quick": (48 * MiB, 1 * MiB), "tiny": (1 * MiB, 256 * KiB)}
 _ROUNDS = {"full": (9, 3), "quick": (9, 3), "tiny": (3, 1)}  # (warm rounds, cold rounds)
 _SAME = bs.Figure("same (no C path)")
 
