@@ -37,7 +37,11 @@ class _Entry:
 
 _OWNERS: dict[str, _Entry] = {}
 # Guards _OWNERS and every entry's waiters list; held only for dict and list operations.
-_OWNERS_LOCK = threading.Lock()
+# Reentrant: an abandoned acquire coroutine (its loop closed while it waited) is closed by
+# the garbage collector, which runs its ``finally`` (take this lock, drop its waiter) on
+# whatever thread allocates at that moment, possibly one inside this lock already. With a
+# plain lock that thread would wait for itself forever.
+_OWNERS_LOCK = threading.RLock()
 
 
 def clamp_timeout_ms(timeout_ms: float) -> float | None:

@@ -163,3 +163,40 @@ def test_many_waiters_on_many_loops_each_get_the_owner_once(tmp_path: Path) -> N
     finally:
         for lt in loops:
             lt.stop()
+
+
+def test_an_abandoned_waiter_collected_inside_the_owner_table_lock_does_not_deadlock(
+    tmp_path: Path,
+) -> None:
+    """A waiter whose loop was closed is a suspended coroutine; the garbage collector runs
+    its ``finally`` (which takes the owner table's lock) on whichever thread allocates at
+    that moment, possibly one that holds the lock already. It must not wait for itself.
+    Run in a child interpreter: a deadlock there fails the test instead of hanging it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import asyncio, gc
+        from sessionfence.controller import _owner
+        from sessionfence.controller import acquire_session_file_owner
+
+        path = {str(tmp_path / "s.jsonl")!r}
+        owner = asyncio.run(acquire_session_file_owner(path))
+        dead = asyncio.new_event_loop()
+        task = dead.create_task(acquire_session_file_owner(path))
+        dead.run_until_complete(asyncio.sleep(0))
+        dead.close()
+        owner.release()  # the waiter's loop is closed: it is dropped, never woken
+        del task, dead
+        gc.disable()
+        with _owner._OWNERS_LOCK:  # as acquire/release are when an allocation collects
+            gc.collect()
+        print("ok")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=20
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
