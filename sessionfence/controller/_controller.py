@@ -282,6 +282,7 @@ class SessionFenceController:
                 ctl._journal.claim()
             fp = ctl._io.fingerprint()
         except BaseException:
+            ctl._journal.retire()  # no live run left behind
             await release_lock(lock)
             raise
         ctl._fence = FenceSnapshot(fp, REGISTRY.lookup_digest(ctl._key, fp))
@@ -670,39 +671,41 @@ class SessionFenceController:
                 change, phase, "the transcript moved on while its appended bytes were read"
             )
         base = fence.fingerprint.size
-        last_attributed = max(i for i, seg in enumerate(delta.segments) if seg.record)
+        # Each record's digest is checked first. One whose bytes differ announces nothing
+        # (its writer died before writing, and another writer's bytes sit there): its
+        # bytes join their unattributed neighbours and are judged by content, as one run.
+        pieces: list[tuple[int, int, Any]] = []
+        for seg in delta.segments:
+            record = seg.record
+            if record is not None:
+                chunk = data[seg.start - base : seg.end - base]
+                if digest_bytes(chunk) != record.digest:
+                    record = None
+            if record is None and pieces and pieces[-1][2] is None:
+                pieces[-1] = (pieces[-1][0], seg.end, None)
+            else:
+                pieces.append((seg.start, seg.end, record))
         entries: list[Any] = []
         published: list[PublishedEntry] = []
         kinds: set[str] = set()
         current = change.after
-        for index, seg in enumerate(delta.segments):
-            chunk = data[seg.start - base : seg.end - base]
-            record = seg.record
-            if record is not None and digest_bytes(chunk) != record.digest:
-                if index != last_attributed:
-                    raise self._change_takeover(
-                        change,
-                        phase,
-                        f"bytes [{seg.start}, {seg.end}) differ from what journal record "
-                        f"{record.seq} announced",
-                        "journal-invalid",
-                    )
-                record = None  # an intent whose bytes never landed; these are nobody's
+        for start, end, record in pieces:
+            chunk = data[start - base : end - base]
             if (
                 record is not None
                 and record.role == CLAIMANT
                 and self._journal.own_run(record.run_id)
             ):
                 continue  # this run's own append (or a live in-process peer's)
-            lines = split_lines(chunk, seg.start)
+            lines = split_lines(chunk, start)
             if isinstance(lines, Rejected):
                 raise self._change_takeover(change, phase, _detail(lines))
             if record is not None and record.role == COTENANT:
                 result = classify_lines(lines, policy=None)
-            elif OWN_WRITES.covers(current.dev, current.ino, seg.start, chunk):
+            elif OWN_WRITES.covers(current.dev, current.ino, start, chunk):
                 continue  # lines a SessionManager of this process wrote without a writer
             else:
-                prefix = seg.start
+                prefix = start
 
                 def known_id(entry_id: str, _at: int = prefix) -> bool:
                     return LIVE_MANAGERS.knows_id(self._key, entry_id, _at)

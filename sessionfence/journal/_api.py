@@ -159,7 +159,9 @@ class JournalInfo:
     """What ``inspect_journal`` found: the journal's path, whether it exists and can be
     trusted (``problem`` says why not), the claim in force (``claim_run``,
     ``claim_revision``), its records (``base_seq``, ``last_seq``, counts by type), the
-    transcript bytes it vouches for (``covered_end``), the active fences (live slots)."""
+    transcript bytes it vouches for (``covered_end``), the active fences (live slots), and
+    whether the last announced append's bytes are there (``last_append_landed``; False for
+    an intent whose writer died before writing)."""
 
     path: str
     exists: bool
@@ -172,6 +174,7 @@ class JournalInfo:
     covered_end: int | None = None
     transcript_size: int | None = None
     active_fences: int = 0
+    last_append_landed: bool | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -185,6 +188,7 @@ class JournalInfo:
             "covered_end": self.covered_end,
             "transcript_size": self.transcript_size,
             "active_fences": self.active_fences,
+            "last_append_landed": self.last_append_landed,
         }
 
 
@@ -239,11 +243,10 @@ def inspect_journal(session_file: str | os.PathLike[str]) -> JournalInfo:
             data = read_at(fd, last_append.end - last_append.start, last_append.start)
         finally:
             os.close(fd)
-        if digest_bytes(data) != last_append.digest:
-            info.problem = (
-                f"the transcript's bytes [{last_append.start}, {last_append.end}) differ from "
-                f"what journal record {last_append.seq} announced"
-            )
+        # An intent whose writer died before its bytes (another writer's bytes may sit
+        # there now) is no damage: readers judge those bytes by content, the next writer
+        # voids it.
+        info.last_append_landed = digest_bytes(data) == last_append.digest
     if size is not None and size < header.base_offset and info.problem is None:
         info.problem = f"the transcript ({size} bytes) is shorter than the journal's base"
     return info

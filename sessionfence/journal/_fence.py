@@ -126,12 +126,14 @@ class FenceJournal:
             elif record.type == VOID:
                 spans = [r for r in spans if r.end <= record.start]
             elif record.type == APPEND and record.end > fenced_size:
-                if record.start < fenced_size:
-                    delta.problem = (
-                        f"journal record {record.seq} straddles the fenced end {fenced_size}"
-                    )
-                    return delta
                 spans.append(record)
+        # Checked after the voids: a voided record never counts.
+        for record in spans:
+            if record.start < fenced_size:
+                delta.problem = (
+                    f"journal record {record.seq} straddles the fenced end {fenced_size}"
+                )
+                return delta
         # An intent whose bytes are not (all) there yet: its writer died, or is a writer
         # that ignores the lock. Its bytes, if any, are nobody's.
         spans = [r for r in spans if r.end <= size]

@@ -220,10 +220,10 @@ class Reader:
     def close(self) -> None:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
-            if self._pid == os.getpid():
+            # In a forked child this is the child's copy of the parent's descriptor:
+            # closing it leaves the parent's open.
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            # else: the parent's descriptor, inherited; closing it here is harmless but
-            # pointless, and the parent keeps its own.
         self._key = None
 
     def _open(self, st: os.stat_result) -> bool:
@@ -422,22 +422,33 @@ class _Held:
         self.pid = 0
         self.mutex = threading.Lock()
 
-    def drop(self) -> None:
+    def drop(self, *, locked: bool = False) -> None:
+        """Close the descriptor; unlock it first when we hold its OS lock (a forked child
+        may still share the open file description, and would keep the lock alive)."""
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
+            if locked:
+                with contextlib.suppress(OSError):
+                    _os_unlock(fd)
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.key = None
 
 
 _HELD: dict[str, _Held] = {}
+_HELD_MAX = 256  # journals this process keeps a descriptor to (a gateway has thousands)
 _HELD_LOCK = threading.Lock()
 
 
 def _forget_held_in_child() -> None:
     # A forked child must not share the parent's open file descriptions (an OS lock on
-    # one would not exclude the other) nor inherit a mutex held by another thread.
+    # one would not exclude the other, and our copy would keep the parent's lock alive
+    # after it closed its own) nor inherit a mutex held by another thread of the parent.
     global _HELD_LOCK
+    for entry in _HELD.values():
+        if entry.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(entry.fd)
     _HELD.clear()
     _HELD_LOCK = threading.Lock()
 
@@ -450,8 +461,23 @@ def _held(path: str) -> _Held:
     with _HELD_LOCK:
         entry = _HELD.get(path)
         if entry is None:
+            if len(_HELD) >= _HELD_MAX:
+                _evict_idle()
             entry = _HELD[path] = _Held()
         return entry
+
+
+def _evict_idle() -> None:
+    """Close the descriptors of journals no thread is using (called with _HELD_LOCK)."""
+    for path, entry in list(_HELD.items()):
+        if entry.mutex.acquire(blocking=False):
+            try:
+                entry.drop()
+                del _HELD[path]
+            finally:
+                entry.mutex.release()
+        if len(_HELD) < _HELD_MAX // 2:
+            return
 
 
 @contextlib.contextmanager
@@ -480,7 +506,8 @@ def locked_journal(path: str, create_at: int | None) -> Iterator[int]:
                 except FileNotFoundError:
                     now = None
                 if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-                    entry.drop()  # compacted (renamed over) or removed: lock the new one
+                    # Compacted (renamed over) or removed: lock the new one.
+                    entry.drop(locked=True)
                     continue
                 entry.key = (st.st_dev, st.st_ino)
                 yield fd
@@ -537,7 +564,12 @@ def compact(fd: int, path: str, live_min_seq: int | None, *, keep: int | None = 
     """Rewrite the journal without the records no live fence needs (under the journal
     lock): new base = the oldest record a live slot still reads, or ``keep`` records
     before the end, whichever is older. The claim in force and the idempotency keys of
-    the dropped records move into the new header. Returns whether it rewrote."""
+    the dropped records move into the new header. Returns whether it rewrote.
+
+    Not on Windows: a file another handle has open cannot be replaced there, and every
+    reader keeps one open; the journal grows by one record per write instead."""
+    if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
+        return False
     st = os.fstat(fd)
     header, slots = read_header(fd, path)
     count = _record_count(path, header, st.st_size)
@@ -565,7 +597,9 @@ def compact(fd: int, path: str, live_min_seq: int | None, *, keep: int | None = 
             base_offset = max(base_offset, record.end)
             if record.key_hash:
                 keys.pop(record.key_hash, None)
-                keys[record.key_hash] = KeyEntry(record.key_hash, record.start, record.end)
+                keys[record.key_hash] = KeyEntry(
+                    record.key_hash, record.start, record.end, record.digest[:8]
+                )
         elif record.type == VOID:
             base_offset = min(base_offset, record.start)
             keys = {h: k for h, k in keys.items() if k.end <= record.start}
@@ -592,7 +626,12 @@ def compact(fd: int, path: str, live_min_seq: int | None, *, keep: int | None = 
             os.unlink(tmp)
         raise
     os.close(out)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     with contextlib.suppress(OSError):
         fsync_dir(os.path.dirname(path) or ".")
     return True

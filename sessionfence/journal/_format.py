@@ -68,7 +68,7 @@ RECORD_SIZE = 128
 SLOTS_AT = 512
 SLOT_SIZE = 64
 SLOT_COUNT = (HEADER_SIZE - SLOTS_AT) // SLOT_SIZE  # 56
-KEY_SIZE = 24
+KEY_SIZE = 32
 
 CLAIM, APPEND, VOID = 1, 2, 3
 TYPE_NAMES = {CLAIM: "claim", APPEND: "append", VOID: "void"}
@@ -95,7 +95,7 @@ assert _HEADER.size + _HEADER_CRC.size <= SLOTS_AT
 # pid, flags, process start time, fence seq, token, updated ns, run id prefix
 _SLOT = struct.Struct("<IIQQQQ24s")
 assert _SLOT.size <= SLOT_SIZE
-_KEY = struct.Struct("<QQQ")  # key hash, start, end
+_KEY = struct.Struct("<QQQ8s")  # key hash, start, end, first 8 bytes of the digest
 assert _KEY.size == KEY_SIZE
 
 
@@ -347,15 +347,17 @@ class Slot:
 
 @dataclass(frozen=True)
 class KeyEntry:
-    """An idempotency key carried over by compaction: its hash and the entry's range."""
+    """An idempotency key carried over by compaction: its hash, the entry's range and the
+    first 8 bytes of the bytes' digest (a retry checks them before answering)."""
 
     key_hash: int
     start: int
     end: int
+    digest: bytes = b""
 
 
 def pack_keys(keys: list[KeyEntry]) -> bytes:
-    raw = b"".join(_KEY.pack(k.key_hash, k.start, k.end) for k in keys)
+    raw = b"".join(_KEY.pack(k.key_hash, k.start, k.end, k.digest) for k in keys)
     return raw.ljust(-(-len(raw) // RECORD_SIZE) * RECORD_SIZE, b"\0")
 
 
@@ -367,4 +369,6 @@ def unpack_keys(raw: bytes, count: int, expected_hash: int) -> list[KeyEntry]:
 
 
 def keys_hash(keys: list[KeyEntry]) -> int:
-    return xxhash.xxh3_64_intdigest(b"".join(_KEY.pack(k.key_hash, k.start, k.end) for k in keys))
+    return xxhash.xxh3_64_intdigest(
+        b"".join(_KEY.pack(k.key_hash, k.start, k.end, k.digest) for k in keys)
+    )

@@ -15,6 +15,7 @@ since, usually none: one ``stat``-sized check, one record written.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -64,6 +65,8 @@ __all__ = [
     "set_fence_slot",
     "slot_alive",
 ]
+
+_log = logging.getLogger("sessionfence.journal")
 
 Role = Literal["claimant", "co-tenant"]
 _ROLE_CODES = {"claimant": CLAIMANT, "co-tenant": COTENANT}
@@ -123,9 +126,12 @@ class _Known:
     # valid end. A transcript shorter than this had an intent that never landed.
     claimed_end: int
     keys: dict[int, tuple[int, int, bytes]] | None = None  # key hash -> (start, end, digest)
+    last_append: Record | None = None  # the APPEND that set claimed_end, if one did
+    last_checked: bool = True  # its bytes were seen to land (or it is ours)
 
 
 _KNOWN: dict[str, _Known] = {}
+_KNOWN_MAX = 1024
 _KNOWN_LOCK = threading.Lock()
 
 # Claimant runs of live controllers in this process, per journal path. In one process the
@@ -182,14 +188,17 @@ def forget_all() -> None:
         _LIVE_RUNS.clear()
 
 
-def _apply(known: _Known, records: list[Record]) -> None:
+def _apply(known: _Known, records: list[Record], *, ours: bool = False) -> None:
     for record in records:
         if record.type == APPEND:
             known.claimed_end = record.end
+            known.last_append = record
+            known.last_checked = ours
             if known.keys is not None and record.key_hash:
                 known.keys[record.key_hash] = (record.start, record.end, record.digest)
         elif record.type == VOID:
             known.claimed_end = record.start
+            known.last_append = None
             if known.keys is not None:
                 known.keys = {h: v for h, v in known.keys.items() if v[1] <= record.start}
 
@@ -215,11 +224,12 @@ def _catch_up(jpath: str, jfd: int, want_keys: bool) -> _Known:
         else:
             found = scan_fd(jfd, jpath, since, st)
     except JournalInvalid as exc:
-        if known is None:
-            raise JournalError(jpath, exc.detail) from None
-        # Our cached view is void (e.g. an operator repaired the journal): read it afresh.
         with _KNOWN_LOCK:
             _KNOWN.pop(jpath, None)
+        if known is None or (st.st_dev, st.st_ino) == (known.position.dev, known.position.ino):
+            # Torn, edited or truncated under our eyes: never extend it.
+            raise JournalError(jpath, exc.detail) from None
+        # Another file now (an operator's repair_journal): read it afresh.
         return _catch_up(jpath, jfd, want_keys)
     if known is None or found.compacted_past:
         header = found.header
@@ -230,10 +240,12 @@ def _catch_up(jpath: str, jfd: int, want_keys: bool) -> _Known:
                 keys = read_keys(jfd, jpath, header)
             except JournalInvalid as exc:
                 raise JournalError(jpath, exc.detail) from None
-            known.keys = {k.key_hash: (k.start, k.end, b"") for k in keys}
+            known.keys = {k.key_hash: (k.start, k.end, k.digest) for k in keys}
     known.position = found.position
     _apply(known, found.records)
     with _KNOWN_LOCK:
+        if jpath not in _KNOWN and len(_KNOWN) >= _KNOWN_MAX:
+            _KNOWN.pop(next(iter(_KNOWN)))  # the oldest: it is only a cache
         _KNOWN[jpath] = known
     return known
 
@@ -276,9 +288,10 @@ class _Commit:
         if hit is None:
             return None
         start, end, digest = hit
-        if end > size:
+        if end > size or not digest:
             return None
-        if digest and digest_bytes(read_at(transcript_fd, end - start, start)) != digest:
+        # A carried key keeps the first 8 bytes of the digest, a record all 16.
+        if digest_bytes(read_at(transcript_fd, end - start, start))[: len(digest)] != digest:
             return None
         return Committed(start, end)
 
@@ -310,7 +323,7 @@ class _Commit:
     def _write(self, records: list[Record]) -> None:
         position = append_records(self.jfd, self.jpath, self.known.position, records)
         self.known.position = position
-        _apply(self.known, records)
+        _apply(self.known, records, ours=True)
         self.written.extend(records)
 
 
@@ -321,16 +334,13 @@ def journaled(
     """One journaled append to ``transcript`` (open as ``transcript_fd``) by ``writer``,
     under the journal's lock (see the module docstring)."""
     jpath = journal_path_for(transcript)
-    size = os.fstat(transcript_fd).st_size
-    with locked_journal(jpath, create_at=size) as jfd:
+    with locked_journal(jpath, create_at=os.fstat(transcript_fd).st_size) as jfd:
+        # The size is read under the journal's lock: an append another journaled writer
+        # made before we got it is never taken for a dead intent.
+        size = os.fstat(transcript_fd).st_size
         known = _catch_up(jpath, jfd, want_keys)
         commit = _Commit(jpath, jfd, writer, known)
-        if size < known.claimed_end:
-            # An intent whose bytes never landed (its writer died between record and
-            # bytes), or a transcript cut back since: the records past here are void.
-            commit._write(
-                [_record(writer, VOID, known.position.claim_revision, start=size, end=size)]
-            )
+        _void_dead_intent(commit, transcript_fd, size)
         position = known.position
         if (
             writer.role == "claimant"
@@ -347,6 +357,25 @@ def journaled(
             )
         yield commit
         _maybe_compact(jfd, jpath, known)
+
+
+def _void_dead_intent(commit: _Commit, transcript_fd: int | None, size: int) -> None:
+    """Void the records past the transcript's real end: an intent whose bytes never landed
+    (its writer died between record and bytes), a transcript cut back since, or an intent
+    whose place another (lock-ignoring) writer took with other bytes."""
+    known = commit.known
+    valid = size
+    last = known.last_append
+    if size >= known.claimed_end and last is not None and not known.last_checked:
+        known.last_checked = True
+        if transcript_fd is not None and last.end <= size:
+            data = read_at(transcript_fd, last.end - last.start, last.start)
+            if digest_bytes(data) != last.digest:
+                valid = last.start
+    if valid < known.claimed_end:
+        commit._write(
+            [_record(commit.writer, VOID, known.position.claim_revision, start=valid, end=valid)]
+        )
 
 
 def _live_min_seq(slots_raw: bytes) -> int | None:
@@ -366,10 +395,18 @@ def slot_alive(slot: Slot) -> bool:
 
 
 def _maybe_compact(jfd: int, jpath: str, known: _Known) -> None:
+    """Compact when due. An optimisation: a failure (a full disk, a directory we cannot
+    write, Windows refusing to replace an open file) is logged and never fails the append
+    that has landed already."""
     if known.position.seq - known.position.base_seq + 1 <= COMPACT_AT:
         return
-    _header, slots = read_header(jfd, jpath)
-    if compact(jfd, jpath, _live_min_seq(slots)):
+    try:
+        _header, slots = read_header(jfd, jpath)
+        done = compact(jfd, jpath, _live_min_seq(slots))
+    except (OSError, JournalInvalid) as exc:
+        _log.warning("journal compaction failed, will retry at the next append: %s", exc)
+        return
+    if done:
         with _KNOWN_LOCK:
             _KNOWN.pop(jpath, None)  # next time read the new file from its base
 
@@ -381,11 +418,15 @@ def claim_journal(transcript: str, run_id: str) -> tuple[SessionWriter, Position
     position after the claim."""
     check_run_id(run_id)
     jpath = journal_path_for(transcript)
-    try:
-        size = os.stat(transcript).st_size
-    except FileNotFoundError:
-        size = 0
-    with locked_journal(jpath, create_at=size) as jfd:
+
+    def transcript_size() -> int:
+        try:
+            return os.stat(transcript).st_size
+        except FileNotFoundError:
+            return 0
+
+    with locked_journal(jpath, create_at=transcript_size()) as jfd:
+        size = transcript_size()  # under the journal's lock (see journaled)
         known = _catch_up(jpath, jfd, False)
         position = known.position
         if position.claim_run == run_id and position.claim_revision > 0:
@@ -409,7 +450,11 @@ def set_fence_slot(transcript: str, token: int, fence_seq: int, run_id: str) -> 
     under the journal lock; a full table just means this fence may fall back to the content
     rules after a compaction)."""
     jpath = journal_path_for(transcript)
-    with contextlib.suppress(FileNotFoundError), locked_journal(jpath, None) as jfd:
+    # Best effort: a journal that cannot be read here fails the next fence check instead.
+    with (
+        contextlib.suppress(OSError, JournalInvalid, JournalError),
+        locked_journal(jpath, None) as jfd,
+    ):
         _header, raw = read_header(jfd, jpath)
         slots = read_slots(raw)
         pid = os.getpid()

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from sessionfence import (
+    JournalError,
     SessionFenceController,
     SessionManager,
     SessionSupersededError,
@@ -401,3 +402,163 @@ def test_a_holder_of_the_lock_appends_and_claims_with_its_reentrant_owner(
         writer = claim_session(session_file, run_id="w", reentrant_owner="gateway-7")
     assert [e["id"] for e in SessionManager.open(session_file).entries] == [ident]
     assert (writer.run_id, writer.revision) == ("w", 1)
+
+
+# -- regressions found by review -----------------------------------------------------------------
+
+
+async def test_a_dead_intent_under_a_longer_benign_line_is_judged_by_content(
+    session_file: Path,
+) -> None:
+    from tests.controller.helpers import mirror_message
+
+    attempt = await Attempt.start(session_file)
+    await attempt.turn()
+    await attempt.ctl.release_for_prompt()
+    assert in_child(killed_append, str(session_file), "after-record", "co-tenant")[0] is None
+    mirrored = mirror_message("a delivery mirror line, longer than the dead intent " * 3)
+    append_entries(session_file, mirrored)  # a writer that ignores the journal
+    assert in_child(cotenant_append, str(session_file), "after it")[0] == "ok"
+    await attempt.ctl.reacquire_after_prompt()  # no false takeover
+    assert attempt.merged[0]["id"] == mirrored["id"]
+    assert attempt.merged[-1]["message"]["content"] == "after it"
+    await attempt.ctl.dispose()
+
+
+async def test_an_append_landing_while_another_writer_waits_is_never_voided(
+    session_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import sessionfence.journal._writer as journal_writer
+    from sessionfence.journal._file import journal_path_for, scan
+
+    attempt = await Attempt.start(session_file)
+    await attempt.turn()
+    await attempt.ctl.release_for_prompt()
+    real = journal_writer.locked_journal
+    fired: list[int] = []
+
+    def racing(jpath: str, create_at: int | None) -> Any:
+        if not fired:  # a co-tenant appends between the claimant's first look and its lock
+            fired.append(1)
+            inbound = threading.Thread(
+                target=cotenant_append, args=(str(session_file), "inbound", "k1")
+            )
+            inbound.start()
+            inbound.join()
+        return real(jpath, create_at)
+
+    monkeypatch.setattr(journal_writer, "locked_journal", racing)
+    attempt.manager.append_message({"role": "assistant", "content": "own, without the lock"})
+    monkeypatch.undo()
+    found = scan(journal_path_for(session_file), None)
+    assert found is not None and all(r.type_name != "void" for r in found.records)
+    cotenant_append(str(session_file), "inbound", "k1")  # the retry finds its entry
+    assert session_file.read_text().count('"inbound"') == 1
+    await attempt.ctl.reacquire_after_prompt()
+    assert not attempt.ctl.has_takeover
+    await attempt.ctl.dispose()
+
+
+def test_a_failed_compaction_never_fails_an_append_that_landed(
+    session_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import sessionfence.journal._file as journal_file
+    import sessionfence.journal._writer as journal_writer
+
+    monkeypatch.setattr(journal_writer, "COMPACT_AT", 2)
+    monkeypatch.setattr(journal_file, "KEEP_RECORDS", 1)
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(journal_file.os, "fsync", full_disk)
+    ids = [cotenant_append(str(session_file), f"m{i}") for i in range(5)]
+    monkeypatch.undo()
+    assert [e["id"] for e in SessionManager.open(session_file).entries] == ids
+    assert not list(session_file.parent.glob("*.compact-*"))
+    assert inspect_journal(session_file).problem is None
+
+
+def _append_then_wait(path: str, go: Any, done: Any) -> None:
+    cotenant_append(path, "first")
+    done.put("first")
+    go.wait()
+    cotenant_append(path, "second")
+    done.put("second")
+
+
+def test_a_child_forked_with_the_parents_journal_descriptor_is_never_locked_out(
+    session_file: Path,
+) -> None:
+    """The parent drops its descriptor of a compacted journal while holding its lock; a
+    child forked earlier shares that open file description and must not keep the lock."""
+    import multiprocessing
+
+    from sessionfence.journal import _file as journal_file
+    from sessionfence.journal import journal_path_for
+
+    fork = multiprocessing.get_context("fork")
+    cotenant_append(str(session_file), "parent")  # the parent keeps a journal descriptor
+    go, done = fork.Event(), fork.Queue()
+    child = fork.Process(target=_append_then_wait, args=(str(session_file), go, done))
+    child.start()
+    try:
+        assert done.get(timeout=30) == "first"
+        jpath = journal_path_for(session_file)
+
+        def compact_now() -> bool:
+            with journal_file.locked_journal(jpath, None) as fd:
+                return journal_file.compact(fd, jpath, None, keep=1)
+
+        assert in_child(compact_now) == ("ok", True)
+        cotenant_append(str(session_file), "parent again")  # locks the old file, drops it
+        go.set()
+        assert done.get(timeout=30) == "second"
+    finally:
+        child.kill()
+        child.join()
+
+
+def test_a_writer_refuses_a_journal_truncated_under_its_eyes(session_file: Path) -> None:
+    claim_session(session_file, run_id="A")
+    claim_session(session_file, run_id="B")
+    cotenant_append(str(session_file), "known")
+    journal = journal_of(session_file)
+    os.truncate(journal, journal.stat().st_size - 2 * 128)  # B's claim and the append gone
+    with pytest.raises(JournalError, match="truncated"):
+        cotenant_append(str(session_file), "refused")
+
+
+async def test_a_damaged_header_does_not_break_a_release(session_file: Path) -> None:
+    attempt = await Attempt.start(session_file)
+    await attempt.turn()
+    journal = journal_of(session_file)
+    raw = bytearray(journal.read_bytes())
+    raw[20] ^= 1  # inside the header's CRC-covered fields
+    journal.write_bytes(bytes(raw))
+    await attempt.ctl.release_for_prompt()  # the slot is best effort: no raw error
+    assert not attempt.ctl.holds_lock
+    await attempt.ctl.dispose()
+    assert inspect_journal(session_file).problem
+
+
+def test_a_carried_key_whose_bytes_were_rewritten_is_not_answered(
+    session_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sessionfence.journal._file as journal_file
+    import sessionfence.journal._writer as journal_writer
+
+    monkeypatch.setattr(journal_writer, "COMPACT_AT", 2)
+    monkeypatch.setattr(journal_file, "KEEP_RECORDS", 1)
+    first = cotenant_append(str(session_file), "AAAA", "k")
+    for i in range(3):
+        cotenant_append(str(session_file), f"f{i}")  # compaction carries "k" into the header
+    assert inspect_journal(session_file).base_seq > 1
+    data = session_file.read_bytes()
+    session_file.write_bytes(data.replace(first.encode(), b"deadbeef").replace(b"AAAA", b"BBBB"))
+    again = cotenant_append(str(session_file), "AAAA", "k")
+    assert again not in (first, "deadbeef")  # written anew, never the rewritten entry's id
