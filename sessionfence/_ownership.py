@@ -90,7 +90,7 @@ class _KnowsIds(Protocol):
     @property
     def digest_size(self) -> int: ...
 
-    def get_entry(self, entry_id: str) -> Any: ...
+    def has_entry(self, entry_id: str) -> bool: ...
 
 
 class LiveManagers:
@@ -113,7 +113,17 @@ class LiveManagers:
         point are not asked: the id might come from the very lines being judged."""
         with self._lock:
             managers = list(self._by_key.get(key, ()))
-        return any(m.digest_size <= within and m.get_entry(entry_id) is not None for m in managers)
+        for manager in managers:
+            if manager.digest_size > within:
+                continue
+            try:
+                if manager.has_entry(entry_id):
+                    return True
+            except (OSError, ValueError, RuntimeError):
+                # A manager whose file changed under it cannot tell (the fence judges that
+                # change on its own); it must not turn a fence check into an error.
+                continue
+        return False
 
     def reset(self) -> None:
         with self._lock:

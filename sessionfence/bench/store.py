@@ -58,6 +58,10 @@ def _server() -> Iterator[str]:
         yield server.url
 
 
+# The store's work is SQL and Python: no C path, as for the lock (bench/lock.py).
+_NO_C = bs.Figure("same (no C path)")
+
+
 def _skipped(mid: str, case: str, title: str, reason: str) -> list[bs.Result]:
     return [
         bs.Result(
@@ -67,7 +71,7 @@ def _skipped(mid: str, case: str, title: str, reason: str) -> list[bs.Result]:
             0.0,
             "skipped",
             bs.Target("<=", 1.5),
-            {"python": bs.Figure("skipped")},
+            {"python": bs.Figure("skipped"), "cffi": _NO_C},
             note=f"skipped: {reason}",
             informational=True,
         )
@@ -133,7 +137,11 @@ async def _s1(url: str, large: int, turns: int, rounds: int) -> list[bs.Result]:
             big.median / small.median,
             f"{large:,} ÷ 100 entries",
             bs.Target("<=", 1.5),
-            {"baseline": bs.time_figure(small, "100: "), "python": bs.time_figure(big)},
+            {
+                "baseline": bs.time_figure(small, "100: "),
+                "python": bs.time_figure(big),
+                "cffi": _NO_C,
+            },
             big.min / small.min,
             {"large_entries": large, "turns_per_round": turns, "setup_s": round(setup_s, 2)},
             note="throwaway local server (fsync off), one connection, localhost round trips",
@@ -189,6 +197,7 @@ def measure_s2(bench: bs.Bench) -> list[bs.Result]:
             {
                 "baseline": bs.Figure(f"files {files['turns_per_s']:.0f} turns/s", unit="turns/s"),
                 "python": bs.Figure(f"pg {pg['turns_per_s']:.0f} turns/s", unit="turns/s"),
+                "cffi": _NO_C,
             },
             params={**shape, "pg_passed": pg["passed"], "files_passed": files["passed"]},
             note="bounded by the simulated model call (2-8 ms per turn) and, on PostgreSQL, "

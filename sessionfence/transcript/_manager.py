@@ -1102,6 +1102,11 @@ class SessionManager:
     def get_entry(self, entry_id: str) -> Entry | None:
         return self._by_id.get(entry_id)
 
+    def has_entry(self, entry_id: str) -> bool:
+        """Whether the session has an entry ``entry_id``, from the parse and the index's
+        ids alone: nothing is read back from the file (``get_entry`` may read it)."""
+        return entry_id in self._by_id
+
     def branch(self, leaf_id: str | None = None) -> list[Entry]:
         """Root-to-leaf path ending at ``leaf_id`` (default: the visible leaf).
 
