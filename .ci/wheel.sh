@@ -151,7 +151,7 @@ section "4. abi3audit, twine check"
 section "5. Install the repaired wheel into a fresh venv; the test suite against it"
 new_venv "$WORK/venv"
 V="$WORK/venv/bin/python"
-pipq "$V" -m pip install -q --disable-pip-version-check "${REPAIRED}[test]"
+pipq "$V" -m pip install -q --disable-pip-version-check "${REPAIRED}[test,postgres]"
 TESTDIR="$WORK/testrun"
 mkdir -p "$TESTDIR"
 # The tests, the pytest settings, and what the doc/packaging tests read (README snippets,
