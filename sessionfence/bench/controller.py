@@ -29,7 +29,7 @@ import functools
 import hashlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -37,6 +37,7 @@ from typing import Any
 from .. import _backend
 from .._types import same_stat
 from ..controller import SessionFenceController
+from ..journal._writer import journaled
 from ..transcript import is_expected_compaction_append
 from . import _suite as bs
 
@@ -304,26 +305,54 @@ _TURN_LINE = (
 )
 
 
-class TurnBench:
+class _OwnLoop:
+    """A controller with the real session write lock on its own event loop, pinned to one
+    backend, and an O_APPEND descriptor of its transcript for the owned appends."""
+
+    def __init__(self, path: Path, backend: str, **options: Any) -> None:
+        self.path = path
+        self.loop = asyncio.new_event_loop()
+        self.fd = os.open(path, os.O_RDWR | os.O_APPEND)
+        with _backend.use(backend):
+            self.ctl = self.loop.run_until_complete(SessionFenceController.create(path, **options))
+
+    def close(self) -> None:
+        try:
+            self.loop.run_until_complete(self.ctl.dispose())
+        finally:
+            self.loop.close()
+            os.close(self.fd)
+
+
+def _race(bench: bs.Bench, runs: Mapping[str, Any], op: str) -> dict[str, bs.Stats]:
+    """Calibrate each run's ``op`` (a method taking a repeat count and returning mean ns)
+    to the profile's batch and race them interleaved."""
+    contenders: dict[str, bs.Contender] = {}
+    for key, run in runs.items():
+        fn = getattr(run, op)
+        contenders[key] = _samples(functools.partial(fn, bs.calibrate(fn, bench.profile.batch_ns)))
+    return bs.race(contenders, bench.rounds)
+
+
+class TurnBench(_OwnLoop):
     """One controller with the real session write lock (tail mode): a turn is an owned
     append under ``write_lock()`` (the retained lock), ``release_for_prompt()`` and
     ``reacquire_after_prompt()``, as a fleet worker's turn without the model call."""
 
-    def __init__(self, path: Path, backend: str = "cffi") -> None:
-        self.path = path
-        self.loop = asyncio.new_event_loop()
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-        with _backend.use(backend):
-            self.ctl = self.loop.run_until_complete(SessionFenceController.create(path))
+    def __init__(self, path: Path, backend: str = "cffi", **options: Any) -> None:
+        super().__init__(path, backend, **options)
         self.loop.run_until_complete(self._turns(2))  # activates the fence, warms up
+
+    def _append(self) -> None:
+        os.write(self.fd, _TURN_LINE)
 
     async def _turns(self, n: int) -> int:
         clock = time.perf_counter_ns
-        ctl, fd = self.ctl, self.fd
+        ctl, append = self.ctl, self._append
         t0 = clock()
         for _ in range(n):
             async with ctl.write_lock():
-                os.write(fd, _TURN_LINE)
+                append()
             await ctl.release_for_prompt()
             await ctl.reacquire_after_prompt()
         return clock() - t0
@@ -333,13 +362,6 @@ class TurnBench:
         if self.ctl.has_takeover:  # pragma: no cover
             raise AssertionError(f"unexpected takeover: {self.ctl.takeover!r}")
         return ns / n
-
-    def close(self) -> None:
-        try:
-            self.loop.run_until_complete(self.ctl.dispose())
-        finally:
-            self.loop.close()
-            os.close(self.fd)
 
 
 class SyscallFloor:
@@ -405,11 +427,7 @@ def measure_turn(
                 bs.warm(path)
                 turns[f"{name}@{size}"] = TurnBench(path, name)
         turns["floor"] = SyscallFloor(bench.transcript(small, "turn-floor"))
-        contenders: dict[str, bs.Contender] = {}
-        for key, tb in turns.items():
-            inner = bs.calibrate(tb.turns, bench.profile.batch_ns)
-            contenders[key] = _samples(functools.partial(tb.turns, inner))
-        stats = bs.race(contenders, bench.rounds)
+        stats = _race(bench, turns, "turns")
     finally:
         for tb in turns.values():
             tb.close()
@@ -458,59 +476,25 @@ TURN = bs.measure("T1", "one turn with the real lock: 1 GiB ÷ 1 MiB, and ÷ its
 )
 
 
-class JournalTurnBench:
+class JournalTurnBench(TurnBench):
     """A turn as ``TurnBench`` (real lock, tail mode) whose owned append is journaled as a
     claimant's ``SessionManager`` journals it (``journal=True``: the record, then the line,
     under the journal's lock; the fence reads the new records at each check), or plain
     (``journal=False``: no claim, no record, no journal read)."""
 
     def __init__(self, path: Path, *, journal: bool, backend: str = "cffi") -> None:
-        from ..journal._writer import journaled
-
-        self.path = str(path)
         self.journal = journal
-        self._journaled = journaled
-        self.loop = asyncio.new_event_loop()
-        self.fd = os.open(path, os.O_RDWR | os.O_APPEND)
-        with _backend.use(backend):
-            self.ctl = self.loop.run_until_complete(
-                SessionFenceController.create(path, journal=journal)
-            )
-        self.loop.run_until_complete(self._turns(2))
+        super().__init__(path, backend, journal=journal)
 
     def _append(self) -> None:
         if not self.journal:
             os.write(self.fd, _TURN_LINE)
             return
-        with self._journaled(self.path, self.ctl.writer, self.fd) as commit:
+        with journaled(str(self.path), self.ctl.writer, self.fd) as commit:
             start = os.fstat(self.fd).st_size
             commit.intent(start, _TURN_LINE, None)
             os.write(self.fd, _TURN_LINE)
             commit.landed(os.lseek(self.fd, 0, os.SEEK_CUR) - len(_TURN_LINE))
-
-    async def _turns(self, n: int) -> int:
-        clock = time.perf_counter_ns
-        ctl = self.ctl
-        t0 = clock()
-        for _ in range(n):
-            async with ctl.write_lock():
-                self._append()
-            await ctl.release_for_prompt()
-            await ctl.reacquire_after_prompt()
-        return clock() - t0
-
-    def turns(self, n: int = 1) -> float:
-        ns = self.loop.run_until_complete(self._turns(n))
-        if self.ctl.has_takeover:  # pragma: no cover
-            raise AssertionError(f"unexpected takeover: {self.ctl.takeover!r}")
-        return ns / n
-
-    def close(self) -> None:
-        try:
-            self.loop.run_until_complete(self.ctl.dispose())
-        finally:
-            self.loop.close()
-            os.close(self.fd)
 
 
 def measure_journal_turn(
@@ -529,11 +513,7 @@ def measure_journal_turn(
                     turns[f"{kind}-{name}@{size}"] = JournalTurnBench(
                         path, journal=journal, backend=name
                     )
-        contenders: dict[str, bs.Contender] = {}
-        for key, tb in turns.items():
-            inner = bs.calibrate(tb.turns, bench.profile.batch_ns)
-            contenders[key] = _samples(functools.partial(tb.turns, inner))
-        stats = bs.race(contenders, bench.rounds)
+        stats = _race(bench, turns, "turns")
     finally:
         for tb in turns.values():
             tb.close()
@@ -589,18 +569,13 @@ JOURNAL_TURN = bs.measure(
 )(measure_journal_turn)
 
 
-class FullOwnedBench:
+class FullOwnedBench(_OwnLoop):
     """``verify="full"`` with the real lock: owned appends made under the retained lock
     (a write, then ``refresh_after_owned_write(written)``), as many as a turn makes. The
     whole-content proof belongs to the next fence check, not to each append."""
 
     def __init__(self, path: Path, backend: str = "cffi") -> None:
-        self.loop = asyncio.new_event_loop()
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-        with _backend.use(backend):
-            self.ctl = self.loop.run_until_complete(
-                SessionFenceController.create(path, verify="full", journal=False)
-            )
+        super().__init__(path, backend, verify="full", journal=False)
         self.loop.run_until_complete(self.ctl.release_for_prompt())  # the one digest
         self.loop.run_until_complete(self.ctl.reacquire_after_prompt())
 
@@ -616,13 +591,6 @@ class FullOwnedBench:
             raise AssertionError(f"unexpected takeover: {ctl.takeover!r}")
         return took / n
 
-    def close(self) -> None:
-        try:
-            self.loop.run_until_complete(self.ctl.dispose())
-        finally:
-            self.loop.close()
-            os.close(self.fd)
-
 
 def measure_full_owned(
     bench: bs.Bench, large: int = 1 * bs.GiB, small: int = 1 * bs.MiB
@@ -636,11 +604,7 @@ def measure_full_owned(
                 path = bench.transcript(size, f"full-owned-{name}")
                 bs.warm(path)
                 runs[f"{name}@{size}"] = FullOwnedBench(path, name)
-        contenders: dict[str, bs.Contender] = {}
-        for key, fb in runs.items():
-            inner = bs.calibrate(fb.appends, bench.profile.batch_ns)
-            contenders[key] = _samples(functools.partial(fb.appends, inner))
-        stats = bs.race(contenders, bench.rounds)
+        stats = _race(bench, runs, "appends")
     finally:
         for fb in runs.values():
             fb.close()
