@@ -603,14 +603,24 @@ class SessionFenceController:
                 raise self._change_takeover(
                     change, phase, f"{classified.kind} entries need a merge callback"
                 )
-            self._fence = self._roll(fence, change, need_digest=True, proven=True)
-            generation = REGISTRY.trust_state(self._key, current)
-            self._set_fence_generation(
-                generation if generation is not None else self._fence_generation
-            )
+            self._roll_over_unowned(fence, change)
             return
         if not self._policy.accepts(classified.kind, has_merge_callback=True):
             raise self._change_takeover(change, phase, f"{classified.kind} entries are not benign")
+        await self._merge_unowned(fence, change, phase, classified)
+
+    def _roll_over_unowned(self, fence: FenceSnapshot, change: Change) -> None:
+        """An accepted unowned append, no merge callback: only this fence rolls forward over
+        it (no owned write is recorded)."""
+        self._fence = self._roll(fence, change, need_digest=True, proven=True)
+        generation = REGISTRY.trust_state(self._key, change.after)
+        self._set_fence_generation(generation if generation is not None else self._fence_generation)
+
+    async def _merge_unowned(
+        self, fence: FenceSnapshot, change: Change, phase: str, classified: Classified
+    ) -> None:
+        """An accepted unowned append handed to the merge callback; the result is recorded
+        as an owned write, so peer controllers of this process do not judge it again."""
         merged = await self._merge_change(fence, change, None, phase, classified)
         if isinstance(merged, Rejected):
             raise self._change_takeover(change, phase, _detail(merged), "merge-rejected")
@@ -722,27 +732,10 @@ class SessionFenceController:
             if not self._policy.accepts(kind, has_merge_callback=has_merge):
                 raise self._change_takeover(change, phase, f"{kind} entries need a merge callback")
         if not entries or not has_merge:
-            self._fence = self._roll(fence, change, need_digest=True, proven=True)
-            generation = REGISTRY.trust_state(self._key, current)
-            self._set_fence_generation(
-                generation if generation is not None else self._fence_generation
-            )
+            self._roll_over_unowned(fence, change)
             return
         kind = next(iter(kinds)) if len(kinds) == 1 else "journaled"
-        merged = await self._merge_change(
-            fence, change, None, phase, Classified(kind, entries, published)
-        )
-        if isinstance(merged, Rejected):
-            raise self._change_takeover(change, phase, _detail(merged), "merge-rejected")
-        self._fence = merged.snapshot
-        self._set_fence_generation(
-            REGISTRY.record_owned_write(
-                self._key,
-                merged.snapshot.fingerprint,
-                merged.published_entries,
-                merged.requires_reload,
-            )
-        )
+        await self._merge_unowned(fence, change, phase, Classified(kind, entries, published))
 
     def _prove_racy_fence(self, change: Change, phase: str) -> None:
         """verify="full", equal fingerprint, racy fence: prove the whole content by digest
