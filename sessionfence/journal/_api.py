@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -12,8 +11,16 @@ from typing import Any
 from .._util import iso_utc, read_at, utc_stamp, write_all
 from ..errors import JournalError, NotASessionError, TornTranscriptError
 from ._file import JournalInvalid, journal_path_for, new_journal, read_header, read_slots, scan
-from ._format import APPEND, RECORD_SIZE, VOID, Record, digest_bytes
-from ._writer import SessionWriter, claim_journal, journaled, new_run_id, slot_alive
+from ._format import RECORD_SIZE, Record, digest_bytes
+from ._writer import (
+    SessionWriter,
+    _apply,
+    _Known,
+    claim_journal,
+    journaled,
+    new_run_id,
+    slot_alive,
+)
 
 __all__ = [
     "JournalInfo",
@@ -85,7 +92,7 @@ def append_as_cotenant(
                 if idempotency_key is not None:
                     hit = commit.find_key(idempotency_key, fd, size)
                     if hit is not None:
-                        return _entry_id(read_at(fd, hit.end - hit.start, hit.start))
+                        return _entry_id(path, fd, hit.start, hit.end)
                 ends_clean, parent = _tail_facts(path, fd, size)
                 fields: dict[str, Any] = {"type": kind}
                 ident = entry.get("id")
@@ -144,14 +151,15 @@ def _tail_facts(path: str, fd: int, size: int) -> tuple[bool, str | None]:
     return ends_clean, None
 
 
-def _entry_id(data: bytes) -> str:
-    for raw in reversed(data.split(b"\n")):
-        if raw.strip():
-            value = json.loads(raw)
-            ident = value.get("id") if isinstance(value, dict) else None
-            if isinstance(ident, str):
-                return ident
-    raise JournalError("", "the entry an idempotency key names has no id")
+def _entry_id(path: str, fd: int, start: int, end: int) -> str:
+    """The id of the entry an idempotency key's append wrote at ``[start, end)``."""
+    from ..transcript import _io
+
+    entry = _io.entry_at(fd, start, end)
+    ident = entry.get("id") if entry is not None else None
+    if not isinstance(ident, str):
+        raise JournalError(journal_path_for(path), "the entry an idempotency key names has no id")
+    return ident
 
 
 @dataclass
@@ -218,17 +226,13 @@ def inspect_journal(session_file: str | os.PathLike[str]) -> JournalInfo:
     info.claim_revision = found.position.claim_revision
     info.base_seq = header.base_seq
     info.last_seq = found.position.seq
-    end = header.base_offset
-    last_append = None
     for record in found.records:
-        name = record.type_name
-        info.records[name] = info.records.get(name, 0) + 1
-        if record.type == APPEND:
-            end = record.end
-            last_append = record
-        elif record.type == VOID:
-            end = record.start
-    info.covered_end = end
+        info.records[record.type_name] = info.records.get(record.type_name, 0) + 1
+    # What the records vouch for, by the rules a writer applies when it catches up.
+    known = _Known(found.position, header.base_offset)
+    _apply(known, found.records)
+    info.covered_end = known.claimed_end
+    last_append = known.last_append
     with contextlib.suppress(OSError):
         fd = os.open(jpath, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         try:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
+from .._types import RACY_NS
 from .._util import fsync_dir, read_at, session_key, write_at
 from ._format import (
     APPEND,
@@ -147,10 +148,6 @@ def same_state(st: os.stat_result, position: Position) -> bool:
     and the position was not taken within a timestamp granule of a write."""
     key = (position.dev, position.ino, position.size, position.mtime_ns)
     return not position.racy and _stat_key(st) == key
-
-
-#: Timestamp granularity assumed for the racy rule (coarse kernels tick in ms; FAT in 2 s).
-RACY_NS = 2_000_000_000
 
 
 def _racy(st: os.stat_result) -> bool:

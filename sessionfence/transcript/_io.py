@@ -49,6 +49,7 @@ __all__ = [
     "append_flags",
     "clean_end",
     "discard",
+    "entry_at",
     "gc_paused",
     "iso_now",
     "last_line",
@@ -89,6 +90,18 @@ def parse_last_line(line: bytes, at_start: bool) -> tuple[dict[str, Any] | None,
     if type(value) is not dict:
         return None, False
     return value, replaced
+
+
+def entry_at(fd: int, start: int, end: int) -> dict[str, Any] | None:
+    """The entry written at ``[start, end)`` by one journaled append: its last non-blank
+    line (the bytes may begin with a separating newline or the header line), parsed as
+    a reader parses it; None when that line is not a JSON object."""
+    data = read_exact(fd, end - start, start)
+    for raw in reversed(data.split(b"\n")):
+        if raw.strip():
+            value, _ = parse_last_line(raw, False)
+            return value
+    return None
 
 
 def last_line(fd: int, size: int) -> tuple[int, bytes, bool]:

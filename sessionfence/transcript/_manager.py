@@ -1416,7 +1416,12 @@ class SessionManager:
                 if idempotency_key is not None:
                     hit = commit.find_key(idempotency_key, fd, os.fstat(fd).st_size)
                     if hit is not None:
-                        return _entry_at(fd, hit.start, hit.end)
+                        landed = _io.entry_at(fd, hit.start, hit.end)
+                        if landed is None:
+                            raise TranscriptChangedError(
+                                f"the entry at [{hit.start}, {hit.end}) does not parse"
+                            )
+                        return landed
                 self._put(fd, entry, line, commit, idempotency_key)
             return None
         finally:
@@ -1790,19 +1795,6 @@ def _cut_context(path: list[Entry]) -> list[Entry]:
             out.append(entry)
     out.extend(path[at + 1 :])
     return out
-
-
-def _entry_at(fd: int, start: int, end: int) -> Entry:
-    """The entry a journaled append wrote at ``[start, end)`` (its last line: the bytes may
-    begin with a separator or the header)."""
-    data = _io.read_exact(fd, end - start, start)
-    for raw in reversed(data.split(b"\n")):
-        if raw.strip():
-            value, _ = _io.parse_last_line(raw, False)
-            if value is not None:
-                return value
-            break
-    raise TranscriptChangedError(f"the entry at [{start}, {end}) does not parse")
 
 
 def _cut(fd: int, size: int) -> bool:
