@@ -18,7 +18,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from .._types import RACY_NS
@@ -478,10 +478,11 @@ def _evict_idle() -> None:
 
 
 @contextlib.contextmanager
-def locked_journal(path: str, create_at: int | None) -> Iterator[int]:
+def locked_journal(path: str, create_at: Callable[[], int] | None) -> Iterator[int]:
     """The journal at ``path`` open for writing and locked exclusively; created first (its
-    base at transcript offset ``create_at``) when missing and ``create_at`` is given, else
-    ``FileNotFoundError``. The descriptor stays open for the next use in this process."""
+    base at the transcript offset ``create_at()`` returns, asked only then) when missing
+    and ``create_at`` is given, else ``FileNotFoundError``. The descriptor stays open for
+    the next use in this process."""
     entry = _held(path)
     with entry.mutex:
         for _ in range(64):
@@ -491,7 +492,7 @@ def locked_journal(path: str, create_at: int | None) -> Iterator[int]:
                 except FileNotFoundError:
                     if create_at is None:
                         raise
-                    new_journal(path, create_at)
+                    new_journal(path, create_at())
                     continue
                 entry.fd, entry.pid = fd, os.getpid()
             fd = entry.fd

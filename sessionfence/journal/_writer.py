@@ -334,7 +334,7 @@ def journaled(
     """One journaled append to ``transcript`` (open as ``transcript_fd``) by ``writer``,
     under the journal's lock (see the module docstring)."""
     jpath = journal_path_for(transcript)
-    with locked_journal(jpath, create_at=os.fstat(transcript_fd).st_size) as jfd:
+    with locked_journal(jpath, create_at=lambda: os.fstat(transcript_fd).st_size) as jfd:
         # The size is read under the journal's lock: an append another journaled writer
         # made before we got it is never taken for a dead intent.
         size = os.fstat(transcript_fd).st_size
@@ -425,7 +425,7 @@ def claim_journal(transcript: str, run_id: str) -> tuple[SessionWriter, Position
         except FileNotFoundError:
             return 0
 
-    with locked_journal(jpath, create_at=transcript_size()) as jfd:
+    with locked_journal(jpath, create_at=transcript_size) as jfd:
         size = transcript_size()  # under the journal's lock (see journaled)
         known = _catch_up(jpath, jfd, False)
         position = known.position
