@@ -71,7 +71,7 @@ import errno
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from .. import _backend, _jsonl
 from .._callbacks import MergeResult, PublishedEntry
@@ -88,6 +88,9 @@ from ..errors import (
 from ..journal._writer import SessionWriter, journaled
 from . import _index, _io
 from ._guard import guard_session_manager, is_expected_compaction_append
+
+if TYPE_CHECKING:
+    from ..store._base import SessionStore
 
 __all__ = [
     "CURRENT_VERSION",
@@ -272,8 +275,14 @@ class SessionManager:
         writer: SessionWriter | None = None,
         index: bool | None = None,
         progress: Callable[[int, int], None] | None = None,
+        store: SessionStore | None = None,
     ) -> SessionManager:
         """Parses ``path`` (see the class docstring).
+
+        ``store`` (a ``sessionfence.store`` store; docs/multihost.md): ``path`` is then a
+        session id of that store. A ``FileStore`` opens its file; a ``PostgresStore`` gives
+        a manager with the same model over the stored session, whose appends commit in the
+        store (the writer's claim checked in the append's transaction).
 
         ``window`` is the tail window of ``parsed_fingerprint`` and of the fingerprints
         merges return (use the controller's). ``cwd`` goes into the header written when the
@@ -297,6 +306,23 @@ class SessionManager:
         file parsed so far, its size), e.g. to show how far the first open of a very large
         transcript is; it must not touch the manager.
         """
+        if store is not None:
+            from ..store._file import FileStore
+
+            if not isinstance(store, FileStore):
+                from ..store._manager import StoreSessionManager
+
+                return StoreSessionManager(
+                    os.fsdecode(path),
+                    store,  # type: ignore[arg-type]  # checked there: a PostgresStore
+                    window=window,
+                    chunk_size=chunk_size,
+                    cwd=cwd,
+                    writer=writer,
+                    index=index,
+                    progress=progress,
+                )
+            path = store.path(os.fsdecode(path))
         return cls(
             path,
             window=window,
