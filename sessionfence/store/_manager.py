@@ -1,0 +1,176 @@
+"""``SessionManager`` on a PostgreSQL session (``SessionManager.open(id, store=...)``).
+
+The model is the file model, unchanged: it parses a private local copy of the session
+(``_mirror.StoreMirror``, the bytes ``export_jsonl`` writes) with the same parser, tree
+rules and index, so every reading rule is the file store's. Appends commit in the store
+first (``PostgresStore.append``: the writer's claim is checked in the append's own
+transaction, so a superseded run's append never commits), then the line that landed goes to
+the copy exactly as the store holds it. Lines other writers committed before ours are copied
+in front of it, in the store's order, without entering the model: as with a file, they reach
+it through the fence's merge callback, ``refresh()`` or ``reload()``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from typing import Any
+
+from .. import _jsonl
+from .._types import DEFAULT_WINDOW
+from ..journal._writer import SessionWriter
+from ..transcript import _io
+from ..transcript._manager import SessionManager, TranscriptChangedError
+from ._mirror import StoreMirror
+from ._postgres import PostgresStore, session_label
+
+__all__ = ["StoreSessionManager"]
+
+
+class StoreSessionManager(SessionManager):
+    """A ``SessionManager`` whose transcript lives in a ``PostgresStore``.
+
+    Everything a file manager reads works the same (``entries``, ``context_entries()``,
+    ``branch()``, ``labels``, malformed lines, ...). Appends need a ``writer``: the
+    controller's (``writer=ctl.writer``, checked at commit) or a co-tenant
+    (``SessionWriter.cotenant(...)``); ``idempotency_key`` works as on files. ``path`` is the
+    private local copy; ``session_id`` and ``store`` name the session. ``close()`` removes
+    the copy (so does garbage collection)."""
+
+    def __init__(
+        self,
+        session_id: str,
+        store: PostgresStore,
+        *,
+        window: int = DEFAULT_WINDOW,
+        chunk_size: int = _io.DEFAULT_CHUNK,
+        cwd: str | None = None,
+        writer: SessionWriter | None = None,
+        index: bool | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        if not isinstance(store, PostgresStore):
+            raise TypeError(
+                "SessionManager is synchronous: open it on a PostgresStore, not "
+                f"{type(store).__name__}"
+            )
+        self._pg = store
+        self._session_id = session_id
+        self._mirror = StoreMirror(store, session_id)
+        self._mirror.sync()
+        super().__init__(
+            self._mirror.path,
+            window=window,
+            chunk_size=chunk_size,
+            cwd=cwd,
+            writer=writer,
+            index=index,
+            progress=progress,
+        )
+
+    @property
+    def session_id(self) -> str:
+        return self._session_id
+
+    @property
+    def store(self) -> PostgresStore:
+        return self._pg
+
+    def close(self) -> None:
+        """Remove the local copy. The manager must not be used afterwards."""
+        self._mirror.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<StoreSessionManager {session_label(self._session_id)} "
+            f"entries={len(self.entries)} leaf={self.leaf_id!r}>"
+        )
+
+    # reading: copy what the store has, then read it as a file ------------------------------
+
+    def reload(self) -> None:
+        self._mirror.sync()
+        super().reload()
+
+    def refresh(self) -> int:
+        self._mirror.sync()
+        return super().refresh()
+
+    # appending: the store commits, then the copy follows ---------------------------------
+
+    def _write(self, entry: dict[str, Any], idempotency_key: str | None = None) -> Any:
+        self._check_appendable()
+        line = _jsonl.dumps_line(entry)  # a value JSON cannot hold fails before the store
+        writer = self.writer
+        if writer is None:
+            raise ValueError(
+                "a manager of a stored session appends as a writer: "
+                "SessionManager.open(id, store=..., writer=ctl.writer) "
+                "or writer=SessionWriter.cotenant(...)"
+            )
+        if not self._mirror.exists:
+            self._create(entry)
+        result = self._pg.append(
+            self._session_id, entry, writer=writer, idempotency_key=idempotency_key
+        )
+        if result.duplicate:
+            # A retry: the entry that key wrote, as the store holds it.
+            self._mirror.sync()
+            stored = self._mirror.line_at(result.seq)
+            value = None if stored is None else _io.parse_last_line(stored, False)[0]
+            if value is None:
+                raise TranscriptChangedError(
+                    f"the entry {result.entry_id} of {session_label(self._session_id)} "
+                    "does not parse"
+                )
+            return value
+        before = self._mirror.sync(upto=result.seq)
+        if not before or before[-1][0] != result.seq:
+            raise TranscriptChangedError(
+                f"line {result.seq} of {session_label(self._session_id)} vanished after "
+                "its append committed"
+            )
+        if before[-1][1] != line[:-1]:  # pragma: no cover - both sides encode one dict
+            raise TranscriptChangedError(
+                f"line {result.seq} of {session_label(self._session_id)} is not the "
+                "line this manager appended"
+            )
+        self._adopt_own(entry, line)
+        return None
+
+    def _adopt_own(self, entry: dict[str, Any], line: bytes) -> None:
+        """The sync copied our line already; account for it as ``_put`` does for a file
+        write: the model stays a reader's view when the line sits where the model ended."""
+        end = os.path.getsize(self.path)
+        if self._pure and end - len(line) == self._upto:
+            ident = entry.get("id")
+            self._delta_rows.append((end - len(line), len(line) - 1, entry, ident))
+            self._upto = end
+            self._tail = (self._tail + line)[-4096:]
+            self._clean = end
+        else:
+            self._pure = False
+        self._torn = None
+        self._file_known = True
+
+    def _create(self, entry: dict[str, Any]) -> None:
+        """First append to a session that did not exist at open: create it with this
+        manager's header (another writer creating it first with only its header is fine)."""
+        stamp = entry.get("timestamp")
+        header = self._new_header(stamp if isinstance(stamp, str) else _io.iso_now())
+        try:
+            self._pg.create_session(self._session_id, header)
+        except FileExistsError:
+            self._mirror.sync()
+            if self._mirror.seq != 0:
+                raise FileExistsError(
+                    errno.EEXIST,
+                    "session was created by another writer after it was opened; reopen it",
+                    session_label(self._session_id),
+                ) from None
+            self.reload()
+            self._check_appendable()
+            return
+        self._mirror.sync()
+        self.reload()
