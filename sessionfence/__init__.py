@@ -78,6 +78,7 @@ if TYPE_CHECKING:
 
     # The lazy names, exactly the keys of _LAZY.
     from .controller import BenignPolicy as BenignPolicy
+    from .controller import FenceController as FenceController
     from .controller import MergeResult as MergeResult
     from .controller import SessionFenceController as SessionFenceController
     from .controller import acquire_session_file_owner as acquire_session_file_owner
@@ -115,6 +116,7 @@ else:
 # attribute access.
 _LAZY: dict[str, str] = {
     "BenignPolicy": "controller",
+    "FenceController": "controller",
     "MergeResult": "controller",
     "SessionFenceController": "controller",
     "acquire_session_file_owner": "controller",
@@ -146,6 +148,7 @@ __all__ = [
     "BenignPolicy",
     "Change",
     "ChangeKind",
+    "FenceController",
     "FileProbe",
     "Fingerprint",
     "JournalError",

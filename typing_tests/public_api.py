@@ -213,6 +213,37 @@ async def ownership(path: Path) -> None:
     assert_type(sync.writer, sf.SessionWriter)
 
 
+# -- One agent loop on either store (docs/multihost.md) --------------------------------------
+
+
+async def either_store(url_or_dir: str) -> None:
+    from sessionfence.store import FileStore, PostgresStore, open_store
+
+    store = open_store(url_or_dir)
+    manager = SessionManager.open("s1", store=store)
+    ctl = await SessionFenceController.create(
+        "s1", store=store, merge_foreign_entries=manager.merge_foreign_entries
+    )
+    assert_type(ctl, sf.FenceController)
+    manager.writer = ctl.writer
+    async with ctl.write_lock():
+        assert_type(manager.append_message({"role": "user"}, idempotency_key="t1"), str)
+    async with ctl.prompt_released():
+        pass
+    task = ctl.with_write_lock(lambda: manager.append_message({"role": "assistant"}))
+    assert_type(await task, str)
+    assert_type(ctl.takeover, SessionTakeoverError | None)
+    await ctl.dispose()
+    files = await SessionFenceController.create("s2", store=FileStore("/tmp/x"))
+    assert_type(files, sf.FenceController)
+    pg = await SessionFenceController.create("s3", store=PostgresStore("postgresql://h/db"))
+    assert_type(pg.revision, int)
+    plain = await SessionFenceController.create("/tmp/x.jsonl")
+    assert_type(plain, SessionFenceController)
+    checked: sf.FenceController = plain  # the file controller is a FenceController too
+    print(checked)
+
+
 # -- Mistakes a type checker must reject (each ignore must be needed) ------------------------
 
 
@@ -228,3 +259,4 @@ def mistakes(path: Path, before: sf.Fingerprint) -> None:
     print(sf.fingerprnt)  # type: ignore[attr-defined]
     sf.append_as_cotenant(path, {"type": "custom"}, idempotency_key=7)  # type: ignore[arg-type]
     sf.SessionWriter(role="owner")  # type: ignore[arg-type]
+    SessionManager.open("s1", store="postgresql://h/db")  # type: ignore[arg-type]

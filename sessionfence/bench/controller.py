@@ -97,7 +97,7 @@ class ControllerBench:
         return await SessionFenceController.create(
             self.path,
             acquire=_null_acquire,
-            verify=verify,  # type: ignore[arg-type]
+            verify="full" if verify == "full" else "tail",
         )
 
     async def _cycle(self, n: int) -> int:

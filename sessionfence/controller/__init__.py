@@ -3,7 +3,8 @@
 Layout: ``_controller`` (the controller), ``_scope`` (write scopes), ``_snapshot`` (fence
 snapshots: fingerprint + rolling digest), ``_trust`` (the process-wide trust registry and
 owned-write history), ``_classify`` (the benign policy and line classification),
-``_owner`` (the in-process attempt owner).
+``_owner`` (the in-process attempt owner), ``_protocol`` (``FenceController``: what an agent
+loop uses, on either store).
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from ._controller import (
     acquire_session_file_owner,
     reset_for_tests,
 )
+from ._protocol import FenceController
 
 __all__ = [
     "BenignPolicy",
     "CleanupLock",
+    "FenceController",
     "MergeResult",
     "NoopCleanupLock",
     "SessionFenceController",

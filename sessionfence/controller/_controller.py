@@ -37,7 +37,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from .. import _backend
 from .._callbacks import (
@@ -79,9 +79,14 @@ from ._classify import (
 )
 from ._held import CleanupLock, HeldLock, NoopCleanupLock, release_lock
 from ._owner import SessionFileOwner, acquire_session_file_owner, reset_owners
+from ._protocol import FenceController
 from ._scope import Scope, ScopeState, WriteScope, drain, settle, track
 from ._snapshot import FenceSnapshot, SnapshotIO
 from ._trust import REGISTRY, same_state
+
+if TYPE_CHECKING:
+    from ..store._base import SessionStore
+    from ..store._postgres import AsyncPostgresStore
 
 __all__ = [
     "BenignPolicy",
@@ -225,6 +230,7 @@ class SessionFenceController:
 
     # construction -------------------------------------------------------------------------------
 
+    @overload
     @classmethod
     async def create(
         cls,
@@ -241,7 +247,47 @@ class SessionFenceController:
         benign_policy: BenignPolicy | None = None,
         run_id: str | None = None,
         journal: bool = True,
-    ) -> SessionFenceController:
+        store: None = None,
+    ) -> SessionFenceController: ...
+
+    @overload
+    @classmethod
+    async def create(
+        cls,
+        session_file: str,
+        *,
+        timeout: float | None = None,
+        stale: float | None = None,
+        max_hold: float | None = None,
+        acquire: Callable[..., Any] | None = None,
+        merge_foreign_entries: MergeCallback | None = None,
+        reload_session_file: ReloadCallback | None = None,
+        verify: Verify = "tail",
+        window: int = DEFAULT_WINDOW,
+        benign_policy: BenignPolicy | None = None,
+        run_id: str | None = None,
+        journal: bool = True,
+        store: SessionStore | AsyncPostgresStore,
+    ) -> FenceController: ...
+
+    @classmethod
+    async def create(
+        cls,
+        session_file: str | os.PathLike[str],
+        *,
+        timeout: float | None = None,
+        stale: float | None = None,
+        max_hold: float | None = None,
+        acquire: Callable[..., Any] | None = None,
+        merge_foreign_entries: MergeCallback | None = None,
+        reload_session_file: ReloadCallback | None = None,
+        verify: Verify = "tail",
+        window: int = DEFAULT_WINDOW,
+        benign_policy: BenignPolicy | None = None,
+        run_id: str | None = None,
+        journal: bool = True,
+        store: SessionStore | AsyncPostgresStore | None = None,
+    ) -> SessionFenceController | FenceController:
         """Build a controller, take the write lock at once (the eager lock) and claim the
         session for the run ``run_id`` (a fresh id when None) in its journal: a run that
         held the claim is superseded (docs/journal.md). Pass ``writer`` to the
@@ -252,10 +298,38 @@ class SessionFenceController:
 
         Lock times left unset default to 60 s / 1800 s / 300 s, or to the operator's
         ``SESSIONFENCE_LOCK_*_MS`` overrides, read now; ``acquire`` always receives numbers.
+
+        ``store`` (docs/multihost.md): ``session_file`` is then a session id of that store.
+        A ``FileStore`` gives this controller on its file; a PostgreSQL store gives a
+        ``StoreFenceController`` with the same ``FenceController`` methods and semantics
+        (claim at create, fence checks at release and reacquire; ``merge_foreign_entries``,
+        ``reload_session_file``, ``benign_policy`` and ``run_id`` apply; the lock options,
+        ``acquire``, ``window`` and ``verify`` are about files: a database line cannot be
+        edited unseen, ``journal=False`` is refused).
         """
-        timeout, stale, max_hold = resolve_lock_settings(timeout, stale, max_hold)
         if verify not in ("tail", "full"):
             raise ValueError(f"verify must be 'tail' or 'full', not {verify!r}")
+        if store is not None:
+            from ..store._file import FileStore
+
+            if isinstance(store, FileStore):
+                session_file = store.path(os.fsdecode(session_file))
+            else:
+                if not journal:
+                    raise ValueError("journal=False: a store's claims cannot be turned off")
+                if acquire is not None:
+                    raise ValueError("acquire=: a PostgreSQL store has no write lock")
+                from ..store._controller import StoreFenceController
+
+                return await StoreFenceController.create(
+                    os.fsdecode(session_file),
+                    store,  # type: ignore[arg-type]  # checked there: a PostgreSQL store
+                    merge_foreign_entries=merge_foreign_entries,
+                    reload_session_file=reload_session_file,
+                    benign_policy=benign_policy,
+                    run_id=run_id,
+                )
+        timeout, stale, max_hold = resolve_lock_settings(timeout, stale, max_hold)
         check_window(window)
         if acquire is None:
             from ..lock import acquire_session_write_lock_async

@@ -24,7 +24,9 @@ from ._base import (
     StoreFence,
     StoreUnavailableError,
 )
+from ._controller import StoreFenceController
 from ._file import FileFence, FileStore
+from ._manager import StoreSessionManager
 from ._postgres import AsyncPostgresStore, PostgresStore, load_psycopg
 from ._schema import SCHEMA_VERSION
 from ._server import PostgresBinariesMissing, TempPostgres, find_pg_bindir
@@ -41,6 +43,8 @@ __all__ = [
     "SessionClaimHeldError",
     "SessionStore",
     "StoreFence",
+    "StoreFenceController",
+    "StoreSessionManager",
     "StoreUnavailableError",
     "TempPostgres",
     "find_pg_bindir",

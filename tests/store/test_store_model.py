@@ -1,0 +1,185 @@
+"""The transcript model and the controller on a PostgreSQL session: what only a store has
+(its local copy kept in step, rewrites in the database, imported sessions, batches), against
+a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+from sessionfence import SessionFenceController, SessionManager
+from sessionfence.journal import SessionWriter
+from sessionfence.store import AsyncPostgresStore, PostgresStore, StoreSessionManager
+
+
+def user(text: str) -> dict[str, Any]:
+    return {"role": "user", "content": text}
+
+
+def new_id() -> str:
+    return "s-" + uuid.uuid4().hex[:12]
+
+
+def exported(store: PostgresStore, sid: str, tmp_path: Any) -> bytes:
+    dest = os.path.join(tmp_path, f"{sid}.export.jsonl")
+    store.export_jsonl(sid, dest)
+    with open(dest, "rb") as f:
+        return f.read()
+
+
+def local_copy(manager: SessionManager) -> bytes:
+    with open(manager.path, "rb") as f:
+        return f.read()
+
+
+def test_local_copy_follows_the_store_byte_for_byte(pg_store: PostgresStore, tmp_path: Any) -> None:
+    sid = new_id()
+    pg_store.create_session(sid)
+    writer = pg_store.claim(sid, run_id="run-a")
+    manager = SessionManager.open(sid, store=pg_store, writer=writer)
+    assert isinstance(manager, StoreSessionManager)
+    for n in range(4):
+        manager.append_message(user(f"own {n}"))
+        # other writers land between our appends: copied in front of ours, in store order
+        pg_store.append_as_cotenant(sid, {"type": "message", "message": user(f"co {n}")})
+        pg_store.append_unfenced(sid, b"{not json")
+    manager.append_message(user("last"))
+    assert local_copy(manager) == exported(pg_store, sid, tmp_path)
+    manager.refresh()
+    fresh = SessionManager.open(sid, store=pg_store)
+    assert [e["id"] for e in manager.entries] == [e["id"] for e in fresh.entries]
+    assert manager.malformed_lines == fresh.malformed_lines == 4
+    assert manager.leaf_id == fresh.leaf_id
+
+
+def test_rewritten_lines_in_the_database_are_read_as_they_are_now(
+    pg_store: PostgresStore, pg_url: str
+) -> None:
+    sid = new_id()
+    pg_store.create_session(sid)
+    writer = pg_store.claim(sid, run_id="run-a")
+    manager = SessionManager.open(sid, store=pg_store, writer=writer)
+    first = manager.append_message(user("original"))
+    manager.append_message(user("second"))
+    edited = json.loads(pg_store.read_lines(sid)[1])
+    edited["message"]["content"] = "edited in the database"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE sf_test.sf_entries SET line = %s WHERE session_id = %s AND seq = 1",
+            (json.dumps(edited).encode(), sid),
+        )
+    manager.refresh()
+    got = manager.get_entry(first)
+    assert got is not None and got["message"]["content"] == "edited in the database"
+    assert [e["message"]["content"] for e in manager.entries][1] == "second"
+
+
+def test_a_session_deleted_from_the_store_reads_as_missing(
+    pg_store: PostgresStore, pg_url: str
+) -> None:
+    sid = new_id()
+    pg_store.create_session(sid)
+    manager = SessionManager.open(sid, store=pg_store)
+    assert manager.header is not None
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM sf_test.sf_entries WHERE session_id = %s", (sid,))
+        conn.execute("DELETE FROM sf_test.sf_sessions WHERE session_id = %s", (sid,))
+    manager.reload()
+    assert manager.header is None and len(manager.entries) == 0
+    assert not os.path.exists(manager.path)
+
+
+def test_imported_session_with_unterminated_last_line(
+    pg_store: PostgresStore, tmp_path: Any
+) -> None:
+    src = os.path.join(tmp_path, "in.jsonl")
+    header = {"type": "session", "version": 3, "id": "h", "timestamp": "t", "cwd": "/"}
+    line = {"type": "message", "id": "aa", "parentId": None, "timestamp": "t"}
+    with open(src, "wb") as f:  # the last line lacks its newline: a complete entry
+        f.write((json.dumps(header) + "\n" + json.dumps(line | {"message": user("x")})).encode())
+    sid = new_id()
+    pg_store.import_jsonl(sid, src)
+    writer = pg_store.claim(sid, run_id="run-a")
+    manager = SessionManager.open(sid, store=pg_store, writer=writer)
+    assert manager.unterminated_last_line
+    ident = manager.append_message(user("after"))
+    assert local_copy(manager) == exported(pg_store, sid, tmp_path)
+    fresh = SessionManager.open(sid, store=pg_store)
+    assert [e["id"] for e in fresh.entries] == ["aa", ident]
+    assert fresh.get_entry(ident)["parentId"] == "aa"  # type: ignore[index]
+
+
+def test_long_sessions_are_copied_in_batches(pg_store: PostgresStore, tmp_path: Any) -> None:
+    src = os.path.join(tmp_path, "long.jsonl")
+    n = 25_000  # more than two batches of the copy
+    with open(src, "wb") as f:
+        f.write(b'{"type":"session","version":3,"id":"h","timestamp":"t","cwd":"/"}\n')
+        parent = None
+        for i in range(n):
+            ident = f"e{i:07d}"
+            entry = {"type": "message", "id": ident, "parentId": parent, "timestamp": "t"}
+            f.write((json.dumps(entry | {"message": user(str(i))}) + "\n").encode())
+            parent = ident
+    sid = new_id()
+    pg_store.import_jsonl(sid, src)
+    manager = SessionManager.open(sid, store=pg_store)
+    assert len(manager.entries) == n
+    assert manager.leaf_id == f"e{n - 1:07d}"
+    assert local_copy(manager) == exported(pg_store, sid, tmp_path)
+
+
+def test_appends_need_a_writer_and_nothing_lands_without_one(pg_store: PostgresStore) -> None:
+    sid = new_id()
+    pg_store.create_session(sid)
+    manager = SessionManager.open(sid, store=pg_store)
+    with pytest.raises(ValueError, match="writer"):
+        manager.append_message(user("who am I"))
+    assert len(pg_store.read_lines(sid)) == 1
+    manager.writer = SessionWriter.cotenant("hook")
+    manager.append_message(user("a hook"))
+    assert len(pg_store.read_lines(sid)) == 2
+
+
+def test_the_local_copy_is_private_and_removed(pg_store: PostgresStore) -> None:
+    sid = new_id()
+    pg_store.create_session(sid)
+    a = SessionManager.open(sid, store=pg_store)
+    b = SessionManager.open(sid, store=pg_store)
+    assert a.path != b.path  # never shared, even in one process
+    assert os.stat(a.path).st_mode & 0o077 == 0
+    directory = os.path.dirname(a.path)
+    a.close()  # type: ignore[attr-defined]
+    assert not os.path.exists(directory)
+    del b  # garbage collection removes it too
+
+
+def test_a_manager_needs_the_synchronous_store(pg_url: str) -> None:
+    store = AsyncPostgresStore(pg_url, schema="sf_test")
+    with pytest.raises(TypeError, match="PostgresStore"):
+        SessionManager.open(new_id(), store=store)  # type: ignore[arg-type]
+
+
+async def test_file_only_options_are_refused_on_postgresql(pg_store: PostgresStore) -> None:
+    with pytest.raises(ValueError, match="journal=False"):
+        await SessionFenceController.create(new_id(), store=pg_store, journal=False)
+    with pytest.raises(ValueError, match="no write lock"):
+        await SessionFenceController.create(new_id(), store=pg_store, acquire=lambda p, **o: 0)
+    with pytest.raises(ValueError, match="verify"):
+        await SessionFenceController.create(new_id(), store=pg_store, verify="some")  # type: ignore[call-overload]
+
+
+async def test_a_controller_on_an_async_store_leaves_it_open(pg_url: str) -> None:
+    store = AsyncPostgresStore(pg_url, schema="sf_test")
+    sid = new_id()
+    await store.create_session(sid)
+    ctl = await SessionFenceController.create(sid, store=store, run_id="run-a")
+    assert ctl.session_file == f"postgresql:{sid}"
+    await ctl.dispose()
+    writer = await store.claim(sid, run_id="run-b")  # the store still works
+    assert writer.revision == ctl.revision + 1
+    await store.aclose()
