@@ -125,17 +125,22 @@ class StoreSessionManager(SessionManager):
                     "does not parse"
                 )
             return value
-        before = self._mirror.sync(upto=result.seq)
-        if not before or before[-1][0] != result.seq:
-            raise TranscriptChangedError(
-                f"line {result.seq} of {session_label(self._session_id)} vanished after "
-                "its append committed"
-            )
-        if before[-1][1] != line[:-1]:  # pragma: no cover - both sides encode one dict
-            raise TranscriptChangedError(
-                f"line {result.seq} of {session_label(self._session_id)} is not the "
-                "line this manager appended"
-            )
+        if result.seq == self._mirror.seq + 1 and not self._mirror.open_line:
+            # Nothing landed between the copy's end and our line: it is the line the store
+            # holds (the store encodes the same dict with the same encoder), no read needed.
+            self._mirror.append_own(result.seq, line)
+        else:
+            before = self._mirror.sync(upto=result.seq)
+            if not before or before[-1][0] != result.seq:
+                raise TranscriptChangedError(
+                    f"line {result.seq} of {session_label(self._session_id)} vanished after "
+                    "its append committed"
+                )
+            if before[-1][1] != line[:-1]:  # pragma: no cover - both sides encode one dict
+                raise TranscriptChangedError(
+                    f"line {result.seq} of {session_label(self._session_id)} is not the "
+                    "line this manager appended"
+                )
         self._adopt_own(entry, line)
         return None
 

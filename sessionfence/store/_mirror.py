@@ -123,10 +123,17 @@ class StoreMirror:
             os.close(fd)
         self.seq = lines[-1][0]
 
-    def wrote_own(self, seq: int) -> None:
-        """The manager appended the line ``seq`` to the copy itself (terminated)."""
-        self.seq = seq
-        self._open_line = False
+    @property
+    def open_line(self) -> bool:
+        """Whether the copy's last line lacks its newline."""
+        return self._open_line
+
+    def append_own(self, seq: int, line: bytes) -> None:
+        """Copy the line ``seq`` its writer just committed (``line`` with its newline),
+        when it directly follows the copy's end."""
+        if seq != self.seq + 1 or self._open_line:
+            raise ValueError(f"line {seq} does not follow the copy's end ({self.seq})")
+        self._write(self.path, [(seq, line[:-1], True)])
 
     def line_at(self, seq: int) -> bytes | None:
         """The stored line ``seq`` (without newline), read from the store."""
