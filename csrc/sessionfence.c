@@ -1305,40 +1305,150 @@ int sf_read_range(sf_probe *probe, const char *path, int64_t offset, int64_t len
     }
 }
 
-void *sf_digest_new(void)
-{
-    XXH3_state_t *s = XXH3_createState();
-    if (s != NULL && XXH3_128bits_reset(s) != XXH_OK) {
-        XXH3_freeState(s);
-        return NULL;
-    }
-    return s;
-}
+/*
+ * The content digest is block-structured, so that it can be rebuilt from the hashes of
+ * whole blocks without their bytes (the transcript index stores them):
+ *
+ *   digest(data) = XXH3-128( H(block 1) || ... || H(block k) || H(rest) || le64(len) )
+ *
+ * where the blocks are the SF_DIGEST_BLOCK-byte pieces of data, `rest` the (possibly
+ * empty) bytes after the last whole one, H the XXH3-128 (seed 0) of a piece in its
+ * canonical (big-endian) 16 bytes, and le64(len) the total length. The state is a
+ * streaming XXH3-128 over the whole-block hashes (`outer`), one over the partial block
+ * (`inner`), the partial block's length and the total length.
+ */
+typedef struct sf_digest {
+    XXH3_state_t *outer;
+    XXH3_state_t *inner;
+    uint64_t fill;  /* bytes in the partial block, < SF_DIGEST_BLOCK */
+    uint64_t total; /* bytes fed */
+} sf_digest;
 
 void sf_digest_free(void *state)
 {
-    if (state != NULL)
-        XXH3_freeState((XXH3_state_t *)state);
+    sf_digest *d = (sf_digest *)state;
+    if (d == NULL)
+        return;
+    XXH3_freeState(d->outer);
+    XXH3_freeState(d->inner);
+    free(d);
+}
+
+static sf_digest *digest_alloc(void)
+{
+    sf_digest *d = (sf_digest *)malloc(sizeof(*d));
+    if (d == NULL)
+        return NULL;
+    d->outer = XXH3_createState();
+    d->inner = XXH3_createState();
+    d->fill = 0;
+    d->total = 0;
+    if (d->outer == NULL || d->inner == NULL) {
+        sf_digest_free(d);
+        return NULL;
+    }
+    return d;
+}
+
+void *sf_digest_new(void)
+{
+    sf_digest *d = digest_alloc();
+    if (d == NULL)
+        return NULL;
+    if (XXH3_128bits_reset(d->outer) != XXH_OK || XXH3_128bits_reset(d->inner) != XXH_OK) {
+        sf_digest_free(d);
+        return NULL;
+    }
+    return d;
 }
 
 void *sf_digest_copy(const void *state)
 {
-    XXH3_state_t *s = XXH3_createState();
-    if (s != NULL)
-        XXH3_copyState(s, (const XXH3_state_t *)state);
-    return s;
+    const sf_digest *src = (const sf_digest *)state;
+    sf_digest *d = digest_alloc();
+    if (d == NULL)
+        return NULL;
+    XXH3_copyState(d->outer, src->outer);
+    XXH3_copyState(d->inner, src->inner);
+    d->fill = src->fill;
+    d->total = src->total;
+    return d;
+}
+
+/* Closes the full partial block: its hash goes to `outer`, `inner` starts over. */
+static int digest_close_block(sf_digest *d)
+{
+    XXH128_canonical_t c;
+    XXH128_canonicalFromHash(&c, XXH3_128bits_digest(d->inner));
+    if (XXH3_128bits_update(d->outer, c.digest, sizeof(c.digest)) != XXH_OK ||
+        XXH3_128bits_reset(d->inner) != XXH_OK)
+        return -1;
+    d->fill = 0;
+    return 0;
 }
 
 int sf_digest_update(void *state, const uint8_t *buf, size_t len)
 {
-    return XXH3_128bits_update((XXH3_state_t *)state, buf, len) == XXH_OK ? 0 : -1;
+    sf_digest *d = (sf_digest *)state;
+    if (len == 0)
+        return 0;
+    if (buf == NULL)
+        return -1;
+    while (len > 0) {
+        uint64_t room = (uint64_t)SF_DIGEST_BLOCK - d->fill;
+        size_t n = (uint64_t)len < room ? len : (size_t)room;
+        if (XXH3_128bits_update(d->inner, buf, n) != XXH_OK)
+            return -1;
+        d->fill += n;
+        d->total += n;
+        buf += n;
+        len -= n;
+        if (d->fill == (uint64_t)SF_DIGEST_BLOCK && digest_close_block(d) != 0)
+            return -1;
+    }
+    return 0;
 }
 
-void sf_digest_value(const void *state, uint64_t *hi, uint64_t *lo)
+int sf_digest_add_blocks(void *state, const uint8_t *hashes, size_t count)
 {
-    XXH128_hash_t h = XXH3_128bits_digest((const XXH3_state_t *)state);
+    sf_digest *d = (sf_digest *)state;
+    size_t i;
+    if (count == 0)
+        return 0;
+    if (hashes == NULL || d->fill != 0 ||
+        count > (UINT64_MAX - d->total) / (uint64_t)SF_DIGEST_BLOCK)
+        return -1;
+    for (i = 0; i < count; i++) {
+        if (XXH3_128bits_update(d->outer, hashes + 16 * i, 16) != XXH_OK)
+            return -1;
+    }
+    d->total += (uint64_t)count * (uint64_t)SF_DIGEST_BLOCK;
+    return 0;
+}
+
+int sf_digest_value(const void *state, uint64_t *hi, uint64_t *lo)
+{
+    const sf_digest *d = (const sf_digest *)state;
+    XXH3_state_t last; /* statically allocated states are allowed (XXH_STATIC_LINKING_ONLY) */
+    XXH128_canonical_t c;
+    XXH128_hash_t h;
+    uint8_t len[8];
+    int i;
+    XXH3_copyState(&last, d->outer);
+    XXH128_canonicalFromHash(&c, XXH3_128bits_digest(d->inner));
+    for (i = 0; i < 8; i++)
+        len[i] = (uint8_t)(d->total >> (8 * i));
+    /* Updates of a valid state with valid buffers cannot fail; checked all the same. */
+    if (XXH3_128bits_update(&last, c.digest, sizeof(c.digest)) != XXH_OK ||
+        XXH3_128bits_update(&last, len, sizeof(len)) != XXH_OK) {
+        *hi = 0;
+        *lo = 0;
+        return -1;
+    }
+    h = XXH3_128bits_digest(&last);
     *hi = h.high64;
     *lo = h.low64;
+    return 0;
 }
 
 int sf_digest_update_file(void *state, const char *path, int64_t size, sf_err *err)
@@ -1374,7 +1484,7 @@ int sf_digest_update_file(void *state, const char *path, int64_t size, sf_err *e
             fail_short(err, off + got);
             break;
         }
-        if (XXH3_128bits_update((XXH3_state_t *)state, chunk, (size_t)got) != XXH_OK) {
+        if (sf_digest_update(state, chunk, (size_t)got) != 0) {
             fail_nomem(err);
             break;
         }
@@ -1392,8 +1502,8 @@ int sf_content_digest(const char *path, int64_t size, uint64_t *hi, uint64_t *lo
     if (s == NULL)
         return fail_nomem(err);
     rc = sf_digest_update_file(s, path, size, err);
-    if (rc == 0)
-        sf_digest_value(s, hi, lo);
+    if (rc == 0 && sf_digest_value(s, hi, lo) != 0)
+        rc = fail_nomem(err);
     sf_digest_free(s);
     return rc;
 }

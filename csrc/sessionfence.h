@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * sessionfence C hot path: stat + tail hash, append classification, positional reads
- * and XXH3-128 content digests. Every function is reentrant: no global mutable state,
- * because cffi calls them with the GIL released.
+ * and block-structured XXH3-128 content digests. Every function is reentrant: no global
+ * mutable state, because cffi calls them with the GIL released.
  *
  * Keep the declarations between the CDEF markers in sync with what cffi parses
  * (csrc/build_ffi.py extracts them from this file).
@@ -22,6 +22,7 @@
 #define SF_ESHORT 5     /* the file is shorter than asked: detail = its size */
 
 #define SF_WINDOW_MAX 1048576
+#define SF_DIGEST_BLOCK 1048576  /* block size of the content digest (see below) */
 #define SF_RACY_NS 2000000000
 
 #define SF_UNCHANGED 0
@@ -112,12 +113,24 @@ int sf_check_append(sf_probe *probe, const char *path, const sf_fp *before, int6
 int sf_read_range(sf_probe *probe, const char *path, int64_t offset, int64_t length,
                   uint8_t *buf, sf_err *err);
 
+/*
+ * Content digests. The digest of bytes d[0, n) is block-structured (SF_DIGEST_BLOCK-byte
+ * blocks, H = XXH3-128 seed 0 in its canonical big-endian 16 bytes):
+ *   XXH3-128( H(block 1) || ... || H(block k) || H(the bytes after block k) || le64(n) )
+ * with k = n / SF_DIGEST_BLOCK, so it can be rebuilt from the hashes of the whole blocks
+ * (sf_digest_add_blocks) and the bytes of the last partial one, without the others.
+ * A state is not thread-safe; different states are independent. Every int function
+ * returns 0, or -1 on failure (sf_digest_new / sf_digest_copy: NULL when out of memory).
+ */
 int sf_content_digest(const char *path, int64_t size, uint64_t *hi, uint64_t *lo, sf_err *err);
 void *sf_digest_new(void);
 void sf_digest_free(void *state);
 void *sf_digest_copy(const void *state);
 int sf_digest_update(void *state, const uint8_t *buf, size_t len);
-void sf_digest_value(const void *state, uint64_t *hi, uint64_t *lo);
+/* `count` whole-block hashes (16 canonical bytes each) as if their blocks had been fed;
+   -1 when the state is not at a block boundary (a partial block was fed). */
+int sf_digest_add_blocks(void *state, const uint8_t *hashes, size_t count);
+int sf_digest_value(const void *state, uint64_t *hi, uint64_t *lo);
 int sf_digest_update_file(void *state, const char *path, int64_t size, sf_err *err);
 /*
  * Where strict UTF-8 decoding of buf[0, len) fails: the offset of the first byte of the

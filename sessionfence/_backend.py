@@ -83,7 +83,8 @@ class ManyProbe(Protocol):
 
 
 class Digest(Protocol):
-    """A ``RollingDigest``: XXH3-128 rolled forward with appended bytes."""
+    """A ``RollingDigest``: the block-structured XXH3-128 content digest, rolled forward
+    with appended bytes."""
 
     def update(self, data: bytes | bytearray | memoryview) -> None: ...
 
@@ -97,7 +98,13 @@ class DigestType(Protocol):
 
     def __call__(self) -> Digest: ...
 
+    BLOCK: int
+
     def from_file(self, path: PathArg, size: int | None = ...) -> Digest: ...
+
+    def from_blocks(
+        self, hashes: Iterable[bytes], tail: bytes | bytearray | memoryview = ...
+    ) -> Digest: ...
 
 
 class HotPath(Protocol):

@@ -334,14 +334,24 @@ def content_digest(path: PathArg, size: int | None = None) -> int:
 def _new_state() -> Any:
     state = lib.sf_digest_new()
     if state == ffi.NULL:
-        raise MemoryError("cannot allocate an XXH3 state")
+        raise MemoryError("cannot allocate a digest state")
     return ffi.gc(state, lib.sf_digest_free)
 
 
+_BLOCK = int(lib.SF_DIGEST_BLOCK)
+
+
 class RollingDigest:
-    """XXH3-128 streaming state: roll it forward with appended bytes."""
+    """The content digest, rolled forward with appended bytes. Block-structured so that it
+    can be rebuilt from the hashes of whole blocks (``from_blocks``): with ``H`` the
+    XXH3-128 (seed 0, canonical 16 bytes) of a piece and ``BLOCK`` = 1 MiB, the digest of
+    ``n`` bytes is ``XXH3-128(H(block 1) || ... || H(block k) || H(rest) || le64(n))``, the
+    blocks being the ``k = n // BLOCK`` whole ones and ``rest`` the bytes after them."""
 
     __slots__ = ("_state",)
+
+    #: The block size of the digest (and of the transcript index's block hashes).
+    BLOCK = _BLOCK
 
     def __init__(self) -> None:
         self._state = _new_state()
@@ -349,20 +359,21 @@ class RollingDigest:
     def update(self, data: bytes | bytearray | memoryview) -> None:
         view = ffi.from_buffer(data)
         if lib.sf_digest_update(self._state, view, len(view)) != 0:
-            raise MemoryError("XXH3 update failed")
+            raise MemoryError("digest update failed")
 
     def copy(self) -> RollingDigest:
         other = RollingDigest.__new__(RollingDigest)
         state = lib.sf_digest_copy(self._state)
         if state == ffi.NULL:
-            raise MemoryError("cannot allocate an XXH3 state")
+            raise MemoryError("cannot allocate a digest state")
         other._state = ffi.gc(state, lib.sf_digest_free)
         return other
 
     def intdigest(self) -> int:
         hi = _new("uint64_t *")
         lo = _new("uint64_t *")
-        lib.sf_digest_value(self._state, hi, lo)
+        if lib.sf_digest_value(self._state, hi, lo) != 0:
+            raise MemoryError("digest finalisation failed")
         return (int(hi[0]) << 64) | int(lo[0])
 
     @classmethod
@@ -372,6 +383,25 @@ class RollingDigest:
         err = _new("sf_err *")
         if lib.sf_digest_update_file(digest._state, _cpath(path), n, err) != 0:
             _digest_error(err, path, n)
+        return digest
+
+    @classmethod
+    def from_blocks(
+        cls, hashes: Iterable[bytes], tail: bytes | bytearray | memoryview = b""
+    ) -> RollingDigest:
+        """The digest of ``k`` whole blocks whose hashes are ``hashes`` (each the 16-byte
+        XXH3-128 of one ``BLOCK``-byte block, in order), followed by the bytes ``tail``:
+        equal to one fed those blocks' bytes and ``tail``, which are never read."""
+        parts = list(hashes)
+        for h in parts:
+            if len(h) != 16:
+                raise ValueError(f"a block hash is 16 bytes, got {len(h)}")
+        digest = cls()
+        if parts:
+            joined = b"".join(parts)
+            if lib.sf_digest_add_blocks(digest._state, joined, len(parts)) != 0:
+                raise ValueError("too many block hashes")
+        digest.update(tail)
         return digest
 
 

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import stat as stat_mod
+import struct
 import sys
 import time
 from collections.abc import Iterable
@@ -343,7 +344,7 @@ def _check_size(size: object) -> int | None:
     return size
 
 
-def _digest_file(state: xxhash.xxh3_128, path: PathArg, size: int | None) -> None:
+def _digest_file(digest: RollingDigest, path: PathArg, size: int | None) -> None:
     size = _check_size(size)
     opened = _open(path)
     if opened is None:
@@ -358,7 +359,7 @@ def _digest_file(state: xxhash.xxh3_128, path: PathArg, size: int | None) -> Non
             chunk = _pread(fd, min(_DIGEST_CHUNK, end - off), off)
             if not chunk:
                 raise shorter_than(path, end, off)
-            state.update(chunk)
+            digest.update(chunk)
             off += len(chunk)
     finally:
         os.close(fd)
@@ -375,34 +376,96 @@ def utf8_invalid_at(data: bytes | bytearray | memoryview) -> int:
 
 
 def content_digest(path: PathArg, size: int | None = None) -> int:
-    state = xxhash.xxh3_128()
-    _digest_file(state, path, size)
-    return state.intdigest()
+    digest = RollingDigest()
+    _digest_file(digest, path, size)
+    return digest.intdigest()
+
+
+_BLOCK = 1 << 20
+_LEN = struct.Struct("<Q")
 
 
 class RollingDigest:
-    """XXH3-128 streaming state: roll it forward with appended bytes."""
+    """The content digest, rolled forward with appended bytes. Block-structured so that it
+    can be rebuilt from the hashes of whole blocks (``from_blocks``): with ``H`` the
+    XXH3-128 (seed 0, canonical 16 bytes) of a piece and ``BLOCK`` = 1 MiB, the digest of
+    ``n`` bytes is ``XXH3-128(H(block 1) || ... || H(block k) || H(rest) || le64(n))``, the
+    blocks being the ``k = n // BLOCK`` whole ones and ``rest`` the bytes after them."""
 
-    __slots__ = ("_state",)
+    __slots__ = ("_fill", "_inner", "_outer", "_total")
+
+    #: The block size of the digest (and of the transcript index's block hashes).
+    BLOCK = _BLOCK
 
     def __init__(self) -> None:
-        self._state = xxhash.xxh3_128()
+        self._outer = xxhash.xxh3_128()  # over the whole blocks' hashes
+        self._inner = xxhash.xxh3_128()  # over the partial block
+        self._fill = 0  # bytes in the partial block
+        self._total = 0
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
-        self._state.update(data)
+        if type(data) is bytes or type(data) is bytearray:
+            n = len(data)
+            if self._fill + n < _BLOCK:  # the common case: within the partial block
+                self._inner.update(data)
+                self._fill += n
+                self._total += n
+                return
+            view = memoryview(data)
+        else:
+            view = memoryview(data)
+            if view.format != "B" or view.ndim != 1:
+                view = view.cast("B")
+            n = view.nbytes
+        inner = self._inner
+        while n:
+            take = min(n, _BLOCK - self._fill)
+            inner.update(view[:take])
+            view = view[take:]
+            n -= take
+            self._fill += take
+            self._total += take
+            if self._fill == _BLOCK:
+                self._outer.update(inner.digest())
+                inner.reset()
+                self._fill = 0
 
     def copy(self) -> RollingDigest:
         other = RollingDigest.__new__(RollingDigest)
-        other._state = self._state.copy()
+        other._outer = self._outer.copy()
+        other._inner = self._inner.copy()
+        other._fill = self._fill
+        other._total = self._total
         return other
 
     def intdigest(self) -> int:
-        return int(self._state.intdigest())
+        last = self._outer.copy()
+        last.update(self._inner.digest())
+        last.update(_LEN.pack(self._total))
+        return int(last.intdigest())
 
     @classmethod
     def from_file(cls, path: PathArg, size: int | None = None) -> RollingDigest:
         digest = cls()
-        _digest_file(digest._state, path, size)
+        _digest_file(digest, path, size)
+        return digest
+
+    @classmethod
+    def from_blocks(
+        cls, hashes: Iterable[bytes], tail: bytes | bytearray | memoryview = b""
+    ) -> RollingDigest:
+        """The digest of ``k`` whole blocks whose hashes are ``hashes`` (each the 16-byte
+        XXH3-128 of one ``BLOCK``-byte block, in order), followed by the bytes ``tail``:
+        equal to one fed those blocks' bytes and ``tail``, which are never read."""
+        digest = cls()
+        count = 0
+        for h in hashes:
+            if len(h) != 16:
+                raise ValueError(f"a block hash is 16 bytes, got {len(h)}")
+            digest._outer.update(h)
+            count += 1
+        digest._total = count * _BLOCK
+        digest.update(tail)
         return digest
 
 

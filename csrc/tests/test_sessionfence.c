@@ -1263,61 +1263,135 @@ static void test_read_range(void)
     sf_probe_close(&probe);
 }
 
+/*
+ * The content digest's definition, from one-shot XXH3-128 calls (sf_xxh3_128), for the
+ * state-based functions to be checked against: with H = XXH3-128 in canonical big-endian
+ * bytes, XXH3-128(H(block 1) || ... || H(block k) || H(rest) || le64(len)).
+ */
+static void canonical128(uint64_t hi, uint64_t lo, uint8_t out[16])
+{
+    int i;
+    for (i = 0; i < 8; i++) {
+        out[i] = (uint8_t)(hi >> (56 - 8 * i));
+        out[8 + i] = (uint8_t)(lo >> (56 - 8 * i));
+    }
+}
+
+static uint8_t *block_hashes(const uint8_t *data, size_t len, size_t *count)
+{
+    size_t k = len / SF_DIGEST_BLOCK, i;
+    uint8_t *out = (uint8_t *)malloc(16 * (k + 1));
+    uint64_t hi, lo;
+    if (out == NULL)
+        return NULL;
+    for (i = 0; i < k; i++) {
+        sf_xxh3_128(data + i * SF_DIGEST_BLOCK, SF_DIGEST_BLOCK, &hi, &lo);
+        canonical128(hi, lo, out + 16 * i);
+    }
+    *count = k;
+    return out;
+}
+
+static int ref_digest(const uint8_t *data, size_t len, uint64_t *hi, uint64_t *lo)
+{
+    size_t k = 0, i;
+    uint8_t *hashes = block_hashes(data, len, &k);
+    uint8_t *joined;
+    uint64_t h, l;
+    if (hashes == NULL)
+        return -1;
+    joined = (uint8_t *)malloc(16 * (k + 1) + 8);
+    if (joined == NULL) {
+        free(hashes);
+        return -1;
+    }
+    memcpy(joined, hashes, 16 * k);
+    sf_xxh3_128(data + k * SF_DIGEST_BLOCK, len - k * SF_DIGEST_BLOCK, &h, &l);
+    canonical128(h, l, joined + 16 * k);
+    for (i = 0; i < 8; i++)
+        joined[16 * (k + 1) + i] = (uint8_t)((uint64_t)len >> (8 * i));
+    sf_xxh3_128(joined, 16 * (k + 1) + 8, hi, lo);
+    free(joined);
+    free(hashes);
+    return 0;
+}
+
 static void test_digests(void)
 {
     char path[1200], missing[1200];
-    static uint8_t data[600 * 1024 + 7]; /* more than two 256 KiB read chunks */
+    /* more than two 1 MiB digest blocks, and than eight 256 KiB read chunks */
+    enum { DATA_LEN = 2 * SF_DIGEST_BLOCK + 3 };
+    static const struct {
+        size_t len;
+        uint64_t hi, lo;
+    } vectors[] = {{0, 0x0532AD8675074226ULL, 0x704FF6CFBD05C2E8ULL},
+                   {1, 0x78DC71F1613A3D95ULL, 0x4C6772CE20003542ULL},
+                   {2240, 0x545F418229018F33ULL, 0x7EE91DFA5F3157B0ULL},
+                   {SF_DIGEST_BLOCK - 1, 0x6E59A0DB95D0D667ULL, 0x7733FE83D02684C1ULL},
+                   {SF_DIGEST_BLOCK, 0xF2FF66189C04B487ULL, 0x96DA90A955AE2C45ULL},
+                   {DATA_LEN, 0x831FD0E831603587ULL, 0x11BE8BD981621CC5ULL}};
+    static const size_t steps[] = {1, 7919, 256 * 1024, SF_DIGEST_BLOCK - 1, SF_DIGEST_BLOCK,
+                                   SF_DIGEST_BLOCK + 1, DATA_LEN};
+    uint8_t *data = (uint8_t *)malloc(DATA_LEN);
     uint64_t hi, lo, hi2, lo2;
     sf_err err;
     void *s, *s2;
-    size_t i;
+    size_t i, j;
 
-    sanity_buffer(data, sizeof(data));
+    REQUIRE(data != NULL);
+    sanity_buffer(data, DATA_LEN);
     join(path, sizeof(path), "digest.bin");
     join(missing, sizeof(missing), "digest-missing.bin");
-    REQUIRE(write_file(path, data, sizeof(data)) == 0);
+    REQUIRE(write_file(path, data, DATA_LEN) == 0);
 
-    /* Known vector over a prefix of the file (size argument). */
-    err = fresh_err();
-    CHECK_I(sf_content_digest(path, 2240, &hi, &lo, &err), 0);
-    CHECK_U(lo, 0x6E73A90539CF2948ULL);
-    CHECK_U(hi, 0xCCB134FBFA7CE49DULL);
-    CHECK_I(sf_content_digest(path, 0, &hi, &lo, &err), 0);
-    CHECK_U(lo, 0x6001C324468D497FULL);
-    CHECK_U(hi, 0x99AA06D3014798D8ULL);
-
-    /* Whole file (-1) == one-shot XXH3-128 == streamed in odd pieces. */
-    CHECK_I(sf_content_digest(path, -1, &hi, &lo, &err), 0);
-    sf_xxh3_128(data, sizeof(data), &hi2, &lo2);
-    CHECK_U(hi, hi2);
-    CHECK_U(lo, lo2);
-    s = sf_digest_new();
-    REQUIRE(s != NULL);
-    for (i = 0; i < sizeof(data); i += 7919) {
-        size_t n = sizeof(data) - i < 7919 ? sizeof(data) - i : 7919;
-        CHECK_I(sf_digest_update(s, data + i, n), 0);
+    /* Pinned vectors over prefixes of the file (size argument), and the reference. */
+    for (i = 0; i < sizeof(vectors) / sizeof(vectors[0]); i++) {
+        err = fresh_err();
+        CHECK_I(sf_content_digest(path, (int64_t)vectors[i].len, &hi, &lo, &err), 0);
+        CHECK_U(hi, vectors[i].hi);
+        CHECK_U(lo, vectors[i].lo);
+        REQUIRE(ref_digest(data, vectors[i].len, &hi2, &lo2) == 0);
+        CHECK_U(hi2, vectors[i].hi);
+        CHECK_U(lo2, vectors[i].lo);
     }
-    CHECK_I(sf_digest_update(s, NULL, 0), 0);
-    sf_digest_value(s, &hi2, &lo2);
+
+    /* Whole file (-1) == the reference == streamed in pieces of every size. */
+    err = fresh_err();
+    CHECK_I(sf_content_digest(path, -1, &hi, &lo, &err), 0);
+    REQUIRE(ref_digest(data, DATA_LEN, &hi2, &lo2) == 0);
     CHECK_U(hi, hi2);
     CHECK_U(lo, lo2);
-    sf_digest_free(s);
+    for (j = 0; j < sizeof(steps) / sizeof(steps[0]); j++) {
+        int failed = 0;
+        s = sf_digest_new();
+        REQUIRE(s != NULL);
+        for (i = 0; i < DATA_LEN; i += steps[j]) {
+            size_t n = DATA_LEN - i < steps[j] ? DATA_LEN - i : steps[j];
+            failed |= sf_digest_update(s, data + i, n) != 0;
+        }
+        CHECK(!failed);
+        CHECK_I(sf_digest_update(s, NULL, 0), 0);
+        CHECK_I(sf_digest_value(s, &hi2, &lo2), 0);
+        CHECK_U(hi, hi2);
+        CHECK_U(lo, lo2);
+        sf_digest_free(s);
+    }
 
     /* Rolling forward: a prefix from the file, then the appended bytes. */
     s = sf_digest_new();
     REQUIRE(s != NULL);
-    CHECK_I(sf_digest_update_file(s, path, 300000, &err), 0);
+    CHECK_I(sf_digest_update_file(s, path, 1300000, &err), 0);
     s2 = sf_digest_copy(s);
     REQUIRE(s2 != NULL);
-    CHECK_I(sf_digest_update(s, data + 300000, sizeof(data) - 300000), 0);
-    sf_digest_value(s, &hi2, &lo2);
+    CHECK_I(sf_digest_update(s, data + 1300000, DATA_LEN - 1300000), 0);
+    CHECK_I(sf_digest_value(s, &hi2, &lo2), 0);
     CHECK_U(hi, hi2);
     CHECK_U(lo, lo2);
-    /* The copy is independent: still the 300000-byte prefix. */
-    sf_digest_value(s2, &hi2, &lo2);
+    /* The copy is independent: still the 1300000-byte prefix. */
+    CHECK_I(sf_digest_value(s2, &hi2, &lo2), 0);
     {
         uint64_t ph, pl;
-        CHECK_I(sf_content_digest(path, 300000, &ph, &pl, &err), 0);
+        CHECK_I(sf_content_digest(path, 1300000, &ph, &pl, &err), 0);
         CHECK_U(hi2, ph);
         CHECK_U(lo2, pl);
     }
@@ -1325,22 +1399,55 @@ static void test_digests(void)
     sf_digest_free(s);
     sf_digest_free(NULL);
 
+    /* From block hashes: j whole blocks' hashes plus the bytes after them, any j. */
+    {
+        size_t k = 0;
+        uint8_t *hashes = block_hashes(data, DATA_LEN, &k);
+        REQUIRE(hashes != NULL);
+        CHECK_I((int64_t)k, 2);
+        for (j = 0; j <= k; j++) {
+            s = sf_digest_new();
+            REQUIRE(s != NULL);
+            CHECK_I(sf_digest_add_blocks(s, hashes, j), 0);
+            CHECK_I(sf_digest_update(s, data + j * SF_DIGEST_BLOCK,
+                                     DATA_LEN - j * SF_DIGEST_BLOCK), 0);
+            CHECK_I(sf_digest_value(s, &hi2, &lo2), 0);
+            CHECK_U(hi, hi2);
+            CHECK_U(lo, lo2);
+            /* Refused once a partial block was fed (the hashes would land mid-block). */
+            if (j < k)
+                CHECK_I(sf_digest_add_blocks(s, hashes, 1), -1);
+            sf_digest_free(s);
+        }
+        s = sf_digest_new();
+        REQUIRE(s != NULL);
+        CHECK_I(sf_digest_add_blocks(s, NULL, 0), 0);
+        CHECK_I(sf_digest_add_blocks(s, NULL, 1), -1);
+        CHECK_I(sf_digest_update(s, NULL, 1), -1);
+        CHECK_I(sf_digest_add_blocks(s, hashes, 2), 0);
+        /* A whole-block update keeps the state at a boundary: more hashes are fine. */
+        CHECK_I(sf_digest_update(s, data, SF_DIGEST_BLOCK), 0);
+        CHECK_I(sf_digest_add_blocks(s, hashes, 1), 0);
+        sf_digest_free(s);
+        free(hashes);
+    }
+
     /* Whole file through update_file(-1). */
     s = sf_digest_new();
     REQUIRE(s != NULL);
     CHECK_I(sf_digest_update_file(s, path, -1, &err), 0);
-    sf_digest_value(s, &hi2, &lo2);
+    CHECK_I(sf_digest_value(s, &hi2, &lo2), 0);
     CHECK_U(hi, hi2);
     CHECK_U(lo, lo2);
 
     /* Errors: shorter than asked, missing, bad size, directory. */
     err = fresh_err();
-    CHECK_I(sf_digest_update_file(s, path, (int64_t)sizeof(data) + 1, &err), -1);
+    CHECK_I(sf_digest_update_file(s, path, (int64_t)DATA_LEN + 1, &err), -1);
     CHECK_I(err.code, SF_ESHORT);
-    CHECK_I(err.detail, (int64_t)sizeof(data));
+    CHECK_I(err.detail, (int64_t)DATA_LEN);
     sf_digest_free(s);
     err = fresh_err();
-    CHECK_I(sf_content_digest(path, (int64_t)sizeof(data) + 1, &hi, &lo, &err), -1);
+    CHECK_I(sf_content_digest(path, (int64_t)DATA_LEN + 1, &hi, &lo, &err), -1);
     CHECK_I(err.code, SF_ESHORT);
     err = fresh_err();
     CHECK_I(sf_content_digest(missing, -1, &hi, &lo, &err), -1);
@@ -1357,6 +1464,7 @@ static void test_digests(void)
         CHECK_I(err.code, SF_EOS);
         CHECK_I(err.sys_errno, EISDIR);
     }
+    free(data);
 }
 
 /* 64-bit offsets: a sparse file past 4 GiB (OVERLAPPED.OffsetHigh, off_t on 32-bit). */

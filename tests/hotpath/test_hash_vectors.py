@@ -1,15 +1,35 @@
-"""Both backends hash exactly like upstream XXH3: tail hashes and content digests."""
+"""Both backends hash exactly like upstream XXH3 (tail hashes, the C entry points) and
+compute the block-structured content digest of its definition (digest_reference.py), whose
+values are pinned below: a change of definition must be deliberate (nothing persists a
+digest, but every process comparing them must agree)."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from tests.hotpath.digest_reference import BLOCK, reference_digest
 from tests.vectors.xxh3 import XXH3_64, XXH3_128, sanity_buffer
 
 BUFFER = sanity_buffer(4096)
+
+# The content digest of sanity_buffer(n): (high64, low64), from reference_digest.
+DIGEST_VECTORS = {
+    0: (0x0532AD8675074226, 0x704FF6CFBD05C2E8),
+    1: (0x78DC71F1613A3D95, 0x4C6772CE20003542),
+    2240: (0x545F418229018F33, 0x7EE91DFA5F3157B0),
+    BLOCK - 1: (0x6E59A0DB95D0D667, 0x7733FE83D02684C1),
+    BLOCK: (0xF2FF66189C04B487, 0x96DA90A955AE2C45),
+    2 * BLOCK + 3: (0x831FD0E831603587, 0x11BE8BD981621CC5),
+}
+
+
+@functools.cache
+def _big_buffer() -> bytes:
+    return sanity_buffer(2 * BLOCK + 3)
 
 
 @pytest.mark.parametrize("length", sorted(XXH3_64))
@@ -22,25 +42,36 @@ def test_tail_hash_matches_xxh3_64_vector(impl: ModuleType, tmp_path: Path, leng
     assert fp.tail_hash == XXH3_64[length]
 
 
-@pytest.mark.parametrize("length", sorted(XXH3_128))
-def test_content_digest_matches_xxh3_128_vector(
-    impl: ModuleType, tmp_path: Path, length: int
-) -> None:
-    low, high = XXH3_128[length]
+@pytest.mark.parametrize("length", sorted(DIGEST_VECTORS))
+def test_content_digest_matches_its_vectors(impl: ModuleType, tmp_path: Path, length: int) -> None:
+    high, low = DIGEST_VECTORS[length]
+    data = _big_buffer()[:length]
+    assert reference_digest(data) == (high << 64) | low
     path = tmp_path / "v.bin"
-    path.write_bytes(BUFFER[:length] + b"trailing bytes beyond size")
+    path.write_bytes(data + b"trailing bytes beyond size")
     assert impl.content_digest(path, length) == (high << 64) | low
+    assert impl.RollingDigest.from_file(path, length).intdigest() == (high << 64) | low
 
 
-@pytest.mark.parametrize("length", sorted(XXH3_128))
-def test_rolling_digest_matches_xxh3_128_vector_in_any_split(impl: ModuleType, length: int) -> None:
-    low, high = XXH3_128[length]
-    data = BUFFER[:length]
-    for cut in {0, length // 3, length // 2, length}:
+@pytest.mark.parametrize("length", sorted(DIGEST_VECTORS))
+def test_rolling_digest_matches_its_vectors_in_any_split(impl: ModuleType, length: int) -> None:
+    high, low = DIGEST_VECTORS[length]
+    data = _big_buffer()[:length]
+    for cut in {0, length // 3, length // 2, BLOCK, length}:
+        cut = min(cut, length)
         digest = impl.RollingDigest()
         digest.update(data[:cut])
         digest.update(memoryview(data)[cut:])
         assert digest.intdigest() == (high << 64) | low
+
+
+def test_small_digests_are_not_plain_xxh3_128(impl: ModuleType) -> None:
+    """The definition changed on purpose (issue 15): a plain XXH3-128 stream cannot be
+    rebuilt from block hashes. Nothing compares a digest with a plain XXH3-128 value."""
+    low, high = XXH3_128[2240]
+    digest = impl.RollingDigest()
+    digest.update(BUFFER[:2240])
+    assert digest.intdigest() != (high << 64) | low
 
 
 @pytest.mark.cffi

@@ -6,16 +6,21 @@ by both backends (they share argument checks, nothing else) still shows up.
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 import tempfile
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sessionfence import MISSING, ChangeKind, Fingerprint, _impl_cffi, _impl_py
+from tests.hotpath.digest_reference import BLOCK, block_hashes, reference_digest
 
 BACKENDS = (_impl_cffi, _impl_py)
 
@@ -190,9 +195,86 @@ def test_digests_roll_forward_like_the_whole_content(data: bytes, cut: int, more
         path = Path(d) / "t.jsonl"
         path.write_bytes(data + more)
         cut = min(cut, len(data))
-        want = xxhash.xxh3_128_intdigest(data + more)
+        want = reference_digest(data + more)
         for impl in BACKENDS:
             rolled = impl.RollingDigest.from_file(path, cut)
             rolled.update((data + more)[cut:])
             assert rolled.intdigest() == want == impl.content_digest(path)
-            assert impl.content_digest(path, cut) == xxhash.xxh3_128_intdigest((data + more)[:cut])
+            assert impl.content_digest(path, cut) == reference_digest((data + more)[:cut])
+
+
+# Sizes that straddle the digest's 1 MiB blocks: near 0, 1, 2 and 3 blocks.
+_SIZES = st.one_of(
+    st.integers(0, 4096),
+    *(st.integers(max(0, k * BLOCK - 4096), k * BLOCK + 4096) for k in (1, 2, 3)),
+)
+
+
+def _bytes_of(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=_SIZES, seed=st.integers(0, 2**32), cuts=st.lists(st.floats(0, 1), max_size=8))
+def test_any_update_split_equals_one_shot(size: int, seed: int, cuts: list[float]) -> None:
+    """However the bytes are cut into updates (bytes, bytearray, memoryview; pieces inside
+    a block, across one, exactly at its end), both backends give the one-shot digest, and
+    it is the definition's."""
+    data = _bytes_of(size, seed)
+    points = sorted({0, size, *(int(c * size) for c in cuts)})
+    want = reference_digest(data)
+    for impl in BACKENDS:
+        one = impl.RollingDigest()
+        one.update(data)
+        assert one.intdigest() == want, impl.NAME
+        split = impl.RollingDigest()
+        for i, (lo, hi) in enumerate(itertools.pairwise(points)):
+            piece = data[lo:hi]
+            split.update((bytes, bytearray, memoryview)[i % 3](piece))
+            snapshot = split.copy()  # an independent copy at every point
+            assert snapshot.intdigest() == reference_digest(data[:hi]), impl.NAME
+        assert split.intdigest() == want, impl.NAME
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=_SIZES, seed=st.integers(0, 2**32), drop=st.integers(0, 3), more=st.binary(max_size=3000)
+)
+def test_from_blocks_equals_streaming(size: int, seed: int, drop: int, more: bytes) -> None:
+    """A digest rebuilt from the hashes of the first ``j`` whole blocks and the bytes after
+    them equals one that read every byte, on both backends, and rolls forward alike."""
+    data = _bytes_of(size, seed)
+    hashes = block_hashes(data)
+    j = max(0, len(hashes) - drop)
+    want = reference_digest(data)
+    for impl in BACKENDS:
+        rebuilt = impl.RollingDigest.from_blocks(hashes[:j], data[j * BLOCK :])
+        assert rebuilt.intdigest() == want, impl.NAME
+        rebuilt.update(more)
+        assert rebuilt.intdigest() == reference_digest(data + more), impl.NAME
+        assert (
+            impl.RollingDigest.from_blocks(
+                iter(hashes[:j]), memoryview(data)[j * BLOCK :]
+            ).intdigest()
+            == want
+        )
+
+
+def test_from_blocks_refuses_what_is_not_a_block_hash() -> None:
+    for impl in BACKENDS:
+        assert impl.RollingDigest.BLOCK == BLOCK
+        assert impl.RollingDigest.from_blocks([]).intdigest() == reference_digest(b"")
+        for bad in (b"", b"\0" * 15, b"\0" * 17):
+            with pytest.raises(ValueError, match="16 bytes"):
+                impl.RollingDigest.from_blocks([bad])
+
+
+def test_update_takes_any_buffer() -> None:
+    words = array("I", range(1000))
+    grid = memoryview(bytes(range(256)) * 4).cast("B", (32, 32))
+    want = reference_digest(words.tobytes() + grid.tobytes())
+    for impl in BACKENDS:
+        digest = impl.RollingDigest()
+        digest.update(memoryview(words))
+        digest.update(grid)
+        assert digest.intdigest() == want, impl.NAME
