@@ -40,7 +40,14 @@ from ..journal._writer import SessionWriter, new_run_id
 from ._base import AppendResult, MergeFn, SessionClaimHeldError, StoreUnavailableError
 from ._schema import MIGRATIONS, SCHEMA_VERSION, check_schema_name, migration_sql
 
-__all__ = ["AsyncPostgresStore", "FenceRead", "PostgresStore", "StoredLine", "load_psycopg"]
+__all__ = [
+    "AsyncPostgresStore",
+    "FenceRead",
+    "LeaseState",
+    "PostgresStore",
+    "StoredLine",
+    "load_psycopg",
+]
 
 T = TypeVar("T")
 
@@ -102,8 +109,15 @@ class _Sql:
         )
         self.version_exists = f"SELECT to_regclass('{q}.sf_schema_version') IS NOT NULL"
         self.current_version = f"SELECT coalesce(max(version), 0) FROM {q}.sf_schema_version"
+        self.record_version = f"INSERT INTO {q}.sf_schema_version (version) VALUES (%s)"
         self.claim = f"SELECT * FROM {q}.sf_claim(%s, %s, %s, %s)"
         self.append = f"SELECT * FROM {q}.sf_append(%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        self.renew = f"SELECT * FROM {q}.sf_renew(%s, %s, %s)"
+        self.release = f"SELECT * FROM {q}.sf_release(%s, %s, %s)"
+        self.lease = (
+            "SELECT writer_run_id, revision, lease_until, lease_until IS NOT NULL AND "
+            f"lease_until > now() FROM {q}.sf_sessions WHERE session_id = %s"
+        )
         self.create = (
             f"WITH s AS (INSERT INTO {q}.sf_sessions (session_id, last_seq) VALUES (%s, 0) "
             "ON CONFLICT DO NOTHING RETURNING session_id) "
@@ -256,6 +270,42 @@ def _claim_outcome(session_id: str, run_id: str, row: Any) -> tuple[SessionWrite
         until = row[7].isoformat() if row[7] is not None else None
         raise SessionClaimHeldError(session_id, row[3], until)
     return SessionWriter(run_id, role="claimant", revision=int(row[1])), row
+
+
+def _renew_outcome(session_id: str, writer: SessionWriter, row: Any) -> Any:
+    """The new ``lease_until`` (None: the claim has no lease); ``SessionSupersededError``
+    when the claim is not the writer's any more."""
+    status = row[0]
+    if status == "missing":
+        raise KeyError(f"no such session: {session_id}")
+    if status == "superseded":
+        raise SessionSupersededError(
+            session_label(session_id), "lease", writer.run_id, writer.revision, row[1], row[2]
+        )
+    return row[3] if status == "ok" else None
+
+
+def _release_outcome(session_id: str, row: Any) -> bool:
+    if row[0] == "missing":
+        raise KeyError(f"no such session: {session_id}")
+    return bool(row[0] == "ok")
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    """A session's claim as the server sees it now: who holds it, at which revision, until
+    when its lease runs (None: no lease) and whether it still runs (server clock)."""
+
+    writer_run_id: str | None
+    revision: int
+    lease_until: Any
+    live: bool
+
+
+def _lease_state(session_id: str, row: Any) -> LeaseState:
+    if row is None:
+        raise KeyError(f"no such session: {session_id}")
+    return LeaseState(row[0], int(row[1]), row[2], bool(row[3]))
 
 
 def _fence_read(rows: list[Any]) -> FenceRead | None:
@@ -423,19 +473,18 @@ class PostgresStore(_Common):
             current = conn.execute(self.sql.current_version).fetchone()[0]
             if current == SCHEMA_VERSION:
                 return
-        with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.sql.q}")
-            conn.execute(self.sql.version_table)
-            current = conn.execute(self.sql.current_version).fetchone()[0]
-            _check_version(current)
-            for version, sql in MIGRATIONS:
+        for version, sql in MIGRATIONS:
+            # One transaction per version, under the transaction-scoped lock; the version
+            # is read again under it (another client may have migrated meanwhile).
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+                conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.sql.q}")
+                conn.execute(self.sql.version_table)
+                current = conn.execute(self.sql.current_version).fetchone()[0]
+                _check_version(current)
                 if version > current:
                     conn.execute(migration_sql(sql, self.schema).encode())
-                    conn.execute(
-                        f"INSERT INTO {self.sql.q}.sf_schema_version (version) VALUES (%s)",
-                        (version,),
-                    )
+                    conn.execute(self.sql.record_version, (version,))
 
     def _run(self, op: Callable[[Any], T]) -> T:
         retry = _Retry(self.label, self.unreachable_timeout)
@@ -500,6 +549,29 @@ class PostgresStore(_Common):
             lambda c: c.execute(self.sql.claim, (session_id, run, lease, force)).fetchone()
         )
         return _claim_outcome(session_id, run, row)[0]
+
+    def renew_lease(self, session_id: str, writer: SessionWriter) -> Any:
+        """Renew the lease of ``writer``'s claim on the server's clock, without writing;
+        returns the new ``lease_until`` (None when the claim has no lease). Raises
+        ``SessionSupersededError`` when another run or revision holds the session (nothing
+        changed). A claimant's every append renews its lease as well."""
+        params = (session_id, writer.run_id, writer.revision)
+        row = self._run(partial(self._exec_one, self.sql.renew, params))
+        return _renew_outcome(session_id, writer, row)
+
+    def release_lease(self, session_id: str, writer: SessionWriter) -> bool:
+        """End the lease of ``writer``'s claim (its work on the session is done: the next
+        claimant need not wait for the lease to expire). False when the claim is not the
+        writer's any more (nothing changed). The claim stays until another run claims."""
+        params = (session_id, writer.run_id, writer.revision)
+        return _release_outcome(
+            session_id, self._run(partial(self._exec_one, self.sql.release, params))
+        )
+
+    def lease_state(self, session_id: str) -> LeaseState:
+        """The session's claim and lease as the server sees them now (its clock)."""
+        row = self._run(partial(self._exec_one, self.sql.lease, (session_id,)))
+        return _lease_state(session_id, row)
 
     def append(
         self,
@@ -697,19 +769,16 @@ class AsyncPostgresStore(_Common):
             current = (await (await conn.execute(self.sql.current_version)).fetchone())[0]
             if current == SCHEMA_VERSION:
                 return
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.sql.q}")
-            await conn.execute(self.sql.version_table)
-            current = (await (await conn.execute(self.sql.current_version)).fetchone())[0]
-            _check_version(current)
-            for version, sql in MIGRATIONS:
+        for version, sql in MIGRATIONS:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.sql.q}")
+                await conn.execute(self.sql.version_table)
+                current = (await (await conn.execute(self.sql.current_version)).fetchone())[0]
+                _check_version(current)
                 if version > current:
                     await conn.execute(migration_sql(sql, self.schema).encode())
-                    await conn.execute(
-                        f"INSERT INTO {self.sql.q}.sf_schema_version (version) VALUES (%s)",
-                        (version,),
-                    )
+                    await conn.execute(self.sql.record_version, (version,))
 
     async def _run(self, op: Callable[[Any], Awaitable[T]]) -> T:
         if self._lock is None:
@@ -763,6 +832,17 @@ class AsyncPostgresStore(_Common):
     ) -> tuple[SessionWriter, Any]:
         row = await self._one(self.sql.claim, (session_id, run, lease, force))
         return _claim_outcome(session_id, run, row)
+
+    async def renew_lease(self, session_id: str, writer: SessionWriter) -> Any:
+        params = (session_id, writer.run_id, writer.revision)
+        return _renew_outcome(session_id, writer, await self._one(self.sql.renew, params))
+
+    async def release_lease(self, session_id: str, writer: SessionWriter) -> bool:
+        params = (session_id, writer.run_id, writer.revision)
+        return _release_outcome(session_id, await self._one(self.sql.release, params))
+
+    async def lease_state(self, session_id: str) -> LeaseState:
+        return _lease_state(session_id, await self._one(self.sql.lease, (session_id,)))
 
     async def append(
         self,

@@ -201,3 +201,32 @@ async def test_export_import_round_trip(store: Any, session_id: str, tmp_path: A
     assert out.read_bytes() == b"".join(store.read_lines(session_id))
     store.import_jsonl(session_id + "-copy", str(out))
     assert store.read_lines(session_id + "-copy") == store.read_lines(session_id)
+
+
+async def test_superseded_claimant_retry_is_refused_even_if_it_landed(
+    store: Any, session_id: str
+) -> None:
+    """The claim is checked before the idempotency key for a claimant: a superseded run's
+    retry of an append that landed is refused, as any other write of that run."""
+    old = store.claim(session_id, run_id="run-a")
+    first = store.append(session_id, msg("user", "1"), writer=old, idempotency_key="turn-1")
+    # While it holds the claim, the retry is a no-op that returns the landed entry.
+    again = store.append(session_id, msg("user", "1"), writer=old, idempotency_key="turn-1")
+    assert again.entry_id == first.entry_id
+    store.claim(session_id, run_id="run-b")
+    before = store.read_lines(session_id)
+    with pytest.raises(SessionSupersededError) as info:
+        store.append(session_id, msg("user", "1"), writer=old, idempotency_key="turn-1")
+    assert info.value.superseded_by == "run-b"
+    assert store.read_lines(session_id) == before
+
+
+async def test_cotenant_retry_is_answered_whoever_claims(store: Any, session_id: str) -> None:
+    """A co-tenant has no claim to check: its retry returns the landed entry after any
+    number of claims."""
+    first = store.append_as_cotenant(session_id, msg("user", "in"), idempotency_key="in-7")
+    store.claim(session_id, run_id="run-a")
+    store.claim(session_id, run_id="run-b")
+    again = store.append_as_cotenant(session_id, msg("user", "in"), idempotency_key="in-7")
+    assert again == first
+    assert ids(store.read_lines(session_id)) == [first]

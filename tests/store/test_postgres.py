@@ -12,7 +12,12 @@ from typing import Any
 
 import pytest
 
-from sessionfence import NotASessionError, SessionTakeoverError, TornTranscriptError
+from sessionfence import (
+    NotASessionError,
+    SessionSupersededError,
+    SessionTakeoverError,
+    TornTranscriptError,
+)
 from sessionfence.store import (
     SCHEMA_VERSION,
     AsyncPostgresStore,
@@ -274,3 +279,156 @@ def test_unreachable_server_is_a_clear_error() -> None:
     assert time.monotonic() - started < 5
     assert "unreachable for 1 s" in str(info.value)
     assert "password" not in str(info.value)
+
+
+def _v1_schema(pg_url: str) -> str:
+    """A schema at version 1 exactly as that version created it (its SQL, not the current
+    library's), with one session, a claim and lines written through the v1 functions."""
+    import psycopg
+
+    from sessionfence.store._schema import MIGRATIONS, migration_sql
+
+    schema = "sf_v1_" + uuid.uuid4().hex[:6]
+    q = f'"{schema}"'
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {q}")
+        conn.execute(
+            f"CREATE TABLE {q}.sf_schema_version (version integer PRIMARY KEY, "
+            "applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        assert MIGRATIONS[0][0] == 1
+        conn.execute(migration_sql(MIGRATIONS[0][1], schema).encode())
+        conn.execute(f"INSERT INTO {q}.sf_schema_version (version) VALUES (1)")
+        conn.execute(
+            f"INSERT INTO {q}.sf_sessions (session_id, last_seq) VALUES ('old', 0); "
+            f"INSERT INTO {q}.sf_entries (session_id, seq, line, entry_type, role) VALUES "
+            """('old', 0, '{"type":"session","version":3,"id":"h","timestamp":"t","cwd":"/"}',"""
+            " 'session', 'header')"
+        )
+        conn.execute(f"SELECT * FROM {q}.sf_claim('old', 'run-a', NULL, true)")
+        for key, line in (("k1", b'{"type":"message","id":"a1","parentId":null}'),):
+            conn.execute(
+                f"SELECT * FROM {q}.sf_append('old', %s, 'a1', 'message', 'claimant', "
+                "'run-a', 1, %s, 0)",
+                (line, key),
+            )
+        conn.execute(f"SELECT * FROM {q}.sf_claim('old', 'run-b', NULL, true)")
+        # Version 1 answered a superseded claimant's retry from its key (the behaviour
+        # version 2 changes): proof that this schema is really the old one.
+        row = conn.execute(
+            f"SELECT status FROM {q}.sf_append('old', 'x', 'a9', 'message', 'claimant', "
+            "'run-a', 1, 'k1', NULL)"
+        ).fetchone()
+        assert row is not None and row[0] == "duplicate"
+    return schema
+
+
+def test_v1_database_migrates_to_the_current_version(pg_url: str) -> None:
+    schema = _v1_schema(pg_url)
+    store = PostgresStore(pg_url, schema=schema)
+    try:
+        before = store.read_lines("old")
+        assert store.schema_version() == SCHEMA_VERSION == 2
+        rows = store._run(
+            lambda c: c.execute(
+                f'SELECT version FROM "{schema}".sf_schema_version ORDER BY version'
+            ).fetchall()
+        )
+        assert [r[0] for r in rows] == [1, 2]
+        assert store.read_lines("old") == before  # data untouched
+        assert [c[1] for c in store.claims("old")] == ["run-a", "run-b"]
+        # Version 2's claim-first rule on the migrated database.
+        from sessionfence.journal import SessionWriter
+
+        old = SessionWriter("run-a", role="claimant", revision=1)
+        with pytest.raises(SessionSupersededError):
+            store.append("old", msg("user", "retry"), writer=old, idempotency_key="k1")
+        # Leases on the migrated database: an append renews them.
+        writer = store.claim("old", "run-c", lease=30)
+        store.append("old", msg("user", "c"), writer=writer)
+        assert store.lease_state("old").live
+        # A second client on the migrated schema sees the current version: no migration.
+        other = PostgresStore(pg_url, schema=schema)
+        assert other.schema_version() == SCHEMA_VERSION
+        other.close()
+    finally:
+        store._run(lambda c: c.execute(f'DROP SCHEMA "{schema}" CASCADE'))
+        store.close()
+
+
+def test_appends_renew_the_lease_on_the_server_clock(pg_store: PostgresStore) -> None:
+    sid = new_id()
+    pg_store.create_session(sid)
+    a = pg_store.claim(sid, "a", lease=0.6)
+    for _ in range(4):  # 0.8 s of activity: each append pushes the lease on
+        time.sleep(0.2)
+        pg_store.append(sid, msg("user", "x"), writer=a)
+    with pytest.raises(SessionClaimHeldError):
+        pg_store.claim(sid, "b", lease=10, force=False)
+    time.sleep(0.3)
+    assert pg_store.renew_lease(sid, a) is not None  # renewed without a write
+    time.sleep(0.4)
+    with pytest.raises(SessionClaimHeldError):
+        pg_store.claim(sid, "b", lease=10, force=False)
+    state = pg_store.lease_state(sid)
+    assert (state.writer_run_id, state.revision, state.live) == ("a", 1, True)
+    time.sleep(0.7)  # idle past its lease: expired on the server's clock
+    assert not pg_store.lease_state(sid).live
+    b = pg_store.claim(sid, "b", lease=10, force=False)
+    assert b.revision == 2
+    with pytest.raises(SessionSupersededError) as info:
+        pg_store.renew_lease(sid, a)  # a renewal never claims back
+    assert (info.value.superseded_by, info.value.new_revision) == ("b", 2)
+    assert pg_store.lease_state(sid).writer_run_id == "b"
+
+
+def test_release_ends_the_lease_and_only_the_own(pg_store: PostgresStore) -> None:
+    sid = new_id()
+    pg_store.create_session(sid)
+    a = pg_store.claim(sid, "a", lease=30)
+    assert pg_store.release_lease(sid, a)
+    b = pg_store.claim(sid, "b", lease=30, force=False)  # no wait: the lease was released
+    assert not pg_store.release_lease(sid, a)  # not a's claim any more: nothing changes
+    assert pg_store.lease_state(sid).live
+    with pytest.raises(SessionClaimHeldError):
+        pg_store.claim(sid, "c", lease=30, force=False)
+    assert pg_store.renew_lease(sid, b) is not None
+    # A claim without a lease: renewing says so (None), claims are not refused.
+    c = pg_store.claim(sid, "c")
+    assert pg_store.renew_lease(sid, c) is None
+    assert pg_store.claim(sid, "d", force=False).revision == c.revision + 1
+
+
+async def test_lease_kept_by_a_fence_of_the_same_run(pg_store: PostgresStore) -> None:
+    """Claim with a lease, then open the fence as the same run: the fence's claim keeps
+    the revision and the lease; its appends renew it."""
+    sid = new_id()
+    pg_store.create_session(sid)
+    writer = pg_store.claim(sid, "a", lease=0.5, force=False)
+    fence = await pg_store.open_fence(sid, run_id="a")
+    try:
+        assert fence.revision == writer.revision
+        for _ in range(4):
+            time.sleep(0.2)
+            await fence.append(msg("user", "x"))
+        with pytest.raises(SessionClaimHeldError):
+            pg_store.claim(sid, "b", lease=10, force=False)
+    finally:
+        await fence.dispose()
+
+
+def test_delete_moves_the_default_parent_back(pg_store: PostgresStore) -> None:
+    sid = new_id()
+    pg_store.create_session(sid)
+    first = pg_store.append_as_cotenant(sid, msg("user", "1"))
+    pg_store.append_as_cotenant(sid, msg("user", "2"))
+    table = f'"{pg_store.schema}".sf_entries'
+    pg_store._run(
+        lambda c: c.execute(f"DELETE FROM {table} WHERE session_id = %s AND seq = 2", (sid,))
+    )
+    third = pg_store.append_as_cotenant(sid, msg("user", "3"))
+    import json
+
+    lines = pg_store.read_lines(sid)
+    assert len(lines) == 3
+    assert json.loads(lines[2]) == {**json.loads(lines[2]), "id": third, "parentId": first}
