@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,8 @@ from ._postgres import PostgresStore, session_label
 
 __all__ = ["StoreSessionManager"]
 
+_KEEP_COPY: weakref.WeakKeyDictionary[Any, StoreMirror] = weakref.WeakKeyDictionary()
+
 
 class StoreSessionManager(SessionManager):
     """A ``SessionManager`` whose transcript lives in a ``PostgresStore``.
@@ -35,7 +38,8 @@ class StoreSessionManager(SessionManager):
     ``branch()``, ``labels``, malformed lines, ...). Appends need a ``writer``: the
     controller's (``writer=ctl.writer``, checked at commit) or a co-tenant
     (``SessionWriter.cotenant(...)``); ``idempotency_key`` works as on files. ``path`` is the
-    private local copy; ``session_id`` and ``store`` name the session. ``close()`` removes
+    local copy (private, or kept in the store's ``cache_dir`` between managers: see
+    ``StoreMirror``); ``session_id`` and ``store`` name the session. ``close()`` releases
     the copy (so does garbage collection)."""
 
     def __init__(
@@ -57,7 +61,7 @@ class StoreSessionManager(SessionManager):
             )
         self._pg = store
         self._session_id = session_id
-        self._mirror = StoreMirror(store, session_id)
+        self._mirror = StoreMirror(store, session_id, store.cache_dir)
         self._mirror.sync()
         super().__init__(
             self._mirror.path,
@@ -77,8 +81,15 @@ class StoreSessionManager(SessionManager):
     def store(self) -> PostgresStore:
         return self._pg
 
+    @property
+    def lines_copied(self) -> int:
+        """Lines this manager copied from the store (its own appends included): the cost of
+        keeping its copy in step (tests and benchmarks)."""
+        return self._mirror.lines_copied
+
     def close(self) -> None:
-        """Remove the local copy. The manager must not be used afterwards."""
+        """Release the local copy: a private one is removed, the store's ``cache_dir`` copy
+        stays for the next manager. The manager must not be used afterwards."""
         self._mirror.close()
 
     def __repr__(self) -> str:
@@ -88,6 +99,13 @@ class StoreSessionManager(SessionManager):
         )
 
     # reading: copy what the store has, then read it as a file ------------------------------
+
+    def _load(self) -> None:
+        super()._load()
+        if self._base is not None:
+            # ``entries`` read the copy back by offset, possibly after this manager is gone:
+            # the copy lives as long as the rows that point into it.
+            _KEEP_COPY[self._base] = self._mirror
 
     def reload(self) -> None:
         self._mirror.sync()

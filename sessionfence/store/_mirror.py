@@ -17,12 +17,15 @@ replaced transcript.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import tempfile
 import weakref
 from typing import Any
 
+from ..lock import _os
 from ._postgres import PostgresStore
 
 __all__ = ["StoreMirror"]
@@ -32,17 +35,25 @@ _Row = tuple[int, bytes, bool]  # seq, line without newline, whether it ends in 
 
 
 class StoreMirror:
-    """The local JSONL copy of one session of a ``PostgresStore``."""
+    """The local JSONL copy of one session of a ``PostgresStore``.
 
-    def __init__(self, store: PostgresStore, session_id: str) -> None:
+    Without ``cache_dir`` the copy lives in a private temporary directory, removed with the
+    mirror. With ``cache_dir`` it is kept there between managers and processes of one host
+    (``<cache_dir>/<hash>.jsonl``, its index and a ``.state`` file), so the next manager
+    copies only the lines added since, and its index makes the parse O(new lines) too. One
+    manager at a time uses a cached copy (an OS lock on ``.lock``, held while it lives);
+    another one meanwhile gets a private temporary copy. A cached copy is resumed only when
+    its state names this store, schema and session, matches the file (size, identity), the
+    session's rewrite generation has not moved and the line it ends with is the stored one;
+    any doubt copies the session again (time, never a wrong answer)."""
+
+    def __init__(self, store: PostgresStore, session_id: str, cache_dir: str | None = None) -> None:
         self.store = store
         self.session_id = session_id
-        self.directory = tempfile.mkdtemp(prefix="sessionfence-mirror-")
-        self._finalizer = weakref.finalize(self, shutil.rmtree, self.directory, True)
-        self.path = os.path.join(self.directory, "session.jsonl")
         self.seq = -1  # the last line copied (-1: none; the header is seq 0)
         self.generation: int | None = None
         self._open_line = False  # the last line copied lacks its newline
+        self.lines_copied = 0  # lines read from the store into the copy (tests, benchmarks)
         q = store.sql.q
         # One statement, one snapshot: the session row and the lines after the copy's end.
         self._read = (
@@ -54,13 +65,112 @@ class StoreMirror:
             "WHERE s.session_id = %s ORDER BY e.seq"
         )
         self._line_at = f"SELECT line FROM {q}.sf_entries WHERE session_id = %s AND seq = %s"
+        self._resume = (
+            f"SELECT s.generation, s.last_seq, e.line FROM {q}.sf_sessions s "
+            f"LEFT JOIN {q}.sf_entries e ON e.session_id = s.session_id AND e.seq = %s "
+            "WHERE s.session_id = %s"
+        )
+        self._state_path: str | None = None
+        self._finalizer: weakref.finalize[Any, Any]
+        if cache_dir is not None and self._take_cached(os.fspath(cache_dir)):
+            return
+        self.directory = tempfile.mkdtemp(prefix="sessionfence-mirror-")
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.directory, True)
+        self.path = os.path.join(self.directory, "session.jsonl")
+
+    # the cached copy --------------------------------------------------------------------
+
+    def _take_cached(self, cache_dir: str) -> bool:
+        """Use the cached copy if no other manager does (its lock), resuming it if it
+        proves it is a prefix of the session; False: it is busy."""
+        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+        name = f"{self.store.label}\0{self.store.schema}\0{self.session_id}"
+        stem = os.path.join(cache_dir, hashlib.sha256(name.encode()).hexdigest()[:32])
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+        fd = os.open(stem + ".lock", flags, 0o600)
+        try:
+            if not _os.try_lock(fd):
+                os.close(fd)
+                return False
+        except BaseException:
+            os.close(fd)
+            raise
+        self.directory = cache_dir
+        self.path = stem + ".jsonl"
+        self._state_path = stem + ".state"
+        # Closing the descriptor releases the lock; the copy and its state stay.
+        self._finalizer = weakref.finalize(self, os.close, fd)
+        if not self._resume_state(name):
+            _unlink(self.path)
+            self.seq, self.generation, self._open_line = -1, None, False
+        return True
+
+    def _resume_state(self, name: str) -> bool:
+        try:
+            with open(self._state_path or "", encoding="utf-8") as f:
+                state = json.load(f)
+            st = os.stat(self.path)
+        except (OSError, ValueError):
+            return False
+        if not isinstance(state, dict) or state.get("name") != name:
+            return False
+        if [state.get("size"), state.get("dev"), state.get("ino")] != [
+            st.st_size,
+            st.st_dev,
+            st.st_ino,
+        ]:
+            return False
+        seq, generation = state.get("seq"), state.get("generation")
+        open_line = state.get("open_line")
+        if not isinstance(seq, int) or not isinstance(generation, int) or seq < 0:
+            return False
+        params = (seq, self.session_id)
+        row = self.store._run(lambda c: c.execute(self._resume, params).fetchone())
+        if row is None or int(row[0]) != generation or int(row[1]) < seq or row[2] is None:
+            return False
+        last = bytes(row[2]) + (b"" if open_line else b"\n")
+        with open(self.path, "rb") as f:
+            f.seek(max(0, st.st_size - len(last)))
+            if f.read() != last:
+                return False
+        self.seq, self.generation, self._open_line = seq, generation, bool(open_line)
+        return True
+
+    def _save_state(self) -> None:
+        if self._state_path is None:
+            return
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            _unlink(self._state_path)
+            return
+        name = f"{self.store.label}\0{self.store.schema}\0{self.session_id}"
+        state = {
+            "name": name,
+            "seq": self.seq,
+            "generation": self.generation,
+            "open_line": self._open_line,
+            "size": st.st_size,
+            "dev": st.st_dev,
+            "ino": st.st_ino,
+        }
+        tmp = self._state_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(state, f)
+        os.replace(tmp, self._state_path)
+
+    @property
+    def cached(self) -> bool:
+        """Whether this copy is the kept one of ``cache_dir`` (else a private one)."""
+        return self._state_path is not None
 
     @property
     def exists(self) -> bool:
         return self.generation is not None
 
     def close(self) -> None:
-        """Remove the copy (also done when the mirror is garbage collected)."""
+        """Release the copy: a private one is removed, a cached one stays for the next
+        manager (its lock is released). Also done when the mirror is garbage collected."""
         self._finalizer()
 
     def _fetch(self, after: int, upto: int) -> tuple[int, int, list[_Row]] | None:
@@ -104,6 +214,8 @@ class StoreMirror:
                 break
         if target != self.path:
             os.replace(target, self.path)
+        if copied:
+            self._save_state()
         return copied
 
     def _write(self, target: str, lines: list[_Row]) -> None:
@@ -122,6 +234,7 @@ class StoreMirror:
         finally:
             os.close(fd)
         self.seq = lines[-1][0]
+        self.lines_copied += len(lines)
 
     @property
     def open_line(self) -> bool:
@@ -134,6 +247,7 @@ class StoreMirror:
         if seq != self.seq + 1 or self._open_line:
             raise ValueError(f"line {seq} does not follow the copy's end ({self.seq})")
         self._write(self.path, [(seq, line[:-1], True)])
+        self._save_state()
 
     def line_at(self, seq: int) -> bytes | None:
         """The stored line ``seq`` (without newline), read from the store."""
@@ -146,6 +260,7 @@ class StoreMirror:
         self.seq = -1
         self._open_line = False
         _unlink(self.path)
+        self._save_state()  # no copy: no state
 
 
 def _unlink(path: str) -> None:

@@ -412,8 +412,12 @@ class _Common:
         connect_timeout: float = 5.0,
         unreachable_timeout: float = 30.0,
         application_name: str = "sessionfence",
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.psycopg = load_psycopg()
+        # Where managers keep their local copies of sessions between opens (one host;
+        # docs/multihost.md); None: each manager copies the session into a temporary one.
+        self.cache_dir = os.fspath(cache_dir) if cache_dir is not None else None
         self.conninfo = conninfo
         self.schema = check_schema_name(schema)
         self.sql = _Sql(schema)

@@ -183,3 +183,105 @@ async def test_a_controller_on_an_async_store_leaves_it_open(pg_url: str) -> Non
     writer = await store.claim(sid, run_id="run-b")  # the store still works
     assert writer.revision == ctl.revision + 1
     await store.aclose()
+
+
+# -- the copy kept between managers (PostgresStore(cache_dir=...)) ------------------------
+
+
+@pytest.fixture
+def cached(pg_url: str, tmp_path: Any) -> Any:
+    store = PostgresStore(pg_url, schema="sf_test", cache_dir=os.path.join(tmp_path, "cache"))
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def grow(store: PostgresStore, sid: str, n: int) -> None:
+    for i in range(n):
+        store.append_as_cotenant(sid, {"type": "message", "message": user(f"m{i}")})
+
+
+def test_a_cached_copy_is_resumed_with_only_the_new_lines(cached: PostgresStore) -> None:
+    sid = new_id()
+    cached.create_session(sid)
+    grow(cached, sid, 20)
+    first = SessionManager.open(sid, store=cached)
+    assert first.lines_copied == 21  # type: ignore[attr-defined]
+    path = first.path
+    first.close()  # type: ignore[attr-defined]
+    assert os.path.exists(path)  # kept for the next manager
+    grow(cached, sid, 3)
+    second = SessionManager.open(sid, store=cached)
+    assert second.path == path
+    assert second.lines_copied == 3  # type: ignore[attr-defined]
+    assert [e["id"] for e in second.entries] == [
+        e["id"]
+        for e in SessionManager.open(
+            sid, store=PostgresStore(cached.conninfo, schema="sf_test")
+        ).entries
+    ]
+    writer = cached.claim(sid, run_id="run-a")
+    second.writer = writer
+    second.append_message(user("own"))
+    second.close()  # type: ignore[attr-defined]
+    third = SessionManager.open(sid, store=cached)
+    assert third.lines_copied == 0  # type: ignore[attr-defined]
+    assert len(third.entries) == 24
+
+
+def test_a_busy_cached_copy_is_not_shared(cached: PostgresStore) -> None:
+    sid = new_id()
+    cached.create_session(sid)
+    a = SessionManager.open(sid, store=cached)
+    b = SessionManager.open(sid, store=cached)  # a holds the cached copy: b gets its own
+    assert os.path.dirname(a.path) == cached.cache_dir
+    assert os.path.dirname(b.path) != cached.cache_dir
+    b.close()  # type: ignore[attr-defined]
+    a.close()  # type: ignore[attr-defined]
+    c = SessionManager.open(sid, store=cached)
+    assert c.path == a.path
+
+
+@pytest.mark.parametrize("damage", ["edited", "truncated", "state", "rewritten"])
+def test_any_doubt_about_a_cached_copy_copies_again(
+    cached: PostgresStore, pg_url: str, damage: str
+) -> None:
+    sid = new_id()
+    cached.create_session(sid)
+    grow(cached, sid, 5)
+    first = SessionManager.open(sid, store=cached)
+    path = first.path
+    first.close()  # type: ignore[attr-defined]
+    if damage == "edited":  # same size, other bytes at the end
+        with open(path, "r+b") as f:
+            f.seek(-3, os.SEEK_END)
+            f.write(b"X}\n")
+    elif damage == "truncated":  # e.g. a process killed while copying
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) - 10)
+    elif damage == "state":
+        with open(path[: -len(".jsonl")] + ".state", "w") as f:
+            f.write("{not json")
+    else:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE sf_test.sf_entries SET line = line WHERE session_id = %s AND seq = 2",
+                (sid,),
+            )
+    again = SessionManager.open(sid, store=cached)
+    assert again.lines_copied == 6  # type: ignore[attr-defined]
+    assert again.malformed_lines == 0
+    with open(path, "rb") as f:
+        assert f.read() == b"".join(cached.read_lines(sid))
+
+
+def test_entries_outlive_their_manager(pg_store: PostgresStore) -> None:
+    import gc
+
+    sid = new_id()
+    pg_store.create_session(sid)
+    grow(pg_store, sid, 3)
+    entries = SessionManager.open(sid, store=pg_store, index=True).entries
+    gc.collect()  # the manager is gone; its copy stays while its rows are referenced
+    assert [e["message"]["content"] for e in entries] == ["m0", "m1", "m2"]
