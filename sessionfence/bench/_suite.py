@@ -312,6 +312,7 @@ MEASURE_MODULES = (
     "sessionfence.bench.controller",
     "sessionfence.bench.lock",
     "sessionfence.bench.store",
+    "sessionfence.bench.store_loop",
     "sessionfence.bench.transcript",
 )
 
