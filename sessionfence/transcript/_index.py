@@ -124,7 +124,9 @@ def _h64(data: bytes | memoryview) -> int:
 
 class BlockHasher:
     """XXH3-128 of every ``BLOCK`` bytes fed, in order; ``hashes()`` adds the partial last
-    block. ``start``: how many full blocks precede the bytes fed (their hashes given)."""
+    block. ``full``: the hashes of the whole blocks that precede the bytes fed. The whole
+    blocks' hashes are the content digest's (``RollingDigest``: same blocks, same hash,
+    same canonical bytes), which ``RollingDigest.from_blocks`` rebuilds from them."""
 
     def __init__(self, full: Sequence[bytes] = ()) -> None:
         self.full: list[bytes] = list(full)
@@ -409,12 +411,20 @@ class IndexData:
         self.meta = meta
         self.raw_path = raw_path
         self.sections_at = sections_at
+        # set by ``validate``: the bytes of the partial last block, [size // BLOCK * BLOCK,
+        # size), read and proven against its hash (what a digest needs besides the
+        # whole blocks' hashes)
+        self.partial: bytes | None = None
 
     @property
     def size(self) -> int:
         return int(self.meta["size"])
 
     def blocks(self) -> list[bytes]:
+        """The XXH3-128 of every block of ``[0, size)``, the partial last one included:
+        the whole blocks' hashes are those of the content digest (``RollingDigest.BLOCK``
+        is ``BLOCK``), so ``RollingDigest.from_blocks(blocks[:size // BLOCK], partial)``
+        is the digest of the prefix without reading it."""
         return [bytes.fromhex(h) for h in self.meta["blocks"]]
 
     def make_base(self, path: str) -> Base:
@@ -601,11 +611,13 @@ def validate(index: IndexData, fd: int, st: os.stat_result) -> bool:
             check = range(len(blocks))  # same size, other times: prove every byte
         else:
             check = range(len(blocks) - 1, len(blocks))
+        data = b""
         for k in check:
             start = k * BLOCK
             data = read_exact(fd, min(BLOCK, size - start), start)
             if xxhash.xxh3_128_digest(data).hex() != blocks[k]:
                 return False
+        index.partial = data if size % BLOCK else b""
         return True
     except (OSError, KeyError, TypeError, ValueError):
         return False

@@ -547,9 +547,18 @@ class SessionManager:
             return None
         size = found.size
         self._index_size = size
-        self._index_blocks = found.blocks()
+        blocks = found.blocks()
+        self._index_blocks = blocks
         self._blocks_size = size
-        self._digest = None  # computed from the file when asked for (``digest``)
+        partial = found.partial
+        if partial is None or len(partial) != size % _index.BLOCK:
+            return None
+        # The digest of [0, size) from the index's whole-block hashes and the partial block
+        # ``validate`` read: no byte of the prefix is read again, and the parse of the lines
+        # past it rolls it on (docs/transcripts.md, "The digest").
+        rolling = _backend.active().RollingDigest
+        self._digest = rolling.from_blocks(blocks[: size // _index.BLOCK], partial)
+        self._digest_size = size
         os.lseek(fd, size, os.SEEK_SET)
         loaded = self._parse_delta(fd, size)
         loaded.malformed += malformed
@@ -1057,22 +1066,31 @@ class SessionManager:
         """``RollingDigest`` of the file's bytes ``[0, digest_size)``. The live object: take
         ``.copy()`` before rolling it yourself.
 
-        After an open through the index it is computed on first use, by reading
-        ``[0, digest_size)`` once, checked against the index's block hashes and the last
-        bytes this manager parsed; when they differ (the file was rewritten since), it is
-        a digest no content has, so a fence seeded with it sees the change."""
+        An open computes it while it reads: a cold open hashes every byte it parses; an
+        open through the index rebuilds it from the index's block hashes and the partial
+        last block (``RollingDigest.from_blocks``), then rolls it over the lines parsed
+        past the index, so it costs the partial block and the new bytes, never a reread
+        of the prefix. The index is trusted for the prefix on the same basis as the rest
+        of it (docs/transcripts.md, "The digest"): a prefix edited in place after the
+        index was written gives a digest of the content the index describes, which a
+        fence's next whole-content proof (``verify="full"``) finds different from the
+        file (a ``rewritten`` takeover: it fails closed)."""
         if self._digest is None:
             self._digest = self._digest_from_file(self._digest_size)
         return self._digest
 
     def _digest_from_file(self, size: int) -> Any:
-        """The digest of ``[0, size)`` read now. When those bytes are provably not the ones
-        parsed (another file, a block or the bytes before ``_upto`` differ), the digest of
-        the parsed bytes is out of reach: the result is then one that no content has (the
-        bytes read and a random marker), so whoever compares it with the file (a fence
-        seeded with it) sees the change, as it would have with the parse's own digest."""
-        digest = _backend.active().RollingDigest()
-        hasher = _index.BlockHasher()
+        """The digest of ``[0, size)`` computed now: from the whole blocks whose hashes this
+        manager holds (its parse's, or the index's) and a read of the bytes after them.
+        When those bytes are provably not the ones parsed (another file, the partial block
+        or the bytes before ``_upto`` differ), the digest of the parsed bytes is out of
+        reach: the result is then one that no content has (the bytes read and a random
+        marker), so whoever compares it with the file (a fence seeded with it) sees the
+        change, as it would have with the parse's own digest."""
+        blocks = self._index_blocks
+        full = min(self._blocks_size, size) // _index.BLOCK
+        digest = _backend.active().RollingDigest.from_blocks(blocks[:full])
+        checker = _index.BlockHasher(blocks[:full])
         base = self._base
         same = True
         fd = os.open(self._path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
@@ -1080,14 +1098,19 @@ class SessionManager:
             st = os.fstat(fd)
             if base is not None and (st.st_dev, st.st_ino) != (base.dev, base.ino):
                 same = False
-            offset = 0
+            offset = full * _index.BLOCK
+            checked = min(self._blocks_size, size)  # the hashes describe [0, checked)
             while offset < size:
-                block = _io.pread(fd, min(_io.DEFAULT_CHUNK, size - offset), offset)
+                want = min(_io.DEFAULT_CHUNK, size - offset)
+                if offset < checked:
+                    want = min(want, checked - offset)  # stop where the hashes stop
+                block = _io.pread(fd, want, offset)
                 if not block:
                     same = False
                     break
                 digest.update(block)
-                hasher.update(block)
+                if offset < checked:
+                    checker.update(block)
                 offset += len(block)
             tail = self._tail
             at = size - len(tail)
@@ -1095,8 +1118,11 @@ class SessionManager:
                 same = False
         finally:
             os.close(fd)
-        full = min(self._blocks_size, size) // _index.BLOCK
-        if not same or hasher.full[:full] != self._index_blocks[:full]:
+        # Read up to where the hashes end, the bytes must give the same hashes (the whole
+        # blocks were not read: they are the hashes themselves).
+        if checked == self._blocks_size and checker.hashes() != blocks:
+            same = False
+        if not same:
             digest.update(b"\0sessionfence: not the bytes parsed\0" + os.urandom(16))
         return digest
 
@@ -1130,8 +1156,10 @@ class SessionManager:
 
     def has_entry(self, entry_id: str) -> bool:
         """Whether the session has an entry ``entry_id``, from the parse and the index's
-        ids alone: nothing is read back from the file (``get_entry`` may read it)."""
-        return entry_id in self._by_id
+        ids alone: nothing is read back from the file (``get_entry`` may read it), and
+        after an open through the index only its ids section is loaded, not the row
+        table (the fence asks this of every foreign line)."""
+        return isinstance(entry_id, str) and self._by_id.maybe_contains(entry_id)
 
     def branch(self, leaf_id: str | None = None) -> list[Entry]:
         """Root-to-leaf path ending at ``leaf_id`` (default: the visible leaf).
