@@ -146,19 +146,44 @@ def _progress_for(path: str) -> Any:
     return report
 
 
-def _transcript_part(path: str) -> dict[str, Any]:
-    from ..transcript import SessionManager
+def _transcript_part(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The transcript summary, and what the open made of its index."""
+    from ..transcript import SessionManager, _index
 
+    found_before = _index.read_index(path) is not None
     manager = SessionManager.open(path, progress=_progress_for(path))
     entries = manager.entries
     last = entries[-1] if entries else None
-    return {
+    part = {
         "entries": len(entries),
         "malformed_lines": getattr(manager, "malformed_lines", None),
         "torn_tail": manager.torn_tail,
         "leaf_id": manager.leaf_id,
         "last_entry": last,
     }
+    return part, _index_part(path, found_before, manager._index_opened)
+
+
+def _index_part(path: str, found_before: bool, used: bool) -> dict[str, Any]:
+    """The derived index ``<transcript>.idx`` (docs/transcripts.md, "The index"): what it
+    covers, whether the open went through it, and the journal position it recorded, with
+    whether the journal's records since still vouch for the indexed prefix."""
+    from ..transcript import _index
+
+    index = _index.read_index(path)
+    report: dict[str, Any] = {
+        "path": _index.index_path_for(path),
+        "exists": index is not None,
+        "found_before_open": found_before,
+        "used_by_open": used,
+    }
+    if index is None:
+        return report
+    meta = index.meta
+    report.update(size=index.size, rows=int(meta["rows"]), blocks=len(meta["blocks"]))
+    report["journal"] = meta.get("journal")  # the position recorded when it was written
+    report["journal_vouches"] = _index.journal_vouches(path, index)
+    return report
 
 
 def _journal_part(path: str) -> dict[str, Any]:
@@ -199,7 +224,7 @@ def inspect_one(path: str, window: int) -> dict[str, Any]:
     except OSError as exc:
         raise CliError(f"cannot read the journal of {path}: {exc}") from None
     try:
-        report["transcript"] = _transcript_part(path)
+        report["transcript"], report["index"] = _transcript_part(path)
     except PermissionError:
         raise CliError(f"permission denied: {path}") from None
     except (OSError, ValueError, RecursionError) as exc:
@@ -245,10 +270,39 @@ def _print_text(report: dict[str, Any]) -> None:
     if malformed:
         extra += f", {malformed} malformed line(s) skipped"
     print(f"  transcript   {part['entries']} entries, leaf {part['leaf_id']}{extra}")
+    _print_index(report["index"])
     last = part["last_entry"]
     if last is not None:
         text = json.dumps(last, ensure_ascii=False, separators=(",", ":"))
         print(f"  last entry   {text[:200]}{'…' if len(text) > 200 else ''}")
+
+
+def _print_index(index: dict[str, Any]) -> None:
+    if not index["exists"]:
+        print(f"  index        none ({index['path']}: written for sessions of 256 KiB or more)")
+        return
+    if index["used_by_open"]:
+        how = "the open went through it"
+    elif index["found_before_open"]:
+        how = "not trusted by the open: rebuilt"
+    else:
+        how = "written by this open"
+    print(
+        f"  index        {index['size']} bytes, {index['rows']} rows, {index['blocks']} block "
+        f"hash(es); {how} ({index['path']})"
+    )
+    journal = index["journal"]
+    if not index["journal_vouches"]:
+        verdict = "NOT vouched for by the journal now: the next open rebuilds it"
+    elif journal is None:
+        verdict = "no journaled writer has cut the prefix since"
+    else:
+        verdict = "the records since vouch for the indexed prefix"
+    if journal is None:
+        where = "no journal when it was written"
+    else:
+        where = f"after record {journal['seq']} of journal {journal['salt'][:12]}"
+    print(f"               journal position: {where}; {verdict}")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,6 +10,9 @@ written), and a reader trusts it only after it proved that it still describes th
   hash of the header line, and the hash of the 1 MiB block holding ``size - 1``;
 - when the file did not grow but its times moved (an in-place rewrite by a writer that
   ignores the protocol), every block hash: a whole-content check at memory speed;
+- the owned-write journal (``<transcript>.fence``): the position it had when the index was
+  written (salt, last record), and every record since announcing bytes at or past
+  ``size`` (``journal_vouches``: no journaled writer cut the prefix since);
 - every line the open then reads through it (the model context) must parse with the id the
   index gives it.
 
@@ -44,8 +47,10 @@ from typing import Any, Final, overload
 
 import xxhash
 
-from .._util import pread, read_exact
+from .._util import pread, read_at, read_exact
 from ..errors import TranscriptChangedError
+from ..journal._file import JournalInvalid, Position, journal_path_for, read_header, scan
+from ..journal._format import CHAIN_AT, RECORD_SIZE, crc_ok
 
 __all__ = [
     "BLOCK",
@@ -57,6 +62,8 @@ __all__ = [
     "LazyEntries",
     "Mismatch",
     "index_path_for",
+    "journal_position",
+    "journal_vouches",
     "read_index",
     "write_index",
 ]
@@ -64,7 +71,9 @@ __all__ = [
 Entry = dict[str, Any]
 
 MAGIC: Final = b"SFIDX\x00\x01\n"
-FORMAT: Final = 1
+#: 2: the meta records the journal position and the context settings (an index of
+#: format 1 is not read: the next open rebuilds it).
+FORMAT: Final = 2
 BLOCK: Final = 1 << 20
 #: Transcripts shorter than this get no index file (a full parse is as fast as reading one).
 INDEX_MIN_BYTES = 256 << 10
@@ -623,6 +632,80 @@ def validate(index: IndexData, fd: int, st: os.stat_result) -> bool:
         return False
 
 
+def journal_position(path: str) -> dict[str, Any] | None:
+    """Where the owned-write journal of ``path`` (``<path>.fence``, docs/journal.md) stands
+    now: its salt and the sequence number and chain value of its last record, as the
+    index records them; ``None`` when there is no journal. ``Mismatch`` when it cannot be
+    read (torn, not a journal): then no index is written (nothing it says could be
+    checked later). Costs the header and one record, whatever the journal holds."""
+    jpath = journal_path_for(path)
+    try:
+        fd = os.open(jpath, os.O_RDONLY | _O_BINARY)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise Mismatch(f"journal unreadable: {exc}") from None
+    try:
+        size = os.fstat(fd).st_size
+        header, _slots = read_header(fd, jpath)
+        body = size - header.data_start
+        if body < 0 or body % RECORD_SIZE:
+            raise Mismatch(f"journal is torn ({size} bytes): {jpath}")
+        last = header.base_seq + body // RECORD_SIZE - 1
+        chain = header.base_chain
+        if last >= header.base_seq:
+            raw = read_at(fd, RECORD_SIZE, header.record_at(last))
+            if not crc_ok(raw):
+                raise Mismatch(f"journal record {last} is torn or edited: {jpath}")
+            chain = raw[CHAIN_AT : CHAIN_AT + 16]
+    except JournalInvalid as exc:
+        raise Mismatch(str(exc)) from None
+    except OSError as exc:
+        raise Mismatch(f"journal unreadable: {exc}") from None
+    finally:
+        os.close(fd)
+    return {"salt": header.salt.hex(), "seq": last, "chain": chain.hex()}
+
+
+def journal_vouches(path: str, index: IndexData) -> bool:
+    """The journal proof of a warm open: no journaled writer rewrote the prefix ``[0,
+    size)`` the index describes since it was written. The index recorded where the journal
+    stood (``journal_position``); the journal must be that journal (same salt), still hold
+    that record (same chain) and every record after it (writers' claims, appends, voids)
+    must announce bytes at or past ``size``: a record below it means the transcript was
+    cut below the indexed size, and maybe rewritten, by a journaled writer. No journal then
+    and none now is fine; a journal created since must be whole (never compacted), start at
+    or past ``size`` and obey the same rule. Anything else, a journal that cannot be read,
+    one replaced by another, deleted, or compacted past the recorded record, and the index
+    is not trusted (it is rebuilt: time, never correctness). Costs the journal's header and
+    the records written since the index, nothing when there is no journal."""
+    try:
+        size = int(index.meta["size"])
+        recorded = index.meta["journal"]
+        jpath = journal_path_for(path)
+        if recorded is None:
+            found = scan(jpath, None)
+            if found is None:
+                return True  # none then, none now
+            header = found.header
+            if header is None or header.base_seq != 1 or header.base_offset < size:
+                return False
+        else:
+            since = Position(
+                bytes.fromhex(recorded["salt"]),
+                int(recorded["seq"]),
+                bytes.fromhex(recorded["chain"]),
+                None,
+                0,
+            )
+            found = scan(jpath, since)
+            if found is None or found.compacted_past:
+                return False  # deleted, or the records since were compacted away
+        return all(record.start >= size for record in found.records)
+    except (JournalInvalid, OSError, KeyError, TypeError, ValueError):
+        return False
+
+
 def write_index(
     path: str,
     base: Base,
@@ -631,11 +714,21 @@ def write_index(
     blocks: list[bytes],
     state: dict[str, Any],
     hints: dict[str, tuple[int, int, int]],
+    tail: bytes | None = None,
 ) -> str | None:
     """Writes the index of ``path``'s prefix ``[0, size)``: ``base`` rows then
     ``extra_rows`` (offset, length, value, stored id), the block hashes and the tree state.
     Returns the index path, or ``None`` when the transcript no longer matches (it was
-    replaced) or the write failed (an index is only a cache: nothing is raised)."""
+    replaced, or the 4 KiB before ``size`` are no longer ``tail``, the bytes the caller
+    parsed there) or the write failed (an index is only a cache: nothing is raised).
+
+    The journal's position is taken first (``journal_position``), before the transcript
+    is read for the proof: a journaled writer that cuts the prefix after that leaves a
+    record past the position that says so."""
+    try:
+        journal = journal_position(path)
+    except Mismatch:
+        return None
     base.load()
     offsets = array("q", base.offsets)
     lengths = array("q", base.lengths)
@@ -659,7 +752,10 @@ def write_index(
         if (st.st_dev, st.st_ino) != (base.dev, base.ino) or st.st_size < size:
             return None
         tail_len = min(size, 4096)
-        tail_hash = _h64(read_exact(fd, tail_len, size - tail_len))
+        tail_bytes = read_exact(fd, tail_len, size - tail_len)
+        if tail is not None and tail[-tail_len:] != tail_bytes:
+            return None  # not the bytes parsed: the rows would describe another file
+        tail_hash = _h64(tail_bytes)
         hrow = base.header_row
         hoff, hlen = int(offsets[hrow]), int(lengths[hrow])
         header_hash = _h64(read_exact(fd, hlen, hoff))
@@ -704,6 +800,7 @@ def write_index(
         "sections": sections,
         "state": state,
         "hints": {k: list(v) for k, v in hints.items()},
+        "journal": journal,
     }
     meta_raw = json.dumps(meta, separators=(",", ":")).encode("utf-8", "surrogatepass")
     parts = [MAGIC, struct.pack("<I", len(meta_raw)), meta_raw, struct.pack("<Q", _h64(meta_raw))]

@@ -392,6 +392,7 @@ class SessionManager:
         self._tail = b""  # the (up to) 4 KiB before _upto
         self._clean = 0  # end of the last complete line parsed
         self._index_size = 0  # what the index on disk covers (0: none known)
+        self._index_opened = False  # the last load went through the index
         self._index_blocks: list[bytes] = []
         self._blocks_size = 0  # _index_blocks hash the bytes [0, _blocks_size)
         self._first: Any = None  # the first line that parsed as JSON (not_a_session)
@@ -437,9 +438,14 @@ class SessionManager:
             self._eager = True
             return _io.parse_fd(fd, self._digest, self._chunk)
         found = _index.read_index(self._path)
-        if found is not None and _index.validate(found, fd, st):
+        if (
+            found is not None
+            and _index.validate(found, fd, st)
+            and _index.journal_vouches(self._path, found)
+        ):
             loaded = self._parse_warm(fd, found)
             if loaded is not None:
+                self._index_opened = True
                 return loaded
             self._reset()  # the index lied somewhere: rebuild from the file
         os.lseek(fd, 0, os.SEEK_SET)
@@ -795,7 +801,8 @@ class SessionManager:
                 "malformed": self._malformed,
                 "invalid_utf8": self._invalid_utf8,
             }
-            written = _index.write_index(self._path, base, rows, clean, blocks, state, hints)
+            tail = self._tail if clean == self._upto else None  # what was parsed there
+            written = _index.write_index(self._path, base, rows, clean, blocks, state, hints, tail)
         except (_index.Mismatch, OSError, ValueError):
             return
         if written is not None:
