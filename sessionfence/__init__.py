@@ -97,6 +97,8 @@ if TYPE_CHECKING:
     from .lock import clean_stale_locks as clean_stale_locks
     from .lock import inspect_lock as inspect_lock
     from .sync import SyncSessionFenceController as SyncSessionFenceController
+    from .transcript import ContextModel as ContextModel
+    from .transcript import ContextSettings as ContextSettings
     from .transcript import MigrationResult as MigrationResult
     from .transcript import SessionManager as SessionManager
     from .transcript import guard_session_manager as guard_session_manager
@@ -135,6 +137,8 @@ _LAZY: dict[str, str] = {
     "acquire_session_write_lock_async": "lock",
     "clean_stale_locks": "lock",
     "inspect_lock": "lock",
+    "ContextModel": "transcript",
+    "ContextSettings": "transcript",
     "MigrationResult": "transcript",
     "SessionManager": "transcript",
     "guard_session_manager": "transcript",
@@ -148,6 +152,8 @@ __all__ = [
     "BenignPolicy",
     "Change",
     "ChangeKind",
+    "ContextModel",
+    "ContextSettings",
     "FenceController",
     "FileProbe",
     "Fingerprint",

@@ -116,6 +116,9 @@ def hot_path(path: Path) -> None:
     digest = sf.RollingDigest.from_file(path, before.size)
     digest.update(b"{}\n")
     assert_type(digest.copy().intdigest(), int)
+    rebuilt = sf.RollingDigest.from_blocks([b"\0" * 16], b"tail")  # whole-block hashes + tail
+    assert_type(rebuilt, sf.RollingDigest)
+    assert_type(sf.RollingDigest.BLOCK, int)
     with sf.FileProbe(path) as probe:
         assert_type(probe.check_append(probe.fingerprint()), sf.Change)
 
@@ -177,6 +180,10 @@ def transcripts(path: Path) -> None:
     # Large transcripts: the index, the model context, incremental reloads, lazy entries.
     big = sf.SessionManager.open(path, index=None, progress=lambda done, total: None)
     assert_type(big.context_entries(), list[dict[str, Any]])
+    settings = big.context_settings()
+    assert_type(settings, sf.ContextSettings)
+    assert_type(settings.thinking_level, str | None)
+    assert_type(settings.model, sf.ContextModel | None)
     assert_type(big.refresh(), int)
     assert_type(len(big.entries), int)
     assert_type(big.entries[0], dict[str, Any])

@@ -13,6 +13,8 @@ from .._exports import present_as
 from ._manager import (
     CURRENT_VERSION,
     KNOWN_ENTRY_TYPES,
+    ContextModel,
+    ContextSettings,
     MigrationResult,
     SessionManager,
     TranscriptChangedError,
@@ -24,6 +26,8 @@ from ._manager import (
 __all__ = [
     "CURRENT_VERSION",
     "KNOWN_ENTRY_TYPES",
+    "ContextModel",
+    "ContextSettings",
     "MigrationResult",
     "SessionManager",
     "TranscriptChangedError",

@@ -27,11 +27,12 @@ the sections the meta names (offset, length, ``xxh3_64``) with one row per JSON-
 line: ``offsets`` (``q``), ``lengths`` (``q``), ``kinds`` (type code | parent class << 4),
 ``ids`` (the id the tree stores the row under, or null) and ``pars`` (a string
 ``parentId``, or null), both JSON arrays. The meta holds the file proof, the per-block
-XXH3-128 hashes of ``[0, size)`` (1 MiB blocks, the last one partial), and the tree state
-at ``size``: leaf and side cursor, labels, session name, parent overrides, malformed and
-invalid-UTF-8 line counts, and ``hints``: the rows of the context path (the latest
-compaction on the leaf's path, its first kept entry, the entries to the leaf), so an open
-reads nothing else.
+XXH3-128 hashes of ``[0, size)`` (1 MiB blocks, the last one partial: the content digest's
+block hashes), the journal position, and the tree state at ``size``: leaf and side cursor,
+labels, session name, parent overrides, malformed and invalid-UTF-8 line counts, the
+context settings at the leaf (thinking level and model), and ``hints``: the rows of the
+context path (the latest compaction on the leaf's path, its first kept entry, the entries
+to the leaf), so an open reads nothing else.
 """
 
 from __future__ import annotations

@@ -69,6 +69,7 @@ import contextlib
 import dataclasses
 import errno
 import os
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -95,6 +96,8 @@ if TYPE_CHECKING:
 __all__ = [
     "CURRENT_VERSION",
     "KNOWN_ENTRY_TYPES",
+    "ContextModel",
+    "ContextSettings",
     "MigrationResult",
     "SessionManager",
     "TranscriptChangedError",
@@ -141,6 +144,74 @@ _PLAIN_CODES: Final = {
     for kind, code in _index.KNOWN_CODES.items()
     if kind not in ("label", "session_info")
 }
+
+
+@dataclass(frozen=True, slots=True)
+class ContextModel:
+    """The model a session's context was last set to (pi-mono ``buildSessionContext``'s
+    ``model``: ``{provider, modelId}``): from a ``model_change`` entry (its ``provider``
+    and ``modelId``) or an assistant ``message`` (its message's ``provider`` and
+    ``model``). A field that is missing or not a string is ``None``."""
+
+    provider: str | None
+    model_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ContextSettings:
+    """The thinking level and model of the context at a leaf, derived as pi-mono's
+    ``buildSessionContext`` derives them (``SessionManager.context_settings``).
+
+    ``thinking_level``: the ``thinkingLevel`` of the last ``thinking_level_change`` on
+    the root-to-leaf path, ``"off"`` when there is none (``None`` when that entry's field
+    is missing or not a string). ``model``: the last ``model_change`` or assistant message
+    on the path (``ContextModel``), ``None`` when there is none."""
+
+    thinking_level: str | None = "off"
+    model: ContextModel | None = None
+
+
+def _text_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _assistant_model(entry: Entry) -> ContextModel | None:
+    """The model an assistant message names (pi-mono: ``entry.message.role ===
+    "assistant"``); ``None`` for any other message. A ``message`` that is not an object
+    names none (pi-mono would stop with a TypeError on a null one)."""
+    message = entry.get("message")
+    if type(message) is not dict or message.get("role") != "assistant":
+        return None
+    return ContextModel(_text_or_none(message.get("provider")), _text_or_none(message.get("model")))
+
+
+def _settings_to_json(settings: ContextSettings) -> dict[str, Any]:
+    model = settings.model
+    return {
+        "thinking": settings.thinking_level,
+        "model": None if model is None else [model.provider, model.model_id],
+    }
+
+
+def _settings_from_json(raw: Any) -> ContextSettings:
+    thinking = raw["thinking"]
+    model = raw["model"]
+    if thinking is not None and not isinstance(thinking, str):
+        raise ValueError("thinking level")
+    if model is None:
+        return ContextSettings(thinking, None)
+    provider, model_id = model
+    if not all(v is None or isinstance(v, str) for v in (provider, model_id)):
+        raise ValueError("model")
+    return ContextSettings(thinking, ContextModel(provider, model_id))
+
+
+_UNRESOLVED: Final = object()  # a setting the backward walk has not met yet
+_SETTING_CODES: Final = frozenset(
+    {_index.T_LEAF, _index.KNOWN_CODES["thinking_level_change"], _index.KNOWN_CODES["model_change"]}
+)
+_MESSAGE_CODE: Final = _index.KNOWN_CODES["message"]
+_THINK_ROW: Final = _index.KNOWN_CODES["thinking_level_change"] | (_index.P_STR << 4)
 
 
 class _IdMap:
@@ -230,6 +301,12 @@ class SessionManager:
 
     The tree rules (which entries move the leaf, parents of entries without ``parentId``)
     are in the module docstring.
+
+    The model context at the visible leaf, as pi-mono's ``buildSessionContext`` builds
+    it: ``context_entries()`` (the latest compaction on the leaf's path, then the entries
+    it keeps and those after it) and ``context_settings()`` (the thinking level and the
+    model the path last set: a ``ContextSettings``). After an open through the index both
+    cost the model context, not the history (docs/transcripts.md, "Large transcripts").
 
     Entries are the parsed dicts; treat them as read-only. Appended entries keep the objects
     passed in (``message``, ``data``, ``details``): do not mutate them afterwards, or the
@@ -397,6 +474,20 @@ class SessionManager:
         self._blocks_size = 0  # _index_blocks hash the bytes [0, _blocks_size)
         self._first: Any = None  # the first line that parsed as JSON (not_a_session)
         self._seen_first = False
+        # The context settings at an entry (the index's leaf, or the leaf when this manager
+        # last wrote the index), valid for the id mapping it was computed with: ids parsed
+        # from the file since (``_delta_ids``) must not redefine an id known then (checked
+        # lazily up to ``_memo_checked``); ``context_settings`` walks back to it.
+        self._settings_memo: tuple[str, ContextSettings] | None = None
+        self._memo_checked = 0
+        self._delta_ids: list[str] = []
+        self._settings_cache: tuple[Any, ContextSettings] | None = None
+        # After a cold parse, per row of the table: the row of the last
+        # thinking_level_change on its path (-1: none), built as the rows are parsed (empty
+        # when a reference did not resolve at parse time as it does at the end); valid for
+        # the table's id mapping, like the memo.
+        self._thinks = array("i")
+        self._think_refs: list[str] = []
 
     def _load(self) -> None:
         sf = _backend.active()
@@ -470,10 +561,21 @@ class SessionManager:
         blocks = _index.BlockHasher()
         sink = _io.RowSink(0, self._take_row, self._digest, blocks, skeleton=True)
         sink.progress = self._report(st.st_size)
+        self._thinks = array("i")
         try:
             loaded = _io.parse_fd(fd, sink, self._chunk)
         finally:
             self._row = None
+        # The parse-time rows of _thinks are the walk's when every reference resolved to
+        # the row it names at the end: no id is defined twice, and no reference that was
+        # missing when its row was parsed names an entry now (a forward reference).
+        ids = base._ids_map
+        assert ids is not None
+        if len(ids) != len(base.ids) - base.ids.count(None) or any(
+            ref in ids for ref in self._think_refs
+        ):
+            self._thinks = array("i")
+        self._think_refs = []
         base.size = sink.clean_end
         self._clean = sink.clean_end
         self._index_blocks = blocks.hashes()
@@ -509,6 +611,13 @@ class SessionManager:
             base.ids.append(ident)
             base.pars.append(parent)
             base.count = row + 1
+            # the row of the last thinking_level_change on its path (see _thinks)
+            up = base._ids_map.get(parent)  # type: ignore[union-attr]  # built by the parse
+            if up is None:
+                self._think_refs.append(parent)
+            self._thinks.append(
+                row if code == _THINK_ROW else -1 if up is None else self._thinks[up]
+            )
             base.put_row(ident, row)
             self._leaf = self._file_leaf = ident
             self._side = self._file_side = _UNSET
@@ -520,12 +629,37 @@ class SessionManager:
             if self._header is None:
                 self._header = value
                 base.header_row = row
+            self._thinks.append(-1)  # no tree node
             return  # a second header is kept, but is no tree node
         if not valid:
             self._missing_id = True
         self._row = row
         self._apply(value)
         self._row = None
+        self._thinks.append(self._think_of(row, value) if valid else -1)
+
+    def _think_of(self, row: int, value: Entry) -> int:
+        """The ``_thinks`` value of a row the fast path did not take: what the walk of
+        ``_walk_from`` meets from it (a leaf control stands for its target, an entry of an
+        unknown type for its parent, a known one for itself then its parent)."""
+        base = self._base
+        assert base is not None and base._ids_map is not None
+        kind = value.get("type")
+        if kind == "leaf":
+            ref = value.get("targetId")
+        elif kind == "thinking_level_change":
+            return row
+        else:
+            ref = self._parent_of(value["id"], value)
+        if not isinstance(ref, str):
+            return -1
+        up = base._ids_map.get(ref)
+        if up is None:
+            self._think_refs.append(ref)
+            return -1
+        if up == row:
+            return -1  # its own parent (or target): the walk stops there
+        return self._thinks[up]
 
     def _parse_warm(self, fd: int, found: _index.IndexData) -> _io.Loaded | None:
         """The state the index holds, then the lines past it; ``None`` when something read
@@ -549,6 +683,9 @@ class SessionManager:
             self._parents = dict(state["parents"])
             malformed = int(state["malformed"])
             invalid = int(state["invalid_utf8"])
+            settings = state["settings"]
+            if isinstance(settings["leaf"], str):
+                self._settings_memo = (settings["leaf"], _settings_from_json(settings))
         except (KeyError, TypeError, ValueError, OSError):
             return None
         size = found.size
@@ -623,6 +760,10 @@ class SessionManager:
         self._entries.append(value)
         if not valid:
             self._missing_id = True
+        elif stored is not None:
+            if stored in self._by_id.live:
+                self._settings_memo = None  # redefines an entry the memo may rest on
+            self._delta_ids.append(stored)
         self._apply(value)
 
     def _note_end(self, fd: int, size: int) -> None:
@@ -790,6 +931,7 @@ class SessionManager:
                 )
             if blocks is None:
                 return
+            settings = self._settings_at(self._leaf)  # the skeleton's context settings
             rows = [r for r in self._delta_rows if r[0] < clean]
             side = self._side
             state = {
@@ -800,6 +942,7 @@ class SessionManager:
                 "parents": self._parents,
                 "malformed": self._malformed,
                 "invalid_utf8": self._invalid_utf8,
+                "settings": {"leaf": self._leaf, **_settings_to_json(settings)},
             }
             tail = self._tail if clean == self._upto else None  # what was parsed there
             written = _index.write_index(self._path, base, rows, clean, blocks, state, hints, tail)
@@ -809,6 +952,9 @@ class SessionManager:
             self._index_size = clean
             self._index_blocks = blocks
             self._blocks_size = clean
+            if self._leaf is not None:
+                self._settings_memo = (self._leaf, settings)
+                self._memo_checked = len(self._delta_ids)
 
     def _adopt(self, loaded: _io.Loaded, fp: Fingerprint) -> None:
         self._parsed_fp = fp
@@ -1194,6 +1340,121 @@ class SessionManager:
         """
         path, _ = self._walk(self._leaf, context=True)
         return _cut_context(path)
+
+    def context_settings(self) -> ContextSettings:
+        """The thinking level and model of the context at the visible leaf, derived as
+        pi-mono's ``buildSessionContext`` derives them, along the path ``branch()`` gives:
+        the last ``thinking_level_change``'s ``thinkingLevel`` (``"off"`` without one),
+        and the last ``model_change`` (``provider``, ``modelId``) or assistant message
+        (its message's ``provider`` and ``model``) as a ``ContextModel`` (``None``
+        without one). See ``ContextSettings``; no leaf: the defaults.
+
+        Identical to what a full parse gives, at the cost of a walk from the leaf back to
+        the entries that decide, or to the leaf the index recorded them for (the index
+        stores the settings at its leaf): after an open through the index, the lines
+        parsed past it and the model context, nothing of the history. A leaf whose path
+        leaves the context elsewhere walks the row table (reading only the rows that set
+        a thinking level or a model); an open that parsed lines past the index checks
+        their ids against the index's ids once (a line redefining an indexed id would
+        change the path)."""
+        key = (self._leaf, len(self._entries), self._base)
+        cached = self._settings_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        settings = self._settings_at(self._leaf)
+        self._settings_cache = (key, settings)
+        return settings
+
+    def _valid_memo(self) -> tuple[str, ContextSettings] | None:
+        """The memo, when the id mapping it (and ``_thinks``) rests on still holds: no id
+        parsed from the file since redefines one of the table's."""
+        pending = self._delta_ids[self._memo_checked :]
+        if pending and (self._settings_memo is not None or self._thinks):
+            base = self._base
+            if base is not None and any(base.maybe_has_id(i) for i in pending):
+                self._settings_memo = None  # a line past the index redefined an indexed id
+                self._thinks = array("i")
+            self._memo_checked = len(self._delta_ids)
+        return self._settings_memo
+
+    def _settings_at(self, leaf: str | None) -> ContextSettings:
+        """``context_settings`` at ``leaf``: the walk of ``_walk_from`` from the leaf
+        back, stopping once both settings are met (the last of each on the path) or at
+        the memo's entry (whose settings fill in what is still missing). Rows of the
+        table are read only when they may set something (leaf controls, thinking and
+        model changes, messages while no model is met); the others are stepped through
+        by their kind and parent in the table."""
+        memo = self._valid_memo()
+        thinks = self._thinks  # emptied by _valid_memo when the table's mapping changed
+        thinking: Any = _UNRESOLVED
+        model: Any = _UNRESOLVED
+        base = self._base
+        live = self._by_id.live
+        every_type = self._pre_tree
+        seen: set[str] = set()
+        current = leaf
+        with base.keep_open() if base is not None else contextlib.nullcontext():
+            while current is not None and current not in seen:
+                if memo is not None and current == memo[0]:
+                    if thinking is _UNRESOLVED:
+                        thinking = memo[1].thinking_level
+                    if model is _UNRESOLVED:
+                        model = memo[1].model
+                    break
+                seen.add(current)
+                entry = live.get(current)
+                if entry is None:
+                    if base is None:
+                        break
+                    row = base.row_of(current)
+                    if row is None:
+                        break
+                    if thinking is _UNRESOLVED and row < len(thinks):
+                        # the table's rows: the last thinking change on the rest of the path
+                        at = thinks[row]
+                        thinking = (
+                            "off"
+                            if at < 0
+                            else _text_or_none(base.entry(at, keep=False).get("thinkingLevel"))
+                        )
+                        if model is not _UNRESOLVED:
+                            break
+                    if base.loaded:
+                        code = base.kinds[row] & 0x0F
+                        if code not in _SETTING_CODES and (
+                            code != _MESSAGE_CODE or model is not _UNRESOLVED
+                        ):
+                            # nothing to read: step to its parent through the table
+                            override = self._parents.get(current, _NO_PARENT)
+                            parent = override if override is not _NO_PARENT else base.pars[row]
+                            current = parent if isinstance(parent, str) else None
+                            continue
+                    entry = base.entry(row, keep=row in base.hint_rows)
+                kind = entry.get("type")
+                if kind == "leaf" and not every_type:
+                    target = entry.get("targetId")
+                    current = target if isinstance(target, str) else None
+                    continue
+                if every_type or kind in KNOWN_ENTRY_TYPES:
+                    if kind == "thinking_level_change":
+                        if thinking is _UNRESOLVED:
+                            thinking = _text_or_none(entry.get("thinkingLevel"))
+                    elif kind == "model_change":
+                        if model is _UNRESOLVED:
+                            model = ContextModel(
+                                _text_or_none(entry.get("provider")),
+                                _text_or_none(entry.get("modelId")),
+                            )
+                    elif kind == "message" and model is _UNRESOLVED:
+                        model = _assistant_model(entry) or _UNRESOLVED
+                    if thinking is not _UNRESOLVED and model is not _UNRESOLVED:
+                        break
+                parent = self._parent_of(current, entry)
+                current = parent if isinstance(parent, str) else None
+        return ContextSettings(
+            "off" if thinking is _UNRESOLVED else thinking,
+            None if model is _UNRESOLVED else model,
+        )
 
     def _hint_ids(self) -> list[str]:
         """The ids ``_walk(leaf, context=True)`` looks up, found through the row table

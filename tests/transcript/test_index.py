@@ -14,10 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sessionfence import SessionManager, _jsonl
-from sessionfence.transcript import _index
+from sessionfence.transcript import ContextModel, ContextSettings, _index
 from sessionfence.transcript._index import index_path_for
 
 IDS = [f"{i:08x}" for i in range(1, 13)]
+MISSING = object()  # a field left out of a generated entry
 HEADER = {"type": "session", "version": 3, "id": "hdr", "timestamp": "t", "cwd": "/"}
 
 
@@ -54,6 +55,45 @@ def line_strategy() -> st.SearchStrategy[bytes]:
             lambda role, text: {"message": {"role": role, "content": text}},
             st.sampled_from(["user", "assistant", "toolResult"]),
             st.text(max_size=20),
+        ),
+    )
+    # What the context settings read (pi-mono buildSessionContext): assistant messages'
+    # provider and model, model and thinking-level changes; fields missing or not strings.
+    setting = st.one_of(st.sampled_from(["anthropic", "openai", "high", "off", ""]), st.none())
+    maybe = st.one_of(setting, st.just(3), st.just(MISSING))
+    assistant = entry(
+        "message",
+        st.builds(
+            lambda role, provider, model: {
+                "message": {
+                    "role": role,
+                    "content": "x",
+                    **({"provider": provider} if provider is not MISSING else {}),
+                    **({"model": model} if model is not MISSING else {}),
+                }
+            },
+            st.sampled_from(["assistant", "assistant", "user"]),
+            maybe,
+            maybe,
+        )
+        | st.sampled_from([{"message": "not an object"}, {"message": [1]}, {}]),
+    )
+    model_change = entry(
+        "model_change",
+        st.builds(
+            lambda provider, model: {
+                **({"provider": provider} if provider is not MISSING else {}),
+                **({"modelId": model} if model is not MISSING else {}),
+            },
+            maybe,
+            maybe,
+        ),
+    )
+    thinking = entry(
+        "thinking_level_change",
+        st.builds(
+            lambda level: {"thinkingLevel": level} if level is not MISSING else {},
+            st.one_of(st.sampled_from(["off", "low", "high", 2]), st.just(MISSING)),
         ),
     )
     compaction = entry(
@@ -101,7 +141,20 @@ def line_strategy() -> st.SearchStrategy[bytes]:
             b"   ",
         ]
     )
-    return st.one_of(message, message, message, compaction, label, info, other, leaf, junk)
+    return st.one_of(
+        message,
+        message,
+        message,
+        assistant,
+        model_change,
+        thinking,
+        compaction,
+        label,
+        info,
+        other,
+        leaf,
+        junk,
+    )
 
 
 def write_lines(path: Path, lines: list[bytes], tail: bytes = b"") -> None:
@@ -127,6 +180,8 @@ def state(m: SessionManager) -> dict[str, Any]:
         "len": len(m.entries),
         "branch": m.branch(),
         "context": m.context_entries(),
+        "settings": m.context_settings(),
+        "settings_as_pi": settings_as_pi(m.branch()),
         "ids": ids,
         "children": {i: m.children(i) for i in [None, *IDS[:4]]},
         "digest": m.digest.intdigest(),
@@ -136,8 +191,33 @@ def state(m: SessionManager) -> dict[str, Any]:
     }
 
 
+def settings_as_pi(path: list[dict[str, Any]]) -> ContextSettings:
+    """pi-mono ``buildSessionContext``'s thinking level and model, folded forward over a
+    root-to-leaf path as it does (fields that are not strings as ``None``)."""
+
+    def text(value: object) -> str | None:
+        return value if isinstance(value, str) else None
+
+    thinking: str | None = "off"
+    model: ContextModel | None = None
+    for entry in path:
+        kind = entry.get("type")
+        if kind == "thinking_level_change":
+            thinking = text(entry.get("thinkingLevel"))
+        elif kind == "model_change":
+            model = ContextModel(text(entry.get("provider")), text(entry.get("modelId")))
+        elif kind == "message":
+            message = entry.get("message")
+            if isinstance(message, dict) and message.get("role") == "assistant":
+                model = ContextModel(text(message.get("provider")), text(message.get("model")))
+    return ContextSettings(thinking, model)
+
+
 def full(path: Path) -> dict[str, Any]:
-    return state(SessionManager.open(path, index=False))
+    reference = state(SessionManager.open(path, index=False))
+    # a full parse's context settings are pi-mono's fold over its branch()
+    assert reference["settings"] == reference["settings_as_pi"]
+    return reference
 
 
 TAILS = [b"", b'{"type":"message","id":"0000000b","parentId":null}', b'{"type":"mess']
@@ -374,3 +454,56 @@ def test_open_gives_the_same_model_on_both_backends(tmp_path: Path, backend: Any
         f.write(b'{"type":"message","id":"bad00001","parentId":null,"x":"\xff"}\n')
     assert state(SessionManager.open(path)) == full(path)
     assert state(SessionManager.open(path)) == full(path)
+
+
+def _row(kind: str, ident: str, parent: str | None, **fields: Any) -> bytes:
+    return dump({"type": kind, "id": ident, "parentId": parent, "timestamp": "t", **fields})
+
+
+SETTINGS_CASES = {
+    # a reference to an entry further down the file (a forward reference): the parse meets
+    # the thinking change above the message only after the message
+    "forward": [
+        _row("message", IDS[0], IDS[1], message={"role": "user", "content": "a"}),
+        _row("thinking_level_change", IDS[1], None, thinkingLevel="low"),
+        _row("message", IDS[2], IDS[0], message={"role": "user", "content": "c"}),
+    ],
+    # an id defined twice: the path goes through the later definition
+    "redefined": [
+        _row("thinking_level_change", IDS[0], None, thinkingLevel="high"),
+        _row("message", IDS[1], IDS[0], message={"role": "assistant", "provider": "p"}),
+        _row("message", IDS[0], None, message={"role": "user", "content": "again"}),
+        _row("message", IDS[2], IDS[1], message={"role": "user", "content": "c"}),
+    ],
+    # a leaf control moving the leaf back, then a branch from there
+    "branch": [
+        _row("thinking_level_change", IDS[0], None, thinkingLevel="high"),
+        _row("model_change", IDS[1], IDS[0], provider="openai", modelId="gpt"),
+        _row("thinking_level_change", IDS[2], IDS[1], thinkingLevel="off"),
+        _row("message", IDS[3], IDS[2], message={"role": "assistant", "model": "m"}),
+        _row("leaf", IDS[4], IDS[3], targetId=IDS[1]),
+        _row("message", IDS[5], IDS[1], message={"role": "user", "content": "branch"}),
+        _row("compaction", IDS[6], IDS[5], summary="s", firstKeptEntryId=IDS[5], tokensBefore=1),
+    ],
+}
+
+
+@pytest.mark.parametrize("case", sorted(SETTINGS_CASES))
+def test_context_settings_follow_the_path_as_a_full_parse_does(tmp_path: Path, case: str) -> None:
+    path = tmp_path / "s.jsonl"
+    lines = [dump(HEADER), *SETTINGS_CASES[case]]
+    write_lines(path, lines)
+    want = full(path)
+    cold = SessionManager.open(path, index=True)  # the table's rows of the parse
+    assert state(cold) == want
+    warm = SessionManager.open(path)  # the settings the index stored for its leaf
+    assert warm._index_opened and state(warm) == want
+    # more lines behind the index: walked back to the index's leaf
+    write_lines(path, [*lines, _row("message", IDS[8], warm.leaf_id, message={"role": "user"})])
+    assert state(SessionManager.open(path)) == full(path)
+    expected = {
+        "forward": ContextSettings("low", None),
+        "redefined": ContextSettings("off", ContextModel("p", None)),
+        "branch": ContextSettings("high", ContextModel("openai", "gpt")),
+    }[case]
+    assert want["settings"] == expected
