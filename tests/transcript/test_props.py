@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sessionfence import SessionManager, _jsonl, content_digest
+from tests.transcript.test_index import settings_as_pi
 
 # Text with everything, lone surrogates included (JSON can carry them as escapes).
 any_text = st.text(st.characters(exclude_categories=()), max_size=30)
@@ -218,6 +219,9 @@ piece = st.sampled_from(
         b'{"type":"custom","id":"b2","parentId":"a1","customType":"x"}',
         b'{"type":"label","id":"c3","parentId":"b2","targetId":"a1","label":"L"}',
         b'{"type":"leaf","id":"d4","parentId":"c3","targetId":"a1","appendMode":"side"}',
+        b'{"type":"model_change","id":"e5","parentId":"d4","provider":"p","modelId":"m"}',
+        b'{"type":"thinking_level_change","id":"f6","parentId":"a1","thinkingLevel":"high"}',
+        b'{"type":"message","id":"a1","parentId":"f6","message":{"role":"assistant","model":"r"}}',
         b'{"v":NaN}',
         b"[]",
         b"",
@@ -254,3 +258,6 @@ def test_open_matches_a_reference_parser(parts: list[bytes], tail: bytes, chunk:
         assert m.torn_tail == torn
         assert m.digest.intdigest() == content_digest(path)
         assert m.digest_size == len(raw)
+        got = m.context_settings()  # pi-mono's fold over the path, as a full parse gives it
+        assert got == settings_as_pi(m.branch())
+        assert got == SessionManager.open(path, index=False).context_settings()
