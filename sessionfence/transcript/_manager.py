@@ -1129,6 +1129,18 @@ class SessionManager:
             f"leaf={self._leaf!r} digest_size={self._digest_size}>"
         )
 
+    def close(self) -> None:
+        """Release what the manager holds between calls. A manager of a file holds nothing
+        (it keeps no descriptor open), so this does nothing; a manager of a stored session
+        releases its local copy (docs/multihost.md). Also ``with SessionManager.open(...)
+        as m:``. Idempotent."""
+
+    def __enter__(self) -> SessionManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def header(self) -> Entry | None:
         return self._header
