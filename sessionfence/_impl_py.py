@@ -457,14 +457,13 @@ class RollingDigest:
         """The digest of ``k`` whole blocks whose hashes are ``hashes`` (each the 16-byte
         XXH3-128 of one ``BLOCK``-byte block, in order), followed by the bytes ``tail``:
         equal to one fed those blocks' bytes and ``tail``, which are never read."""
-        digest = cls()
-        count = 0
-        for h in hashes:
+        parts = list(hashes)
+        for h in parts:
             if len(h) != 16:
                 raise ValueError(f"a block hash is 16 bytes, got {len(h)}")
-            digest._outer.update(h)
-            count += 1
-        digest._total = count * _BLOCK
+        digest = cls()
+        digest._outer.update(b"".join(parts))  # one stream: the same as one update each
+        digest._total = len(parts) * _BLOCK
         digest.update(tail)
         return digest
 
