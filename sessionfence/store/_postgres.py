@@ -145,6 +145,9 @@ class _Sql:
         self.import_session = (
             f"INSERT INTO {q}.sf_sessions (session_id, last_seq, last_entry_id) VALUES (%s, %s, %s)"
         )
+        self.imported = (
+            f"UPDATE {q}.sf_sessions SET last_seq = %s, last_entry_id = %s WHERE session_id = %s"
+        )
         self.copy_entries = (
             f"COPY {q}.sf_entries (session_id, seq, line, terminated, entry_id, entry_type, "
             "role) FROM STDIN"
@@ -320,40 +323,41 @@ def _fence_read(rows: list[Any]) -> FenceRead | None:
     return FenceRead(first[0], int(first[1]), int(first[2]), int(first[3]), lines)
 
 
-def split_jsonl(data: bytes, path: str) -> list[tuple[bytes, bool]]:
-    """A JSONL file's lines, exactly, each with whether it ends in a newline (only the last
-    can lack one). A torn last line (no newline, not a JSON object) is refused."""
-    pieces = data.split(b"\n")
-    out = [(p, True) for p in pieces[:-1]]
-    if pieces[-1]:
-        if not isinstance(_parse(pieces[-1]), dict):
-            raise TornTranscriptError(path, len(data) - len(pieces[-1]), len(pieces[-1]))
-        out.append((pieces[-1], False))
-    return out
+class _Importer:
+    """The rows of an imported JSONL file, made as the file is read (a file of gigabytes
+    never sits in memory whole): ``rows(f)`` yields one ``sf_entries`` row per line, in
+    order, and refuses a file that is not a session and a torn last line; then ``count``
+    and ``last_id`` say what the session row needs."""
 
+    def __init__(self, session_id: str, src: str) -> None:
+        self.session_id = session_id
+        self.src = src
+        self.count = 0
+        self.last_id: str | None = None
+        self.header_seen = False
 
-def _import_rows(
-    session_id: str, data: bytes, src: str
-) -> tuple[list[tuple[Any, ...]], str | None]:
-    lines = split_jsonl(data, src)
-    rows: list[tuple[Any, ...]] = []
-    last_id: str | None = None
-    header_seen = False
-    for seq, (line, terminated) in enumerate(lines):
-        ident, kind = _line_facts(line)
-        role = "import"
-        if kind == "session" and not header_seen:
-            role = "header"
-        if kind is not None or ident is not None:
-            if not header_seen and role != "header":
-                raise NotASessionError(src, "its first JSON line is not a session header")
-            header_seen = True
-        if ident is not None:
-            last_id = ident
-        rows.append((session_id, seq, line, terminated, ident, kind, role))
-    if not header_seen:
-        raise NotASessionError(src, "it has no session header")
-    return rows, last_id
+    def rows(self, f: Any) -> Iterator[tuple[Any, ...]]:
+        offset = 0
+        for raw in f:  # binary: split on b"\n" only, each line with its newline
+            terminated = raw.endswith(b"\n")
+            line = raw[:-1] if terminated else raw
+            if not terminated and not isinstance(_parse(line), dict):
+                raise TornTranscriptError(self.src, offset, len(line))
+            offset += len(raw)
+            ident, kind = _line_facts(line)
+            role = "import"
+            if kind == "session" and not self.header_seen:
+                role = "header"
+            if kind is not None or ident is not None:
+                if not self.header_seen and role != "header":
+                    raise NotASessionError(self.src, "its first JSON line is not a session header")
+                self.header_seen = True
+            if ident is not None:
+                self.last_id = ident
+            yield (self.session_id, self.count, line, terminated, ident, kind, role)
+            self.count += 1
+        if not self.header_seen:
+            raise NotASessionError(self.src, "it has no session header")
 
 
 def _joined(rows: Iterator[tuple[bytes, bool]]) -> Iterator[bytes]:
@@ -691,21 +695,22 @@ class PostgresStore(_Common):
 
     def import_jsonl(self, session_id: str, src: str) -> int:
         """Create ``session_id`` from the JSONL file ``src``, byte for byte (blank and
-        malformed lines too: an export gives the same file back). Lines arrive by ``COPY``,
-        in one transaction. Refuses a file that is not a session and a torn last line."""
-        with open(src, "rb") as f:
-            data = f.read()
-        rows, last_id = _import_rows(session_id, data, src)
+        malformed lines too: an export gives the same file back); returns the line count.
+        Lines stream into ``COPY`` as the file is read, in one transaction (memory does
+        not grow with the file). Refuses a file that is not a session and a torn last
+        line (nothing is created then)."""
 
-        def op(conn: Any) -> None:
-            with conn.transaction():
-                conn.execute(self.sql.import_session, (session_id, len(rows) - 1, last_id))
+        def op(conn: Any) -> int:
+            importer = _Importer(session_id, src)
+            with open(src, "rb") as f, conn.transaction():
+                conn.execute(self.sql.import_session, (session_id, -1, None))
                 with conn.cursor() as cur, cur.copy(self.sql.copy_entries) as copy:
-                    for row in rows:
+                    for row in importer.rows(f):
                         copy.write_row(row)
+                conn.execute(self.sql.imported, (importer.count - 1, importer.last_id, session_id))
+            return importer.count
 
-        self._run(op)
-        return len(rows)
+        return self._run(op)
 
     # fences -----------------------------------------------------------------------------------
 

@@ -5,8 +5,9 @@ server binaries are found through ``SESSIONFENCE_PG_BINDIR``, ``pg_config --bind
 Debian layout (``/usr/lib/postgresql/<major>/bin``, highest major first) or ``initdb`` on
 ``PATH``. As root the server runs as the ``postgres`` user (PostgreSQL refuses to run as
 root); the data directory is then owned by that user. It listens on 127.0.0.1 on a free
-port and on a Unix socket in its own directory; authentication is ``trust`` (it is
-reachable only from this host, and removed after the run).
+port and on a Unix socket in its own directory (and on more addresses when asked, such as
+the host ends of the fleet's veth links); authentication is ``trust`` for localhost and the
+networks it is given (reachable only from this host, and removed after the run).
 """
 
 from __future__ import annotations
@@ -70,7 +71,14 @@ class TempPostgres:
     ``durable=False`` runs with ``fsync=off`` (tests and benchmarks: a fast shutdown or a
     restart still loses nothing, only an OS crash could)."""
 
-    def __init__(self, *, bindir: str | None = None, durable: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        bindir: str | None = None,
+        durable: bool = True,
+        listen: tuple[str, ...] = ("127.0.0.1",),
+        trusted_networks: tuple[str, ...] = (),
+    ) -> None:
         found = bindir or find_pg_bindir()
         if found is None:
             raise PostgresBinariesMissing(
@@ -80,6 +88,11 @@ class TempPostgres:
             )
         self.bindir = found
         self.durable = durable
+        # Addresses it listens on (the first is the one ``url`` names) and networks (CIDR)
+        # whose clients it trusts besides localhost: the fleet's hosts in their own network
+        # namespaces reach it over veth links.
+        self.listen = listen
+        self.trusted_networks = trusted_networks
         self.port = 0
         self.base: str | None = None
         self.restarts = 0
@@ -97,7 +110,11 @@ class TempPostgres:
 
     @property
     def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        return self.url_for(self.listen[0])
+
+    def url_for(self, address: str) -> str:
+        """The URL of the server at one of the addresses it listens on."""
+        return f"postgresql://postgres@{address}:{self.port}/postgres"
 
     def _run(self, *args: str, timeout: float = 120.0) -> None:
         kwargs: dict[str, Any] = {}
@@ -138,6 +155,11 @@ class TempPostgres:
             "initdb", "-D", self.datadir, "-U", "postgres", "--auth=trust", "-E", "UTF8",
             "--no-sync", "--no-instructions",
         )  # fmt: skip
+        if self.trusted_networks:
+            hba = os.path.join(self.datadir, "pg_hba.conf")
+            with open(hba, "a") as f:
+                for cidr in self.trusted_networks:
+                    f.write(f"host all all {cidr} trust\n")
         self.port = _free_port()
         self._pg_ctl_start()
         return self
@@ -146,7 +168,7 @@ class TempPostgres:
         opts = [
             f"-p {self.port}",
             f"-k {self.sockdir}",
-            "-c listen_addresses=127.0.0.1",
+            "-c listen_addresses=" + ",".join(self.listen),
             "-c max_connections=200",
             "-c shared_buffers=128MB",
         ]

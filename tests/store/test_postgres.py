@@ -93,12 +93,23 @@ def test_import_export_byte_identical(pg_store: PostgresStore, tmp_path: Any) ->
 def test_import_refuses_torn_tail_and_non_sessions(pg_store: PostgresStore, tmp_path: Any) -> None:
     torn = tmp_path / "torn.jsonl"
     torn.write_bytes(ODD[:60] + b"\n" + b'{"type":"mess')
-    with pytest.raises(TornTranscriptError):
-        pg_store.import_jsonl(new_id(), str(torn))
+    sid = new_id()
+    with pytest.raises(TornTranscriptError) as info:
+        pg_store.import_jsonl(sid, str(torn))
+    assert info.value.offset == 61  # where the torn line starts
+    with pytest.raises(KeyError):  # nothing was created: the COPY was rolled back
+        pg_store.read_lines(sid)
     other = tmp_path / "other.jsonl"
     other.write_bytes(b'{"role":"user","content":"hi"}\n')
     with pytest.raises(NotASessionError):
-        pg_store.import_jsonl(new_id(), str(other))
+        pg_store.import_jsonl(sid, str(other))
+    with pytest.raises(KeyError):
+        pg_store.read_lines(sid)
+    # The same id imports fine afterwards: the refused imports left nothing behind.
+    ok = tmp_path / "ok.jsonl"
+    ok.write_bytes(ODD)
+    assert pg_store.import_jsonl(sid, str(ok)) == 6
+    assert b"".join(pg_store.read_lines(sid)) == ODD
 
 
 async def test_fence_reads_only_new_lines(pg_store: PostgresStore, tmp_path: Any) -> None:
