@@ -625,6 +625,7 @@ class _Run:
             self.skipped("terminate", "terminations_skipped")
             return
         rows = self.admin._run(lambda c: c.execute(_TERMINATE, (host.app,)).fetchall())
+        self.counts["terminations"] += 1
         self.counts["backends_terminated"] += sum(1 for r in rows if r[0])
 
     def restart_server(self) -> None:
@@ -1263,6 +1264,10 @@ def _oracle(run: _Run) -> dict[str, Any]:
         "server_restarts": run.counts["server_restarts"],
         "server_restarts_skipped": run.counts["server_restarts_skipped"],
         "backends_terminated": run.counts["backends_terminated"],
+        # pg_terminate_backend issued on a host's connection (0 backends when the host was
+        # reconnecting just then), and those skipped because the attempt ended first.
+        "terminations": run.counts["terminations"],
+        "terminations_skipped": run.counts["terminations_skipped"],
         "workers": {
             "killed": len(run.kills),
             "killed_between_send_and_ack": kills["between send and acknowledgement"],
