@@ -254,7 +254,7 @@ class SessionFenceController:
     @classmethod
     async def create(
         cls,
-        session_file: str,
+        session_file: str | os.PathLike[str],
         *,
         timeout: float | None = None,
         stale: float | None = None,

@@ -13,8 +13,13 @@ the file controller judges journaled appends:
   supersession is raised before a model call starts, as the file controller does), and
   ``reacquire_after_prompt`` checks again; a write scope opened during a prompt window
   checks first, as the file controller's short lock does;
-- accepted foreign lines (co-tenants', benign ones) go to ``merge_foreign_entries`` (or
-  ``reload_session_file`` is called when only that is given).
+- accepted foreign lines (co-tenants', benign ones) go to ``merge_foreign_entries``;
+  ``reload_session_file`` is called when the merge asks for it (``requires_reload``).
+
+Differences from files, all because there is no lock: the fence is active from create (a
+foreign line written before the first release is judged, where a file fence takes the state
+at its first release as its baseline), and another host can claim while this run holds the
+session (``release_for_prompt`` then raises ``SessionSupersededError``).
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
-from .._callbacks import MergeCallback, ReloadCallback, call_maybe_async
+from .._callbacks import MergeCallback, MergeResult, ReloadCallback, call_maybe_async
 from ..controller._classify import BenignPolicy
 from ..errors import SessionTakeoverError
 from ..journal._writer import SessionWriter
@@ -48,6 +54,10 @@ class StoreFenceController:
         self._held = True
         self._disposed = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._in_scope: ContextVar[bool] = ContextVar("sessionfence_store_scope", default=False)
+        self._scopes = 0  # write scopes running now
+        # release_for_prompt / _for_abort called inside a scope: None, "prompt" or "abort"
+        self._release_deferred: str | None = None
 
     @classmethod
     async def create(
@@ -159,12 +169,27 @@ class StoreFenceController:
     async def write_lock(self) -> AsyncIterator[None]:
         """``async with ctl.write_lock(): ...``: the block's appends (through a manager
         with ``writer=ctl.writer``) commit only while this run's claim is in force. Inside
-        a prompt window the fence is checked first."""
+        a prompt window the fence is checked first. A ``release_for_prompt`` made inside
+        the block is carried out when the last running block ends, as on files."""
         if self._fence.takeover is not None:
             raise self._fence.takeover
         if not self._held and not self._disposed:
             await self._fence.check("fence_check")
-        yield
+        token = self._in_scope.set(True)
+        self._scopes += 1
+        try:
+            yield
+        finally:
+            self._scopes -= 1
+            self._in_scope.reset(token)
+            deferred, self._release_deferred = self._release_deferred, None
+            if self._scopes == 0 and deferred == "abort":
+                with contextlib.suppress(SessionTakeoverError):
+                    await self._release()
+            elif self._scopes == 0 and deferred == "prompt":
+                await self._release()
+            else:
+                self._release_deferred = deferred
 
     def with_write_lock(self, fn: Callable[[], Awaitable[T]] | Callable[[], T]) -> asyncio.Task[T]:
         """Run ``fn`` (sync or async) in a write scope; await the returned task."""
@@ -183,17 +208,33 @@ class StoreFenceController:
 
     async def release_for_prompt(self) -> None:
         """Check what was written since the last check, then leave the session to others
-        for the model call; a takeover or supersession is raised before the call starts."""
+        for the model call; a takeover or supersession is raised before the call starts.
+        Called from inside a write scope, it is carried out when the scope ends."""
         if self._disposed or not self._held:
             return
+        await self._release_or_defer("prompt")
+
+    async def _release_or_defer(self, how: str) -> None:
+        if self._disposed or not self._held:
+            return
+        if self._in_scope.get():
+            if self._release_deferred != "prompt":  # a prompt release wins over an abort
+                self._release_deferred = how
+            return
         await self._drain()
+        await self._release()
+
+    async def _release(self) -> None:
+        if self._disposed or not self._held:
+            return
         self._held = False
         await self._fence.check("fence_check")
 
     async def release_for_abort(self) -> None:
-        """``release_for_prompt``, recording a takeover instead of raising it."""
+        """``release_for_prompt``, recording a takeover instead of raising it (also when it
+        is carried out at the end of a scope)."""
         with contextlib.suppress(SessionTakeoverError):
-            await self.release_for_prompt()
+            await self._release_or_defer("abort")
 
     async def reacquire_after_prompt(self) -> None:
         """The fence check after the prompt window (phase ``prompt_reacquire``)."""
@@ -211,7 +252,8 @@ class StoreFenceController:
             await self.reacquire_after_prompt()
 
     async def _drain(self) -> None:
-        pending = [t for t in self._tasks if not t.done()]
+        me = asyncio.current_task()
+        pending = [t for t in self._tasks if not t.done() and t is not me]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
 
@@ -223,7 +265,8 @@ class StoreFenceController:
         self._disposed = True
         self._held = False
         try:
-            await self._drain()
+            if not self._in_scope.get():
+                await self._drain()
         finally:
             await self._fence.dispose()
 
@@ -238,15 +281,16 @@ _CREATE = object()
 def _merge_fn(
     merge: MergeCallback | None, reload: ReloadCallback | None
 ) -> Callable[[list[Any]], Awaitable[None]] | None:
-    """The store fence's merge callback: the caller's merge (its result is about files and
-    is not needed here), else a reload."""
-    if merge is None and reload is None:
+    """The store fence's merge callback, as the file controller uses the two: accepted
+    foreign entries go to ``merge`` (none: they are accepted as far as the policy takes
+    lines without a merge callback, and nobody is told); ``reload`` is called when the
+    merge says the session must be read again (``MergeResult.requires_reload``)."""
+    if merge is None:
         return None
 
     async def run(entries: list[Any]) -> None:
-        if merge is not None:
-            await call_maybe_async(merge, entries)
-        elif reload is not None:
+        result = await call_maybe_async(merge, entries)
+        if isinstance(result, MergeResult) and result.requires_reload and reload is not None:
             await call_maybe_async(reload)
 
     return run

@@ -20,6 +20,7 @@ length). It judges them as ``SessionFenceController`` judges journaled appends
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -74,6 +75,9 @@ class PostgresFence:
         self._leaf: str | None = None
         self._takeover: SessionTakeoverError | None = None
         self._disposed = False
+        # One check at a time: two overlapping checks (a write scope's and the reacquire's
+        # in one prompt window) would read from the same position and merge lines twice.
+        self._checking = asyncio.Lock()
         self.lines_read = 0  # lines the checks read (O(new lines): tests and benchmarks)
 
     @classmethod
@@ -172,6 +176,10 @@ class PostgresFence:
 
     async def check(self, phase: str = "fence_check") -> None:
         """Judge every line written since the last check (see the module docstring)."""
+        async with self._checking:
+            await self._check(phase)
+
+    async def _check(self, phase: str) -> None:
         if self._takeover is not None:
             raise self._takeover
         if self._disposed:
@@ -263,6 +271,8 @@ class PostgresFence:
         if entries and self._merge is not None:
             try:
                 await call_maybe_async(self._merge, list(entries))
+            except asyncio.CancelledError:
+                raise  # the caller's cancellation, not a verdict on the lines
             except BaseException as exc:
                 self._fail("merge-rejected", phase, f"merge callback failed: {exc!r}")
                 raise

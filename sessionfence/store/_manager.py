@@ -20,6 +20,7 @@ from typing import Any
 
 from .. import _jsonl
 from .._types import DEFAULT_WINDOW
+from ..errors import NotASessionError, TranscriptNeedsMigrationError
 from ..journal._writer import SessionWriter
 from ..transcript import _io
 from ..transcript._manager import SessionManager, TranscriptChangedError
@@ -61,6 +62,8 @@ class StoreSessionManager(SessionManager):
             )
         self._pg = store
         self._session_id = session_id
+        self._label = session_label(session_id)
+        self._closed = False
         self._mirror = StoreMirror(store, session_id, store.cache_dir)
         self._mirror.sync()
         super().__init__(
@@ -88,8 +91,10 @@ class StoreSessionManager(SessionManager):
         return self._mirror.lines_copied
 
     def close(self) -> None:
-        """Release the local copy: a private one is removed, the store's ``cache_dir`` copy
-        stays for the next manager. The manager must not be used afterwards."""
+        """Release the local copy: a private one is removed (entries already read stay
+        readable only while the copy exists), the store's ``cache_dir`` copy stays for the
+        next manager. Appends and refreshes are refused afterwards. Idempotent."""
+        self._closed = True
         self._mirror.close()
 
     def __repr__(self) -> str:
@@ -108,14 +113,37 @@ class StoreSessionManager(SessionManager):
             _KEEP_COPY[self._base] = self._mirror
 
     def reload(self) -> None:
+        self._check_open()
         self._mirror.sync()
         super().reload()
 
     def refresh(self) -> int:
+        self._check_open()
         self._mirror.sync()
         return super().refresh()
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"the manager of {self._label} was closed")
+
     # appending: the store commits, then the copy follows ---------------------------------
+
+    def _check_appendable(self) -> None:
+        # As on files, but the errors name the stored session, not the local copy (a
+        # pre-tree session is migrated as a file: export, migrate_transcript, import).
+        if self._closed:
+            raise ValueError(f"the manager of {self._label} was closed")
+        if self._not_session is not None:
+            raise NotASessionError(self._label, self._not_session)
+        if self.needs_migration:
+            error = TranscriptNeedsMigrationError(self._label, self._version or 1.0)
+            error.args = (
+                "the stored session is a pre-tree (v1) session, which pi-mono and openclaw "
+                "rewrite with new entry ids on their next open; nothing was written. Migrate "
+                "it as a file (store.export_jsonl, sessionfence migrate FILE, "
+                f"store.import_jsonl under a new id): {self._label}",
+            )
+            raise error
 
     def _write(self, entry: dict[str, Any], idempotency_key: str | None = None) -> Any:
         self._check_appendable()
@@ -129,9 +157,14 @@ class StoreSessionManager(SessionManager):
             )
         if not self._mirror.exists:
             self._create(entry)
-        result = self._pg.append(
-            self._session_id, entry, writer=writer, idempotency_key=idempotency_key
-        )
+        try:
+            result = self._pg.append(
+                self._session_id, entry, writer=writer, idempotency_key=idempotency_key
+            )
+        except KeyError:
+            raise FileNotFoundError(
+                errno.ENOENT, "the session is gone from the store", self._label
+            ) from None
         if result.duplicate:
             # A retry: the entry that key wrote, as the store holds it.
             self._mirror.sync()
@@ -139,36 +172,43 @@ class StoreSessionManager(SessionManager):
             value = None if stored is None else _io.parse_last_line(stored, False)[0]
             if value is None:
                 raise TranscriptChangedError(
-                    f"the entry {result.entry_id} of {session_label(self._session_id)} "
-                    "does not parse"
+                    f"the entry {result.entry_id} of {self._label} does not parse"
                 )
             return value
-        if result.seq == self._mirror.seq + 1 and not self._mirror.open_line:
-            # Nothing landed between the copy's end and our line: it is the line the store
-            # holds (the store encodes the same dict with the same encoder), no read needed.
-            self._mirror.append_own(result.seq, line)
-        else:
-            before = self._mirror.sync(upto=result.seq)
-            if not before or before[-1][0] != result.seq:
-                raise TranscriptChangedError(
-                    f"line {result.seq} of {session_label(self._session_id)} vanished after "
-                    "its append committed"
-                )
-            if before[-1][1] != line[:-1]:  # pragma: no cover - both sides encode one dict
-                raise TranscriptChangedError(
-                    f"line {result.seq} of {session_label(self._session_id)} is not the "
-                    "line this manager appended"
-                )
-        self._adopt_own(entry, line)
+        # The line is committed: whatever happens to the local copy from here on, the append
+        # succeeded (raising would invite a retry, a duplicate without a key). A copy that
+        # could not follow is copied again at the next sync; the model takes the entry now.
+        try:
+            self._copy_own(result.seq, line)
+            self._adopt_own(entry, line)
+        except Exception:
+            self._mirror.invalidate()
+            self._pure = False
         return None
 
+    def _copy_own(self, seq: int, line: bytes) -> None:
+        if seq == self._mirror.seq + 1 and not self._mirror.open_line:
+            # Nothing landed between the copy's end and our line: it is the line the store
+            # holds (the store encodes the same dict with the same encoder), no read needed.
+            self._mirror.append_own(seq, line)
+            return
+        before = self._mirror.sync(upto=seq)
+        if not before or before[-1] != (seq, line[:-1]):
+            raise TranscriptChangedError(f"line {seq} of {self._label} is not the one appended")
+
     def _adopt_own(self, entry: dict[str, Any], line: bytes) -> None:
-        """The sync copied our line already; account for it as ``_put`` does for a file
-        write: the model stays a reader's view when the line sits where the model ended."""
+        """Our line is in the copy; account for it as ``_put`` does for a file write: the
+        model stays a reader's view, and the digest rolls over it, when the line sits right
+        where they ended."""
         end = os.path.getsize(self.path)
-        if self._pure and end - len(line) == self._upto:
+        start = end - len(line)
+        if start == self._digest_size:
+            if self._digest is not None:
+                self._digest.update(line)
+            self._digest_size = end
+        if self._pure and start == self._upto:
             ident = entry.get("id")
-            self._delta_rows.append((end - len(line), len(line) - 1, entry, ident))
+            self._delta_rows.append((start, len(line) - 1, entry, ident))
             self._upto = end
             self._tail = (self._tail + line)[-4096:]
             self._clean = end
@@ -190,7 +230,7 @@ class StoreSessionManager(SessionManager):
                 raise FileExistsError(
                     errno.EEXIST,
                     "session was created by another writer after it was opened; reopen it",
-                    session_label(self._session_id),
+                    self._label,
                 ) from None
             self.reload()
             self._check_appendable()

@@ -3,9 +3,9 @@
 A ``SessionManager`` of a PostgreSQL session (``SessionManager.open(id, store=...)``) parses
 this copy with the file model's own parser and index, so the tree, the context, torn and
 malformed lines and every other reading rule are exactly the file store's: the copy holds
-the bytes ``export_jsonl`` would write. It is private to one manager (a temporary directory
-removed with it) and never shared with another process or host; the store stays the only
-commit point.
+the bytes ``export_jsonl`` would write. It is private to one manager at a time (a temporary
+directory removed with it, or a copy kept in the store's ``cache_dir`` under an OS lock) and
+never shared with another host; the store stays the only commit point.
 
 Keeping in step costs one statement per call and the new lines only: the session row's
 rewrite generation and the lines after the last one copied (keyset on ``(session_id, seq)``),
@@ -52,12 +52,19 @@ class StoreMirror:
         self.session_id = session_id
         self.seq = -1  # the last line copied (-1: none; the header is seq 0)
         self.generation: int | None = None
+        # When the session row was made: a session deleted and made again under the same
+        # id starts its generation again, this tells the two apart.
+        self.born: str | None = None
         self._open_line = False  # the last line copied lacks its newline
+        # (dev, ino, size, mtime_ns) of the copy as this mirror last left it: anything else
+        # touched it (e.g. a migration run on the copy) and it is copied again.
+        self._stat: tuple[int, int, int, int] | None = None
+        self._doubt = False
         self.lines_copied = 0  # lines read from the store into the copy (tests, benchmarks)
         q = store.sql.q
         # One statement, one snapshot: the session row and the lines after the copy's end.
         self._read = (
-            "SELECT s.generation, s.last_seq, e.seq, e.line, e.terminated "
+            "SELECT s.generation, s.last_seq, s.created_at, e.seq, e.line, e.terminated "
             f"FROM {q}.sf_sessions s LEFT JOIN LATERAL ("
             f"SELECT seq, line, terminated FROM {q}.sf_entries e "
             "WHERE e.session_id = s.session_id AND e.seq > %s AND e.seq <= %s "
@@ -66,7 +73,7 @@ class StoreMirror:
         )
         self._line_at = f"SELECT line FROM {q}.sf_entries WHERE session_id = %s AND seq = %s"
         self._resume = (
-            f"SELECT s.generation, s.last_seq, e.line FROM {q}.sf_sessions s "
+            f"SELECT s.generation, s.last_seq, s.created_at, e.line FROM {q}.sf_sessions s "
             f"LEFT JOIN {q}.sf_entries e ON e.session_id = s.session_id AND e.seq = %s "
             "WHERE s.session_id = %s"
         )
@@ -75,7 +82,7 @@ class StoreMirror:
         if cache_dir is not None and self._take_cached(os.fspath(cache_dir)):
             return
         self.directory = tempfile.mkdtemp(prefix="sessionfence-mirror-")
-        self._finalizer = weakref.finalize(self, shutil.rmtree, self.directory, True)
+        self._finalizer = weakref.finalize(self, _remove_tree, os.getpid(), self.directory)
         self.path = os.path.join(self.directory, "session.jsonl")
 
     # the cached copy --------------------------------------------------------------------
@@ -114,10 +121,11 @@ class StoreMirror:
             return False
         if not isinstance(state, dict) or state.get("name") != name:
             return False
-        if [state.get("size"), state.get("dev"), state.get("ino")] != [
+        if [state.get(k) for k in ("size", "dev", "ino", "mtime_ns")] != [
             st.st_size,
             st.st_dev,
             st.st_ino,
+            st.st_mtime_ns,
         ]:
             return False
         seq, generation = state.get("seq"), state.get("generation")
@@ -126,14 +134,22 @@ class StoreMirror:
             return False
         params = (seq, self.session_id)
         row = self.store._run(lambda c: c.execute(self._resume, params).fetchone())
-        if row is None or int(row[0]) != generation or int(row[1]) < seq or row[2] is None:
+        if (
+            row is None
+            or int(row[0]) != generation
+            or int(row[1]) < seq
+            or str(row[2]) != state.get("born")
+            or row[3] is None
+        ):
             return False
-        last = bytes(row[2]) + (b"" if open_line else b"\n")
+        last = bytes(row[3]) + (b"" if open_line else b"\n")
         with open(self.path, "rb") as f:
             f.seek(max(0, st.st_size - len(last)))
             if f.read() != last:
                 return False
         self.seq, self.generation, self._open_line = seq, generation, bool(open_line)
+        self.born = str(row[2])
+        self._stat = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         return True
 
     def _save_state(self) -> None:
@@ -149,7 +165,9 @@ class StoreMirror:
             "name": name,
             "seq": self.seq,
             "generation": self.generation,
+            "born": self.born,
             "open_line": self._open_line,
+            "mtime_ns": st.st_mtime_ns,
             "size": st.st_size,
             "dev": st.st_dev,
             "ino": st.st_ino,
@@ -173,13 +191,25 @@ class StoreMirror:
         manager (its lock is released). Also done when the mirror is garbage collected."""
         self._finalizer()
 
-    def _fetch(self, after: int, upto: int) -> tuple[int, int, list[_Row]] | None:
+    def _fetch(self, after: int, upto: int) -> tuple[int, int, str, list[_Row]] | None:
         params = (after, upto, _BATCH, self.session_id)
         rows: list[Any] = self.store._run(lambda c: c.execute(self._read, params).fetchall())
         if not rows:
             return None
-        lines = [(int(r[2]), bytes(r[3]), bool(r[4])) for r in rows if r[2] is not None]
-        return int(rows[0][0]), int(rows[0][1]), lines
+        lines = [(int(r[3]), bytes(r[4]), bool(r[5])) for r in rows if r[3] is not None]
+        return int(rows[0][0]), int(rows[0][1]), str(rows[0][2]), lines
+
+    def _copy_stat(self) -> tuple[int, int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def invalidate(self) -> None:
+        """The copy may not be what the store holds (a write to it failed): the next sync
+        copies the session again."""
+        self._doubt = True
 
     def sync(self, upto: int | None = None) -> list[tuple[int, bytes]]:
         """Copy the lines the store has past the copy's end (up to ``upto`` inclusive when
@@ -190,6 +220,8 @@ class StoreMirror:
         limit = upto if upto is not None else 2**62
         copied: list[tuple[int, bytes]] = []
         target = self.path
+        if self.generation is not None and (self._doubt or self._copy_stat() != self._stat):
+            target = self._start_over()
         while True:
             got = self._fetch(self.seq, limit)
             if got is None:
@@ -197,16 +229,14 @@ class StoreMirror:
                     _unlink(target)
                 self._forget()
                 return copied
-            generation, last_seq, lines = got
+            generation, last_seq, born, lines = got
             if self.generation is not None and (
-                generation != self.generation or last_seq < self.seq
+                generation != self.generation or last_seq < self.seq or born != self.born
             ):
-                target = self.path + ".rebuild"
-                _unlink(target)
-                self.seq, self.generation, self._open_line = -1, None, False
+                target = self._start_over()
                 copied = []
                 continue
-            self.generation = generation
+            self.generation, self.born = generation, born
             if lines:
                 self._write(target, lines)
                 copied.extend((seq, line) for seq, line, _ in lines)
@@ -214,9 +244,18 @@ class StoreMirror:
                 break
         if target != self.path:
             os.replace(target, self.path)
+        self._stat = self._copy_stat()
         if copied:
             self._save_state()
         return copied
+
+    def _start_over(self) -> str:
+        """Copy the session again, into a new file (returned) that replaces the copy."""
+        target = self.path + ".rebuild"
+        _unlink(target)
+        self.seq, self.generation, self.born, self._open_line = -1, None, None, False
+        self._doubt = False
+        return target
 
     def _write(self, target: str, lines: list[_Row]) -> None:
         parts: list[bytes] = []
@@ -246,7 +285,10 @@ class StoreMirror:
         when it directly follows the copy's end."""
         if seq != self.seq + 1 or self._open_line:
             raise ValueError(f"line {seq} does not follow the copy's end ({self.seq})")
+        if self._doubt or self._copy_stat() != self._stat:
+            raise ValueError("the copy changed behind this mirror")
         self._write(self.path, [(seq, line[:-1], True)])
+        self._stat = self._copy_stat()
         self._save_state()
 
     def line_at(self, seq: int) -> bytes | None:
@@ -257,10 +299,19 @@ class StoreMirror:
 
     def _forget(self) -> None:
         self.generation = None
+        self.born = None
         self.seq = -1
         self._open_line = False
+        self._stat = None
         _unlink(self.path)
         self._save_state()  # no copy: no state
+
+
+def _remove_tree(pid: int, directory: str) -> None:
+    """Remove a private copy's directory, in the process that made it only (a forked child
+    exiting must not take its parent's copy away)."""
+    if os.getpid() == pid:
+        shutil.rmtree(directory, True)
 
 
 def _unlink(path: str) -> None:

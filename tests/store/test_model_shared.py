@@ -6,6 +6,7 @@ fence and refused at commit, idempotent appends, refresh and reopen."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -237,3 +238,84 @@ async def test_prompt_released_and_with_write_lock(attempt: Attempt) -> None:
     await attempt.ctl.dispose()
     assert not attempt.ctl.fence_active
     await attempt.ctl.dispose()  # idempotent
+
+
+# -- regressions from a review: the same answer on both stores ------------------------------
+
+
+async def test_release_for_abort_inside_a_write_scope_is_carried_out_at_its_end(
+    attempt: Attempt,
+) -> None:
+    async def abort() -> str:
+        await attempt.ctl.release_for_abort()
+        assert attempt.ctl.holds_lock  # not yet: the scope is still running
+        return "done"
+
+    assert await asyncio.wait_for(attempt.ctl.with_write_lock(abort), 10) == "done"
+    assert not attempt.ctl.holds_lock
+
+
+async def test_overlapping_checks_merge_each_line_once(attempt: Attempt) -> None:
+    store, sid = attempt.store, attempt.session_id
+    await attempt.say("hi")
+    await attempt.ctl.release_for_prompt()
+    delivered = store.append_as_cotenant(sid, {"type": "message", "message": user("co")})
+
+    async def noop() -> None:
+        await asyncio.sleep(0)
+
+    scope = attempt.ctl.with_write_lock(noop)
+    back = asyncio.ensure_future(attempt.ctl.reacquire_after_prompt())
+    await asyncio.gather(scope, back)
+    assert [e["id"] for e in attempt.merged] == [delivered]
+    assert not attempt.ctl.has_takeover
+
+
+async def test_a_reacquire_cancelled_in_the_merge_is_no_takeover(
+    store: Any, session_id: str
+) -> None:
+    manager = SessionManager.open(session_id, store=store)
+
+    async def slow_merge(entries: list[Any]) -> Any:
+        await asyncio.sleep(30)
+        return manager.merge_foreign_entries(entries)
+
+    ctl = await SessionFenceController.create(
+        session_id, store=store, merge_foreign_entries=slow_merge
+    )
+    try:
+        await ctl.release_for_prompt()
+        store.append_as_cotenant(session_id, {"type": "message", "message": user("co")})
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(ctl.reacquire_after_prompt(), 0.5)
+        assert ctl.takeover is None
+    finally:
+        await ctl.dispose()
+
+
+async def test_reload_only_accepts_what_files_accept(store: Any, session_id: str) -> None:
+    reloads: list[int] = []
+    ctl = await SessionFenceController.create(
+        session_id, store=store, reload_session_file=lambda: reloads.append(1)
+    )
+    try:
+        await ctl.release_for_prompt()
+        store.append_unfenced(session_id, raw_line({"type": "custom", "customType": "note"}))
+        with pytest.raises(SessionTakeoverError) as info:
+            await ctl.reacquire_after_prompt()
+        assert info.value.reason == "foreign-append"
+        assert reloads == []
+    finally:
+        await ctl.dispose()
+
+
+async def test_digest_follows_own_appends(attempt: Attempt) -> None:
+    await attempt.say("one")
+    await attempt.say("two")
+    manager = attempt.manager
+    with open(manager.path, "rb") as f:
+        data = f.read()
+    assert manager.digest_size == len(data)
+    extra = b'{"type":"custom","customType":"x","id":"c0ffee01","parentId":null}\n'
+    manager.note_external_bytes(extra, offset=len(data))  # in step: accepted
+    assert manager.digest_size == len(data) + len(extra)

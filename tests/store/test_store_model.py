@@ -4,17 +4,19 @@ a real server."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import sys
 import uuid
 from typing import Any
 
 import psycopg
 import pytest
 
-from sessionfence import SessionFenceController, SessionManager
+from sessionfence import SessionFenceController, SessionManager, TranscriptNeedsMigrationError
 from sessionfence.journal import SessionWriter
-from sessionfence.store import AsyncPostgresStore, PostgresStore, StoreSessionManager
+from sessionfence.store import AsyncPostgresStore, PostgresStore, StoreSessionManager, _mirror
 
 
 def user(text: str) -> dict[str, Any]:
@@ -285,3 +287,144 @@ def test_entries_outlive_their_manager(pg_store: PostgresStore) -> None:
     entries = SessionManager.open(sid, store=pg_store, index=True).entries
     gc.collect()  # the manager is gone; its copy stays while its rows are referenced
     assert [e["message"]["content"] for e in entries] == ["m0", "m1", "m2"]
+
+
+# -- regressions from a review ----------------------------------------------------------
+
+
+def recreate(pg_url: str, store: PostgresStore, sid: str) -> None:
+    """Delete the session and make it again under the same id (its generation restarts)."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM sf_test.sf_entries WHERE session_id = %s", (sid,))
+        conn.execute("DELETE FROM sf_test.sf_sessions WHERE session_id = %s", (sid,))
+    store.create_session(sid)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_session_made_again_under_its_id_is_copied_again(
+    pg_url: str, tmp_path: Any, cache: bool
+) -> None:
+    cache_dir = os.path.join(tmp_path, "cache") if cache else None
+    store = PostgresStore(pg_url, schema="sf_test", cache_dir=cache_dir)
+    sid = new_id()
+    store.create_session(sid)
+    grow(store, sid, 3)
+    manager = SessionManager.open(sid, store=store)
+    if cache:
+        manager.close()
+    recreate(pg_url, store, sid)
+    grow(store, sid, 3)  # as many lines as before: only the session row's birth differs
+    if cache:
+        manager = SessionManager.open(sid, store=store)
+    else:
+        manager.refresh()
+    with open(manager.path, "rb") as f:
+        assert f.read() == b"".join(store.read_lines(sid))
+    assert [e["id"] for e in manager.entries] == [
+        json.loads(x)["id"] for x in store.read_lines(sid)[1:]
+    ]
+    store.close()
+
+
+def test_a_cached_copy_edited_in_its_middle_is_copied_again(cached: PostgresStore) -> None:
+    sid = new_id()
+    cached.create_session(sid)
+    grow(cached, sid, 3)
+    first = SessionManager.open(sid, store=cached)
+    path = first.path
+    first.close()
+    with open(path, "r+b") as f:  # same size, same inode, the last line untouched
+        data = f.read()
+        f.seek(data.index(b"m0"))
+        f.write(b"XX")
+    again = SessionManager.open(sid, store=cached)
+    assert again.lines_copied == 4  # type: ignore[attr-defined]
+    assert [e["message"]["content"] for e in again.entries] == ["m0", "m1", "m2"]
+
+
+def test_a_copy_changed_behind_the_manager_is_copied_again(pg_store: PostgresStore) -> None:
+    """e.g. migrate_transcript run on the copy a migration error named: the store still
+    holds the session as it was, and so does the model after the next sync."""
+    sid = new_id()
+    pg_store.create_session(sid)
+    grow(pg_store, sid, 2)
+    manager = SessionManager.open(sid, store=pg_store, writer=SessionWriter.cotenant("hook"))
+    with open(manager.path, "ab") as f:
+        f.write(b'{"type":"custom","customType":"only in the copy","id":"aaaa0001"}\n')
+    manager.append_message(user("own"))
+    manager.refresh()
+    with open(manager.path, "rb") as f:
+        assert f.read() == b"".join(pg_store.read_lines(sid))
+    assert not manager.has_entry("aaaa0001")
+
+
+def test_a_stored_v1_session_is_refused_naming_the_session(
+    pg_store: PostgresStore, tmp_path: Any
+) -> None:
+    src = os.path.join(tmp_path, "v1.jsonl")
+    with open(src, "wb") as f:
+        f.write(b'{"type":"session","id":"old","timestamp":"t","cwd":"/"}\n')
+        f.write(b'{"type":"message","timestamp":"t","message":{"role":"user","content":"x"}}\n')
+    sid = new_id()
+    pg_store.import_jsonl(sid, src)
+    manager = SessionManager.open(sid, store=pg_store, writer=SessionWriter.cotenant("hook"))
+    with pytest.raises(TranscriptNeedsMigrationError) as info:
+        manager.append_message(user("y"))
+    assert info.value.session_file == f"postgresql:{sid}"
+    assert "import_jsonl" in str(info.value)
+    assert len(pg_store.read_lines(sid)) == 2
+
+
+def test_an_append_that_committed_is_not_reported_failed(
+    pg_store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local copy cannot be written (a full disk, injected) after the store committed:
+    the append still succeeds (raising would invite a retry, a duplicate), the model has
+    the entry, and the next sync copies the session again."""
+    sid = new_id()
+    pg_store.create_session(sid)
+    manager = SessionManager.open(sid, store=pg_store, writer=SessionWriter.cotenant("bot"))
+    real = _mirror.StoreMirror._write
+
+    def full_disk(self: Any, target: str, lines: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_mirror.StoreMirror, "_write", full_disk)
+    ident = manager.append_message(user("turn 1"))
+    assert manager.leaf_id == ident
+    monkeypatch.setattr(_mirror.StoreMirror, "_write", real)
+    manager.refresh()
+    assert [e["id"] for e in manager.entries] == [ident]
+    with open(manager.path, "rb") as f:
+        assert f.read() == b"".join(pg_store.read_lines(sid))
+
+
+def test_a_closed_manager_refuses_before_the_store(pg_store: PostgresStore) -> None:
+    sid = new_id()
+    pg_store.create_session(sid)
+    manager = SessionManager.open(sid, store=pg_store, writer=SessionWriter.cotenant("bot"))
+    manager.close()
+    manager.close()  # idempotent
+    with pytest.raises(ValueError, match="closed"):
+        manager.append_message(user("after close"))
+    with pytest.raises(ValueError, match="closed"):
+        manager.refresh()
+    assert len(pg_store.read_lines(sid)) == 1
+
+
+def test_a_forked_child_leaves_the_parents_copy(pg_store: PostgresStore) -> None:
+    sid = new_id()
+    pg_store.create_session(sid)
+    manager = SessionManager.open(sid, store=pg_store)
+    pid = os.fork()
+    if pid == 0:  # the child exits normally: finalizers run
+        try:
+            sys.exit(0)
+        finally:
+            import weakref
+
+            weakref.finalize._exitfunc()  # type: ignore[attr-defined]  # what exit runs
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert os.path.exists(manager.path)
