@@ -594,7 +594,7 @@ class SyncSessionFenceController:
         handoff: _Handoff[SessionFenceController] = _Handoff()
 
         async def make() -> SessionFenceController:
-            controller = await SessionFenceController.create(session_file, **options)
+            controller = await SessionFenceController.create(session_file, store=None, **options)
             if not handoff.offer(controller):  # the caller gave up: give the lock back
                 await controller.dispose()
                 raise asyncio.CancelledError
