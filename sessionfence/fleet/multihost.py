@@ -113,8 +113,9 @@ _WAITING_APPEND = (
 _HOST_CHAOS = {"pause": 3, "kill": 2, "kill-inflight": 2, "terminate": 2, "supersede": 2}
 # A paused host is resumed after this long at most (see _Run.unstick).
 _PAUSE_LIMIT = 60.0
-#: Every chaos kind, for ``--chaos-kinds``: host events, then foreign content.
-KINDS = (*_HOST_CHAOS, *HOSTILE_KINDS, *BENIGN_KINDS)
+#: Every chaos kind, for ``--chaos-kinds``: host events, the server restart (once per
+#: run), then foreign content.
+KINDS = (*_HOST_CHAOS, "restart", *HOSTILE_KINDS, *BENIGN_KINDS)
 
 
 class _Host:
@@ -789,7 +790,7 @@ class _Run:
             with contextlib.suppress(queue.Empty):
                 self.handle(*self.events.get(timeout=0.1))
         t_run = time.monotonic()
-        if cfg.chaos > 0 and self.pg:
+        if cfg.chaos > 0 and self.pg and cfg.allows("restart"):
             self.at(t_run + self.rng.uniform(0.3, 1.0), self.restart_server)
         last_move, last_state = time.monotonic(), (0, 0)
         while True:
@@ -944,6 +945,7 @@ def run_multihost(config: MultihostConfig, *, progress: Any = None) -> dict[str,
                 "network": {
                     "namespaces": network is not None,
                     "detail": f"veth links on {network.cidr}" if network else net_reason,
+                    "names": list(network.namespaces) if network else [],
                 },
                 "config": {
                     "workers": config.workers,
