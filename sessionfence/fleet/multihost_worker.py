@@ -30,11 +30,14 @@ import json
 import os
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
 
+from ..controller import SessionFenceController
 from ..errors import SessionSupersededError, SessionTakeoverError
+from ..transcript import SessionManager
 from .transcripts import foreign_id, message_line, now_iso
 
 #: Kinds of foreign events the rogue client makes in a prompt window: benign ones the
@@ -261,61 +264,88 @@ class _Plan:
 
 
 async def run_attempt(
-    store: Any, cfg: dict[str, Any], order: dict[str, Any], rogue: _Rogue | None = None
+    store: Any,
+    cfg: dict[str, Any],
+    order: dict[str, Any],
+    rogue: _Rogue | None = None,
+    model_store: Any = None,
 ) -> None:
-    """One attempt: the fence's calls are all here (claim, turns, check, late write)."""
+    """One attempt, written as an agent loop is on either store: the public controller and
+    transcript model opened with ``store=`` (``SessionFenceController.create(id,
+    store=...)``, ``SessionManager.open(id, store=...)``); claim, turns of own append,
+    prompt window, the reply appended after the window, fence check."""
     rng = random.Random(order["seed"])
     sid, run = order["session"], order["run"]
     plan = _Plan(order, rogue)
     lease = _Lease(store, cfg, sid)
     started = time.monotonic()
     await lease.claim(run)  # waits while another run's lease runs (a failover)
+    # The model of the session: on PostgreSQL a local copy kept in this host's cache
+    # between attempts (only the lines added since are copied); on files the file.
+    manager = SessionManager.open(sid, store=model_store if model_store is not None else store)
     merged: list[str] = []
 
-    def merge(entries: list[Any]) -> None:
+    def merge(entries: list[Any]) -> Any:
         merged.extend(str(e.get("id")) for e in entries if isinstance(e, dict))
+        return manager.merge_foreign_entries(entries)
 
-    fence = await store.open_fence(sid, run_id=run, merge_foreign_entries=merge)
+    try:
+        ctl = await SessionFenceController.create(
+            sid, store=store, run_id=run, merge_foreign_entries=merge
+        )
+    except BaseException:
+        manager.close()
+        raise
+    manager.writer = ctl.writer
     claimed_at = time.monotonic()
-    emit(ev="claimed", session=sid, run=run, revision=fence.revision, waits=lease.waits,
+    emit(ev="claimed", session=sid, run=run, revision=ctl.revision, waits=lease.waits,
          wait_s=round(claimed_at - started, 4))  # fmt: skip
     turns = 0
     outcome, detail = "completed", None
     pending_key: str | None = None
     timing = {"append": 0.0, "check": 0.0, "think": 0.0, "appends": 0, "checks": 0}
+
+    async def append(role: str, text: str, key: str) -> str:
+        t0 = time.perf_counter()
+        async with ctl.write_lock():
+            ident = manager.append_message({"role": role, "content": text}, idempotency_key=key)
+        timing["append"] += time.perf_counter() - t0
+        lease.appended()
+        emit(ev="ack", session=sid, run=run, key=key, id=ident, revision=ctl.revision)
+        return ident
+
     try:
         for turn in range(cfg["turns"]):
-            key = f"{run}:{turn}:u"
-            pending_key = key
-            t0 = time.perf_counter()
-            ident = await fence.append(_msg("user", f"turn {turn}"), idempotency_key=key)
-            timing["append"] += time.perf_counter() - t0
-            lease.appended()
-            emit(ev="ack", session=sid, run=run, key=key, id=ident, revision=fence.revision)
+            pending_key = f"{run}:{turn}:u"
+            ident = await append("user", f"turn {turn}", pending_key)
             pending_key = None
-            await fence.release_for_prompt()
+            await ctl.release_for_prompt()
             await plan.act(turn, "before", sid, run, ident)
             t0 = time.perf_counter()
             await asyncio.sleep(rng.uniform(cfg["think_min"], cfg["think_max"]))
             timing["think"] += time.perf_counter() - t0
             # The reply is written right after the model call, before any fence check: a
             # run that was superseded meanwhile (paused past its lease, or claimed by
-            # another run) must be refused here, at commit.
-            key = f"{run}:{turn}:a"
-            pending_key = key
+            # another run) must be refused here, at commit. (A write scope inside the
+            # prompt window checks first: the manager appends directly, as a late tool
+            # would.)
+            pending_key = f"{run}:{turn}:a"
             t0 = time.perf_counter()
-            ident = await fence.append(_msg("assistant", f"reply {turn}"), idempotency_key=key)
+            ident = manager.append_message(
+                {"role": "assistant", "content": f"reply {turn}"}, idempotency_key=pending_key
+            )
             timing["append"] += time.perf_counter() - t0
             timing["appends"] += 2
             lease.appended()
-            emit(ev="ack", session=sid, run=run, key=key, id=ident, revision=fence.revision)
+            emit(ev="ack", session=sid, run=run, key=pending_key, id=ident,
+                 revision=ctl.revision)  # fmt: skip
             pending_key = None
             await plan.act(turn, "after", sid, run, ident)
             t0 = time.perf_counter()
-            await fence.reacquire_after_prompt()
+            await ctl.reacquire_after_prompt()
             timing["check"] += time.perf_counter() - t0
             timing["checks"] += 1
-            await lease.keep(fence.writer)
+            await lease.keep(ctl.writer)
             turns += 1
             emit(ev="turn", session=sid, run=run, turn=turn)
     except SessionSupersededError as exc:
@@ -328,14 +358,17 @@ async def run_attempt(
             "new_revision": exc.new_revision,
             # A write after the supersession was seen, straight to the store (the fence's
             # refusal is sticky and would not ask): the store must refuse it at commit.
-            "late": await _late_write(store, sid, fence.writer, f"{run}:late"),
+            "late": await _late_write(store, sid, ctl.writer, f"{run}:late"),
         }
     except SessionTakeoverError as exc:
         outcome = "takeover"
         detail = {"reason": exc.reason, "detail": exc.detail, "turn": turns}
     finally:
-        await fence.dispose()
-        await lease.release(fence.writer)
+        try:
+            await ctl.dispose()
+            await lease.release(ctl.writer)
+        finally:
+            manager.close()
     emit(
         ev="attempt",
         session=sid,
@@ -399,9 +432,27 @@ async def cotenant_loop(store: Any, cfg: dict[str, Any]) -> None:
                 emit(ev="retry", session=sid, key=key, same=again == ident)
 
 
+def _model_store(cfg: dict[str, Any], cache_dir: str) -> Any:
+    """The synchronous store the transcript model reads and appends through (the fence's
+    store is asynchronous): on PostgreSQL with this host's own cache of session copies."""
+    if cfg["store"] == "file":
+        return None  # the fence's FileStore serves the model too
+    from ..store import PostgresStore
+
+    return PostgresStore(
+        cfg["url"],
+        schema=cfg["schema"],
+        application_name=cfg["app"],  # the supervisor finds (and kills) a host by its name
+        unreachable_timeout=cfg.get("unreachable_timeout", 60.0),
+        cache_dir=cache_dir,
+    )
+
+
 async def main_async(cfg: dict[str, Any]) -> None:
     store = _store_async(cfg)
     rogue = _Rogue(cfg) if cfg["store"] != "file" else None
+    cache = tempfile.TemporaryDirectory(prefix="sessionfence-host-")  # this host's own
+    model_store = _model_store(cfg, cache.name)
     try:
         if cfg["role"] == "cotenant":
             await cotenant_loop(store, cfg)
@@ -416,7 +467,7 @@ async def main_async(cfg: dict[str, Any]) -> None:
             if order.get("op") == "stop":
                 return
             try:
-                await run_attempt(store, cfg, order, rogue)
+                await run_attempt(store, cfg, order, rogue, model_store)
             except Exception as exc:  # reported, never silent
                 detail = {"error": f"{type(exc).__name__}: {exc}"}
                 emit(ev="attempt", session=order["session"], run=order["run"],
@@ -424,9 +475,12 @@ async def main_async(cfg: dict[str, Any]) -> None:
     finally:
         if rogue is not None:
             rogue.close()
+        if model_store is not None:
+            model_store.close()
         close = getattr(store, "aclose", None)
         if close is not None:
             await close()
+        cache.cleanup()
 
 
 def main() -> None:
