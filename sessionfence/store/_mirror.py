@@ -243,6 +243,8 @@ class StoreMirror:
             if len(lines) < _BATCH:
                 break
         if target != self.path:
+            if not os.path.exists(target):  # the session holds no line at all now
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o600))
             os.replace(target, self.path)
         self._stat = self._copy_stat()
         if copied:

@@ -385,7 +385,22 @@ BEGIN
 END $$;
 """
 
-MIGRATIONS: list[tuple[int, str]] = [(1, _V1), (2, _V2)]
+_V3 = r"""
+-- A TRUNCATE of the lines fires no row trigger: without this one, every session row would
+-- still name its old end, and a fence would read "nothing new" over an emptied session.
+-- It moves every session's end back to nothing and bumps its rewrite generation (every
+-- fence fails closed, reason "truncated"; local copies are made again).
+CREATE FUNCTION {s}.sf_lines_truncated() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE {s}.sf_sessions SET generation = generation + 1, updated_at = now(),
+           last_seq = -1, last_entry_id = NULL;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER sf_entries_truncated AFTER TRUNCATE ON {s}.sf_entries
+    FOR EACH STATEMENT EXECUTE FUNCTION {s}.sf_lines_truncated();
+"""
+
+MIGRATIONS: list[tuple[int, str]] = [(1, _V1), (2, _V2), (3, _V3)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 _NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}\Z")

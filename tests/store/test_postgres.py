@@ -339,13 +339,13 @@ def test_v1_database_migrates_to_the_current_version(pg_url: str) -> None:
     store = PostgresStore(pg_url, schema=schema)
     try:
         before = store.read_lines("old")
-        assert store.schema_version() == SCHEMA_VERSION == 2
+        assert store.schema_version() == SCHEMA_VERSION == 3
         rows = store._run(
             lambda c: c.execute(
                 f'SELECT version FROM "{schema}".sf_schema_version ORDER BY version'
             ).fetchall()
         )
-        assert [r[0] for r in rows] == [1, 2]
+        assert [r[0] for r in rows] == [1, 2, 3]
         assert store.read_lines("old") == before  # data untouched
         assert [c[1] for c in store.claims("old")] == ["run-a", "run-b"]
         # Version 2's claim-first rule on the migrated database.

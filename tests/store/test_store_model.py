@@ -14,7 +14,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from sessionfence import SessionFenceController, SessionManager, TranscriptNeedsMigrationError
+from sessionfence import (
+    SessionFenceController,
+    SessionManager,
+    SessionTakeoverError,
+    TranscriptNeedsMigrationError,
+)
 from sessionfence.journal import SessionWriter
 from sessionfence.store import AsyncPostgresStore, PostgresStore, StoreSessionManager, _mirror
 
@@ -428,3 +433,29 @@ def test_a_forked_child_leaves_the_parents_copy(pg_store: PostgresStore) -> None
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert os.path.exists(manager.path)
+
+
+async def test_a_truncate_of_the_lines_fails_fences_closed(pg_url: str) -> None:
+    """TRUNCATE fires no row trigger; the schema's statement trigger (version 3) moves every
+    session's end back, so the fence sees a truncation and the copy is made again."""
+    schema = "sf_trunc_" + uuid.uuid4().hex[:8]
+    store = PostgresStore(pg_url, schema=schema)
+    try:
+        sid = new_id()
+        manager = SessionManager.open(sid, store=store)
+        ctl = await SessionFenceController.create(sid, store=store, run_id="run-a")
+        manager.writer = ctl.writer
+        async with ctl.write_lock():
+            manager.append_message(user("hi"))
+        await ctl.release_for_prompt()
+        store._run(lambda c: c.execute(f'TRUNCATE "{schema}".sf_entries'))
+        with pytest.raises(SessionTakeoverError) as info:
+            await ctl.reacquire_after_prompt()
+        assert info.value.reason == "truncated"
+        await ctl.dispose()
+        manager.refresh()
+        assert manager.header is None and len(manager.entries) == 0
+        assert os.path.getsize(manager.path) == 0
+    finally:
+        store._run(lambda c: c.execute(f'DROP SCHEMA "{schema}" CASCADE'))
+        store.close()
