@@ -65,7 +65,9 @@ def register(subparsers: Any) -> None:
         help="probability per released window of a foreign event; also the kills: an attempt "
         "is SIGKILLed at a random point with probability RATE/2 and dies half-way through a "
         "line with RATE/4 (at most 3 kills per session). Default 0: owned writes and benign "
-        "mirror appends only",
+        "mirror appends only. With --store postgresql the chaos is the multi-host kind: "
+        "paused and killed hosts, server restarts, terminated connections, foreign lines "
+        "and SQL edits (docs/multihost.md)",
     )
     p.add_argument(
         "--mirror",
@@ -99,7 +101,8 @@ def register(subparsers: Any) -> None:
         "--chaos-kinds",
         metavar="K1,K2",
         help="restrict chaos to these event kinds (experiments; default: every kind the "
-        "verify mode can see). Kinds: " + ", ".join(_kind_names()),
+        "verify mode can see). Kinds: " + ", ".join(_kind_names()) + "; with --store "
+        "postgresql, the multi-host kinds (docs/multihost.md)",
     )
     p.add_argument("--seed", metavar="X", default="0", help="random seed (default 0)")
     p.add_argument(

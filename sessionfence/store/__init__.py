@@ -27,7 +27,7 @@ from ._base import (
 from ._controller import StoreFenceController
 from ._file import FileFence, FileStore
 from ._manager import StoreSessionManager
-from ._postgres import AsyncPostgresStore, PostgresStore, load_psycopg
+from ._postgres import AsyncPostgresStore, LeaseState, PostgresStore, load_psycopg
 from ._schema import SCHEMA_VERSION
 from ._server import PostgresBinariesMissing, TempPostgres, find_pg_bindir
 
@@ -37,6 +37,7 @@ __all__ = [
     "AsyncPostgresStore",
     "FileFence",
     "FileStore",
+    "LeaseState",
     "MergeFn",
     "PostgresBinariesMissing",
     "PostgresStore",
