@@ -611,14 +611,17 @@ class SessionManager:
             base.ids.append(ident)
             base.pars.append(parent)
             base.count = row + 1
+            ids = base._ids_map  # built by the parse (Base.put_row, inlined)
+            assert ids is not None
             # the row of the last thinking_level_change on its path (see _thinks)
-            up = base._ids_map.get(parent)  # type: ignore[union-attr]  # built by the parse
-            if up is None:
+            thinks = self._thinks
+            up = ids.get(parent)
+            if up is not None:
+                thinks.append(row if code == _THINK_ROW else thinks[up])
+            else:
                 self._think_refs.append(parent)
-            self._thinks.append(
-                row if code == _THINK_ROW else -1 if up is None else self._thinks[up]
-            )
-            base.put_row(ident, row)
+                thinks.append(row if code == _THINK_ROW else -1)
+            ids[ident] = row
             self._leaf = self._file_leaf = ident
             self._side = self._file_side = _UNSET
             return
