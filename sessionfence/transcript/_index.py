@@ -551,13 +551,38 @@ def _pack_strs(values: Sequence[str | None]) -> bytes:
     return json.dumps(values, separators=(",", ":")).encode("ascii")
 
 
+def _strs_decoder() -> Callable[[bytes], list[str | None]] | None:
+    """msgspec's typed decoder of a string table (checks every element in C), when msgspec
+    is installed (the ``fast`` extra)."""
+    global _STRS
+    if _STRS is None:
+        try:
+            import msgspec
+        except ImportError:
+            _STRS = False
+        else:
+            _STRS = msgspec.json.Decoder(list[str | None]).decode
+    return None if isinstance(_STRS, bool) else _STRS
+
+
+_STRS: Callable[[bytes], list[str | None]] | bool | None = None
+
+
 def _unpack_strs(raw: bytes, n: int) -> list[str | None]:
-    values = json.loads(raw)
-    if type(values) is not list or len(values) != n:
+    decode = _strs_decoder()
+    values: Any = None
+    if decode is not None:
+        try:
+            values = decode(raw)
+        except ValueError:  # msgspec refuses lone surrogates json accepts: json decides
+            values = None
+    if values is None:
+        values = json.loads(raw)
+        if type(values) is not list or not all(v is None or type(v) is str for v in values):
+            raise Mismatch("index string table holds something else than ids")
+    if len(values) != n:
         raise Mismatch("index string table has the wrong row count")
-    if not all(v is None or type(v) is str for v in values):
-        raise Mismatch("index string table holds something else than ids")
-    return values
+    return values  # type: ignore[no-any-return]
 
 
 def read_index(path: str) -> IndexData | None:

@@ -232,9 +232,12 @@ class _IdMap:
         return default if found is None else found
 
     def __contains__(self, ident: object) -> bool:
+        """Exact membership, answered from the index's ids section when the row table is not
+        loaded (``Base.maybe_has_id``): a merge, a label or a leaf control checking its
+        references loads no row table."""
         if not isinstance(ident, str):
             return False
-        return ident in self.live or (self.base is not None and self.base.has_id(ident))
+        return ident in self.live or (self.base is not None and self.base.maybe_has_id(ident))
 
     def __setitem__(self, ident: str, entry: Entry) -> None:
         self.live[ident] = entry

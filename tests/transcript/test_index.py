@@ -507,3 +507,25 @@ def test_context_settings_follow_the_path_as_a_full_parse_does(tmp_path: Path, c
         "branch": ContextSettings("high", ContextModel("openai", "gpt")),
     }[case]
     assert want["settings"] == expected
+
+
+def test_ids_the_fast_decoder_refuses_are_read_all_the_same(tmp_path: Path) -> None:
+    """An id holding a lone surrogate (JSON allows the escape) is stored escaped in the
+    index; msgspec refuses such a string table, the exact route reads it."""
+    path = tmp_path / "s.jsonl"
+    odd = "\ud800x"
+    lines = [
+        dump(HEADER),
+        _row("message", IDS[0], None, message={"role": "user", "content": "a"}),
+        json.dumps({"type": "message", "id": odd, "parentId": IDS[0]}).encode(),
+        json.dumps(
+            {"type": "message", "id": IDS[1], "parentId": odd, "message": {"role": "assistant"}}
+        ).encode(),
+    ]
+    write_lines(path, lines)
+    SessionManager.open(path, index=True)
+    warm = SessionManager.open(path)
+    assert warm._index_opened
+    assert warm.has_entry(odd) and not warm.has_entry("\ud800y")  # the ids section alone
+    assert state(warm) == full(path)  # the row table too (ids and parents)
+    assert warm.context_settings() == ContextSettings("off", ContextModel(None, None))
