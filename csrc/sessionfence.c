@@ -1322,6 +1322,7 @@ typedef struct sf_digest {
     XXH3_state_t *inner;
     uint64_t fill;  /* bytes in the partial block, < SF_DIGEST_BLOCK */
     uint64_t total; /* bytes fed */
+    int blocks;     /* 1: block-structured (above); 0: plain XXH3-128 of the bytes (inner) */
 } sf_digest;
 
 void sf_digest_free(void *state)
@@ -1343,6 +1344,7 @@ static sf_digest *digest_alloc(void)
     d->inner = XXH3_createState();
     d->fill = 0;
     d->total = 0;
+    d->blocks = 0;
     if (d->outer == NULL || d->inner == NULL) {
         sf_digest_free(d);
         return NULL;
@@ -1350,7 +1352,7 @@ static sf_digest *digest_alloc(void)
     return d;
 }
 
-void *sf_digest_new(void)
+static void *digest_new(int blocks)
 {
     sf_digest *d = digest_alloc();
     if (d == NULL)
@@ -1359,7 +1361,18 @@ void *sf_digest_new(void)
         sf_digest_free(d);
         return NULL;
     }
+    d->blocks = blocks;
     return d;
+}
+
+void *sf_digest_new(void)
+{
+    return digest_new(0);
+}
+
+void *sf_bdigest_new(void)
+{
+    return digest_new(1);
 }
 
 void *sf_digest_copy(const void *state)
@@ -1372,6 +1385,7 @@ void *sf_digest_copy(const void *state)
     XXH3_copyState(d->inner, src->inner);
     d->fill = src->fill;
     d->total = src->total;
+    d->blocks = src->blocks;
     return d;
 }
 
@@ -1394,6 +1408,12 @@ int sf_digest_update(void *state, const uint8_t *buf, size_t len)
         return 0;
     if (buf == NULL)
         return -1;
+    if (!d->blocks) {
+        if (XXH3_128bits_update(d->inner, buf, len) != XXH_OK)
+            return -1;
+        d->total += (uint64_t)len;
+        return 0;
+    }
     while (len > 0) {
         uint64_t room = (uint64_t)SF_DIGEST_BLOCK - d->fill;
         size_t n = (uint64_t)len < room ? len : (size_t)room;
@@ -1414,7 +1434,7 @@ int sf_digest_add_blocks(void *state, const uint8_t *hashes, size_t count)
     sf_digest *d = (sf_digest *)state;
     if (count == 0)
         return 0;
-    if (hashes == NULL || d->fill != 0 || count > SIZE_MAX / 16 ||
+    if (hashes == NULL || !d->blocks || d->fill != 0 || count > SIZE_MAX / 16 ||
         count > (UINT64_MAX - d->total) / (uint64_t)SF_DIGEST_BLOCK)
         return -1;
     /* One update over all of them: a stream hashes the same however it is cut. */
@@ -1432,6 +1452,12 @@ int sf_digest_value(const void *state, uint64_t *hi, uint64_t *lo)
     XXH128_hash_t h;
     uint8_t len[8];
     int i;
+    if (!d->blocks) {
+        h = XXH3_128bits_digest(d->inner);
+        *hi = h.high64;
+        *lo = h.low64;
+        return 0;
+    }
     XXH3_copyState(&last, d->outer);
     XXH128_canonicalFromHash(&c, XXH3_128bits_digest(d->inner));
     for (i = 0; i < 8; i++)

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * sessionfence C hot path: stat + tail hash, append classification, positional reads
- * and block-structured XXH3-128 content digests. Every function is reentrant: no global
+ * and XXH3-128 content digests (plain and block-structured). Every function is reentrant: no global
  * mutable state, because cffi calls them with the GIL released.
  *
  * Keep the declarations between the CDEF markers in sync with what cffi parses
@@ -114,21 +114,25 @@ int sf_read_range(sf_probe *probe, const char *path, int64_t offset, int64_t len
                   uint8_t *buf, sf_err *err);
 
 /*
- * Content digests. The digest of bytes d[0, n) is block-structured (SF_DIGEST_BLOCK-byte
- * blocks, H = XXH3-128 seed 0 in its canonical big-endian 16 bytes):
+ * Content digests. sf_content_digest and the states of sf_digest_new are the plain
+ * XXH3-128 (seed 0) of the bytes (SPEC 2.3). The states of sf_bdigest_new are the
+ * block-structured digest the fence keeps (SF_DIGEST_BLOCK-byte blocks, H = XXH3-128 seed
+ * 0 in its canonical big-endian 16 bytes):
  *   XXH3-128( H(block 1) || ... || H(block k) || H(the bytes after block k) || le64(n) )
  * with k = n / SF_DIGEST_BLOCK, so it can be rebuilt from the hashes of the whole blocks
  * (sf_digest_add_blocks) and the bytes of the last partial one, without the others.
  * A state is not thread-safe; different states are independent. Every int function
- * returns 0, or -1 on failure (sf_digest_new / sf_digest_copy: NULL when out of memory).
+ * returns 0, or -1 on failure (sf_digest_new / sf_bdigest_new / sf_digest_copy: NULL when
+ * out of memory).
  */
 int sf_content_digest(const char *path, int64_t size, uint64_t *hi, uint64_t *lo, sf_err *err);
 void *sf_digest_new(void);
+void *sf_bdigest_new(void);
 void sf_digest_free(void *state);
 void *sf_digest_copy(const void *state);
 int sf_digest_update(void *state, const uint8_t *buf, size_t len);
 /* `count` whole-block hashes (16 canonical bytes each) as if their blocks had been fed;
-   -1 when the state is not at a block boundary (a partial block was fed). */
+   -1 for a plain state or one not at a block boundary (a partial block was fed). */
 int sf_digest_add_blocks(void *state, const uint8_t *hashes, size_t count);
 int sf_digest_value(const void *state, uint64_t *hi, uint64_t *lo);
 int sf_digest_update_file(void *state, const char *path, int64_t size, sf_err *err);

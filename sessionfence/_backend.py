@@ -83,8 +83,8 @@ class ManyProbe(Protocol):
 
 
 class Digest(Protocol):
-    """A ``RollingDigest``: the block-structured XXH3-128 content digest, rolled forward
-    with appended bytes."""
+    """A ``RollingDigest`` (plain XXH3-128) or a ``BlockDigest`` (the block-structured
+    digest a fence keeps), rolled forward with appended bytes."""
 
     def update(self, data: bytes | bytearray | memoryview) -> None: ...
 
@@ -98,9 +98,13 @@ class DigestType(Protocol):
 
     def __call__(self) -> Digest: ...
 
-    BLOCK: int
-
     def from_file(self, path: PathArg, size: int | None = ...) -> Digest: ...
+
+
+class BlockDigestType(DigestType, Protocol):
+    """The ``BlockDigest`` class itself."""
+
+    BLOCK: int
 
     def from_blocks(
         self, hashes: Iterable[bytes], tail: bytes | bytearray | memoryview = ...
@@ -134,6 +138,11 @@ class HotPath(Protocol):
 
     @property
     def RollingDigest(self) -> DigestType: ...
+
+    @property
+    def BlockDigest(self) -> BlockDigestType: ...
+
+    def block_digest(self, path: PathArg, size: int | None = ...) -> int: ...
 
 
 if TYPE_CHECKING:  # both implementations satisfy the Protocol (mypy checks these lines)

@@ -7,7 +7,7 @@ import struct
 import sys
 import threading
 from collections.abc import Iterable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from ._ffi import ffi, lib
 from ._probe_base import ManyProbeBase, ProbeBase
@@ -37,9 +37,11 @@ from .errors import UnstableFileError
 
 __all__ = [
     "NAME",
+    "BlockDigest",
     "FileProbe",
     "ManyProbe",
     "RollingDigest",
+    "block_digest",
     "check_append",
     "content_digest",
     "fingerprint",
@@ -331,8 +333,8 @@ def content_digest(path: PathArg, size: int | None = None) -> int:
     return (int(hi[0]) << 64) | int(lo[0])
 
 
-def _new_state() -> Any:
-    state = lib.sf_digest_new()
+def _new_state(blocks: bool) -> Any:
+    state = lib.sf_bdigest_new() if blocks else lib.sf_digest_new()
     if state == ffi.NULL:
         raise MemoryError("cannot allocate a digest state")
     return ffi.gc(state, lib.sf_digest_free)
@@ -341,28 +343,41 @@ def _new_state() -> Any:
 _BLOCK = int(lib.SF_DIGEST_BLOCK)
 
 
-class RollingDigest:
-    """The content digest, rolled forward with appended bytes. Block-structured so that it
-    can be rebuilt from the hashes of whole blocks (``from_blocks``): with ``H`` the
-    XXH3-128 (seed 0, canonical 16 bytes) of a piece and ``BLOCK`` = 1 MiB, the digest of
-    ``n`` bytes is ``XXH3-128(H(block 1) || ... || H(block k) || H(rest) || le64(n))``, the
-    blocks being the ``k = n // BLOCK`` whole ones and ``rest`` the bytes after them."""
+_D = TypeVar("_D", bound="_Digest")
+
+
+def block_digest(path: PathArg, size: int | None = None) -> int:
+    """``BlockDigest`` value of bytes ``[0, size)`` of the file (the fence's whole-content
+    proof; ``content_digest`` is the plain XXH3-128)."""
+    n = _check_size(size)
+    state = _new_state(True)
+    err = _new("sf_err *")
+    if lib.sf_digest_update_file(state, _cpath(path), n, err) != 0:
+        _digest_error(err, path, n)
+    hi = _new("uint64_t *")
+    lo = _new("uint64_t *")
+    if lib.sf_digest_value(state, hi, lo) != 0:
+        raise MemoryError("digest finalisation failed")
+    return (int(hi[0]) << 64) | int(lo[0])
+
+
+class _Digest:
+    """A digest state over the C one: rolled forward with appended bytes."""
 
     __slots__ = ("_state",)
 
-    #: The block size of the digest (and of the transcript index's block hashes).
-    BLOCK = _BLOCK
+    _BLOCKS = False
 
     def __init__(self) -> None:
-        self._state = _new_state()
+        self._state = _new_state(self._BLOCKS)
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
         view = ffi.from_buffer(data)
         if lib.sf_digest_update(self._state, view, len(view)) != 0:
             raise MemoryError("digest update failed")
 
-    def copy(self) -> RollingDigest:
-        other = RollingDigest.__new__(RollingDigest)
+    def copy(self: _D) -> _D:
+        other = type(self).__new__(type(self))
         state = lib.sf_digest_copy(self._state)
         if state == ffi.NULL:
             raise MemoryError("cannot allocate a digest state")
@@ -377,7 +392,7 @@ class RollingDigest:
         return (int(hi[0]) << 64) | int(lo[0])
 
     @classmethod
-    def from_file(cls, path: PathArg, size: int | None = None) -> RollingDigest:
+    def from_file(cls: type[_D], path: PathArg, size: int | None = None) -> _D:
         n = _check_size(size)
         digest = cls()
         err = _new("sf_err *")
@@ -385,10 +400,31 @@ class RollingDigest:
             _digest_error(err, path, n)
         return digest
 
+
+class RollingDigest(_Digest):
+    """XXH3-128 streaming state: roll it forward with appended bytes."""
+
+    __slots__ = ()
+
+
+class BlockDigest(_Digest):
+    """The content digest a fence keeps: block-structured so that it can be rebuilt from
+    the hashes of whole blocks (``from_blocks``): with ``H`` the XXH3-128 (seed 0, canonical
+    16 bytes) of a piece and ``BLOCK`` = 1 MiB, the digest of ``n`` bytes is
+    ``XXH3-128(H(block 1) || ... || H(block k) || H(rest) || le64(n))``, the blocks being the
+    ``k = n // BLOCK`` whole ones and ``rest`` the bytes after them."""
+
+    __slots__ = ()
+
+    _BLOCKS = True
+
+    #: The block size of the digest (and of the transcript index's block hashes).
+    BLOCK = _BLOCK
+
     @classmethod
     def from_blocks(
         cls, hashes: Iterable[bytes], tail: bytes | bytearray | memoryview = b""
-    ) -> RollingDigest:
+    ) -> BlockDigest:
         """The digest of ``k`` whole blocks whose hashes are ``hashes`` (each the 16-byte
         XXH3-128 of one ``BLOCK``-byte block, in order), followed by the bytes ``tail``:
         equal to one fed those blocks' bytes and ``tail``, which are never read."""

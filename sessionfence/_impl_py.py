@@ -38,9 +38,11 @@ from .errors import UnstableFileError
 
 __all__ = [
     "NAME",
+    "BlockDigest",
     "FileProbe",
     "ManyProbe",
     "RollingDigest",
+    "block_digest",
     "check_append",
     "content_digest",
     "fingerprint",
@@ -344,7 +346,7 @@ def _check_size(size: object) -> int | None:
     return size
 
 
-def _digest_file(digest: RollingDigest, path: PathArg, size: int | None) -> None:
+def _digest_file(digest: RollingDigest | BlockDigest, path: PathArg, size: int | None) -> None:
     size = _check_size(size)
     opened = _open(path)
     if opened is None:
@@ -381,13 +383,47 @@ def content_digest(path: PathArg, size: int | None = None) -> int:
     return digest.intdigest()
 
 
+def block_digest(path: PathArg, size: int | None = None) -> int:
+    """``BlockDigest`` value of bytes ``[0, size)`` of the file (the fence's whole-content
+    proof; ``content_digest`` is the plain XXH3-128)."""
+    digest = BlockDigest()
+    _digest_file(digest, path, size)
+    return digest.intdigest()
+
+
 _BLOCK = 1 << 20
 _LEN = struct.Struct("<Q")
 
 
 class RollingDigest:
-    """The content digest, rolled forward with appended bytes. Block-structured so that it
-    can be rebuilt from the hashes of whole blocks (``from_blocks``): with ``H`` the
+    """XXH3-128 streaming state: roll it forward with appended bytes."""
+
+    __slots__ = ("_state",)
+
+    def __init__(self) -> None:
+        self._state = xxhash.xxh3_128()
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        self._state.update(data)
+
+    def copy(self) -> RollingDigest:
+        other = RollingDigest.__new__(RollingDigest)
+        other._state = self._state.copy()
+        return other
+
+    def intdigest(self) -> int:
+        return int(self._state.intdigest())
+
+    @classmethod
+    def from_file(cls, path: PathArg, size: int | None = None) -> RollingDigest:
+        digest = cls()
+        _digest_file(digest, path, size)
+        return digest
+
+
+class BlockDigest:
+    """The content digest a fence keeps: block-structured so that it can be rebuilt from
+    the hashes of whole blocks (``from_blocks``): with ``H`` the
     XXH3-128 (seed 0, canonical 16 bytes) of a piece and ``BLOCK`` = 1 MiB, the digest of
     ``n`` bytes is ``XXH3-128(H(block 1) || ... || H(block k) || H(rest) || le64(n))``, the
     blocks being the ``k = n // BLOCK`` whole ones and ``rest`` the bytes after them."""
@@ -430,8 +466,8 @@ class RollingDigest:
                 inner.reset()
                 self._fill = 0
 
-    def copy(self) -> RollingDigest:
-        other = RollingDigest.__new__(RollingDigest)
+    def copy(self) -> BlockDigest:
+        other = BlockDigest.__new__(BlockDigest)
         other._outer = self._outer.copy()
         other._inner = self._inner.copy()
         other._fill = self._fill
@@ -445,7 +481,7 @@ class RollingDigest:
         return int(last.intdigest())
 
     @classmethod
-    def from_file(cls, path: PathArg, size: int | None = None) -> RollingDigest:
+    def from_file(cls, path: PathArg, size: int | None = None) -> BlockDigest:
         digest = cls()
         _digest_file(digest, path, size)
         return digest
@@ -453,7 +489,7 @@ class RollingDigest:
     @classmethod
     def from_blocks(
         cls, hashes: Iterable[bytes], tail: bytes | bytearray | memoryview = b""
-    ) -> RollingDigest:
+    ) -> BlockDigest:
         """The digest of ``k`` whole blocks whose hashes are ``hashes`` (each the 16-byte
         XXH3-128 of one ``BLOCK``-byte block, in order), followed by the bytes ``tail``:
         equal to one fed those blocks' bytes and ``tail``, which are never read."""

@@ -1264,8 +1264,8 @@ static void test_read_range(void)
 }
 
 /*
- * The content digest's definition, from one-shot XXH3-128 calls (sf_xxh3_128), for the
- * state-based functions to be checked against: with H = XXH3-128 in canonical big-endian
+ * The block digest's definition, from one-shot XXH3-128 calls (sf_xxh3_128), for the
+ * block states (sf_bdigest_new) to be checked against: with H = XXH3-128 in canonical big-endian
  * bytes, XXH3-128(H(block 1) || ... || H(block k) || H(rest) || le64(len)).
  */
 static void canonical128(uint64_t hi, uint64_t lo, uint8_t out[16])
@@ -1344,21 +1344,51 @@ static void test_digests(void)
     join(missing, sizeof(missing), "digest-missing.bin");
     REQUIRE(write_file(path, data, DATA_LEN) == 0);
 
-    /* Pinned vectors over prefixes of the file (size argument), and the reference. */
+    /* Block digests: pinned vectors over prefixes of the file (size argument), and the
+       reference; sf_content_digest is the plain XXH3-128 of the same prefix. */
     for (i = 0; i < sizeof(vectors) / sizeof(vectors[0]); i++) {
         err = fresh_err();
-        CHECK_I(sf_content_digest(path, (int64_t)vectors[i].len, &hi, &lo, &err), 0);
+        s = sf_bdigest_new();
+        REQUIRE(s != NULL);
+        CHECK_I(sf_digest_update_file(s, path, (int64_t)vectors[i].len, &err), 0);
+        CHECK_I(sf_digest_value(s, &hi, &lo), 0);
+        sf_digest_free(s);
         CHECK_U(hi, vectors[i].hi);
         CHECK_U(lo, vectors[i].lo);
         REQUIRE(ref_digest(data, vectors[i].len, &hi2, &lo2) == 0);
         CHECK_U(hi2, vectors[i].hi);
         CHECK_U(lo2, vectors[i].lo);
+        CHECK_I(sf_content_digest(path, (int64_t)vectors[i].len, &hi, &lo, &err), 0);
+        sf_xxh3_128(data, vectors[i].len, &hi2, &lo2);
+        CHECK_U(hi, hi2);
+        CHECK_U(lo, lo2);
+    }
+    /* Block digests streamed in pieces of every size equal the reference. */
+    REQUIRE(ref_digest(data, DATA_LEN, &hi, &lo) == 0);
+    for (j = 0; j < sizeof(steps) / sizeof(steps[0]); j++) {
+        int failed = 0;
+        s = sf_bdigest_new();
+        REQUIRE(s != NULL);
+        for (i = 0; i < DATA_LEN; i += steps[j]) {
+            size_t n = DATA_LEN - i < steps[j] ? DATA_LEN - i : steps[j];
+            failed |= sf_digest_update(s, data + i, n) != 0;
+        }
+        CHECK(!failed);
+        CHECK_I(sf_digest_value(s, &hi2, &lo2), 0);
+        CHECK_U(hi, hi2);
+        CHECK_U(lo, lo2);
+        s2 = sf_digest_copy(s); /* a copy keeps the mode */
+        REQUIRE(s2 != NULL);
+        CHECK_I(sf_digest_value(s2, &hi2, &lo2), 0);
+        CHECK_U(hi, hi2);
+        sf_digest_free(s2);
+        sf_digest_free(s);
     }
 
-    /* Whole file (-1) == the reference == streamed in pieces of every size. */
+    /* Plain: whole file (-1) == one-shot XXH3-128 == streamed in pieces of every size. */
     err = fresh_err();
     CHECK_I(sf_content_digest(path, -1, &hi, &lo, &err), 0);
-    REQUIRE(ref_digest(data, DATA_LEN, &hi2, &lo2) == 0);
+    sf_xxh3_128(data, DATA_LEN, &hi2, &lo2);
     CHECK_U(hi, hi2);
     CHECK_U(lo, lo2);
     for (j = 0; j < sizeof(steps) / sizeof(steps[0]); j++) {
@@ -1403,23 +1433,29 @@ static void test_digests(void)
     {
         size_t k = 0;
         uint8_t *hashes = block_hashes(data, DATA_LEN, &k);
+        uint64_t bh, bl;
         REQUIRE(hashes != NULL);
+        REQUIRE(ref_digest(data, DATA_LEN, &bh, &bl) == 0);
         CHECK_I((int64_t)k, 2);
+        s = sf_digest_new(); /* a plain state takes no block hashes */
+        REQUIRE(s != NULL);
+        CHECK_I(sf_digest_add_blocks(s, hashes, 1), -1);
+        sf_digest_free(s);
         for (j = 0; j <= k; j++) {
-            s = sf_digest_new();
+            s = sf_bdigest_new();
             REQUIRE(s != NULL);
             CHECK_I(sf_digest_add_blocks(s, hashes, j), 0);
             CHECK_I(sf_digest_update(s, data + j * SF_DIGEST_BLOCK,
                                      DATA_LEN - j * SF_DIGEST_BLOCK), 0);
             CHECK_I(sf_digest_value(s, &hi2, &lo2), 0);
-            CHECK_U(hi, hi2);
-            CHECK_U(lo, lo2);
+            CHECK_U(bh, hi2);
+            CHECK_U(bl, lo2);
             /* Refused once a partial block was fed (the hashes would land mid-block). */
             if (j < k)
                 CHECK_I(sf_digest_add_blocks(s, hashes, 1), -1);
             sf_digest_free(s);
         }
-        s = sf_digest_new();
+        s = sf_bdigest_new();
         REQUIRE(s != NULL);
         CHECK_I(sf_digest_add_blocks(s, NULL, 0), 0);
         CHECK_I(sf_digest_add_blocks(s, NULL, 1), -1);

@@ -1450,12 +1450,19 @@ class SessionFenceController:
         """Hand over a content digest computed while the transcript was read anyway, so
         the first activation needs no whole-file read of its own.
 
-        ``digest`` must be a ``RollingDigest`` of bytes ``[0, fp.size)`` of the file as
-        ``fp`` describes it (e.g. ``SessionManager.open``'s ``digest`` with
-        ``parsed_fingerprint`` and ``digest_size``). It is copied; it is used only while
-        the file still matches ``fp``."""
+        ``digest`` must be the fence's content digest (a ``BlockDigest``: the one
+        ``SessionManager.fence_digest()`` gives, with ``parsed_fingerprint`` and
+        ``digest_size``)
+        of bytes ``[0, fp.size)`` of the file as ``fp`` describes it. It is copied; it is
+        used only while the file still matches ``fp``. A ``RollingDigest`` (plain XXH3-128)
+        is a ``TypeError``: its value is another function of the bytes."""
         if size is not None and size != fp.size:
             raise ValueError(f"digest covers {size} bytes, the fingerprint {fp.size}")
+        if not isinstance(digest, self._io.hot.BlockDigest):  # type: ignore[arg-type]
+            raise TypeError(
+                "seed_content_digest takes a BlockDigest (SessionManager.fence_digest()), not "
+                f"{type(digest).__name__}"
+            )
         if not fp.exists:
             return
         own = digest.copy()

@@ -1,6 +1,7 @@
 """Fence snapshots: a Fingerprint plus a rolling content digest, never the file's bytes.
 
-A snapshot is the file's fingerprint and, when known, an XXH3-128 ``RollingDigest`` of bytes
+A snapshot is the file's fingerprint and, when known, a ``BlockDigest`` (the block-structured
+XXH3-128 content digest, which the transcript index can rebuild without the bytes) of bytes
 ``[0, size)``. Appends roll the digest forward with the appended bytes only (read
 positionally), so keeping it costs O(appended bytes); the digest is computed from the file at
 most once per file per process (the registry caches it) and that is the only whole-file read
@@ -34,7 +35,7 @@ class FenceSnapshot(NamedTuple):
     content by digest at the next check instead (docs/design.md, "Racy fences")."""
 
     fingerprint: Fingerprint
-    digest: Any | None = None  # RollingDigest of [0, fingerprint.size); shared, never mutated
+    digest: Any | None = None  # BlockDigest of [0, fingerprint.size); shared, never mutated
     quiet: bool = False
 
     @property
@@ -120,7 +121,7 @@ class SnapshotIO:
         if snap.digest is None:
             return False
         try:
-            actual = self.hot.content_digest(self.path, fp.size)
+            actual = self.hot.block_digest(self.path, fp.size)
         except (OSError, ValueError):
             return False
         return bool(actual == snap.digest.intdigest())
@@ -153,7 +154,7 @@ class SnapshotIO:
         for _ in range(_STABLE_DIGEST_TRIES):
             started = time.time_ns()
             try:
-                digest = self.hot.RollingDigest.from_file(self.path, current.size)
+                digest = self.hot.BlockDigest.from_file(self.path, current.size)
             except (OSError, ValueError):
                 digest = None
             post = self.fingerprint()
@@ -185,7 +186,7 @@ class SnapshotIO:
                 if change.kind is ChangeKind.APPENDED:
                     digest = prev.digest.copy()  # type: ignore[union-attr]
                 else:
-                    digest = self.hot.RollingDigest()
+                    digest = self.hot.BlockDigest()
                 digest.update(data)
                 REGISTRY.remember_digest(self.key, after, digest)
                 return FenceSnapshot(after, digest)

@@ -283,11 +283,13 @@ async def _owned_attempt(task: Task, cfg: FleetConfig, board: Board, log: LogWri
             quarantine = manager.repair_torn_tail()
             att.record("torn", offset=torn[0], length=torn[1], repaired=quarantine is not None)
         elif manager.digest_size == manager.parsed_fingerprint.size:
-            # The open computed the digest of what it parsed: a cold open hashed every byte,
-            # an open through the transcript index rebuilt it from the index's block hashes,
-            # the partial last block and the bytes past the index (docs/transcripts.md, "The
-            # digest"). Seeded with it, the fence's first activation reads no whole file.
-            ctl.seed_content_digest(manager.parsed_fingerprint, manager.digest, manager.digest_size)
+            # The fence's digest of what the open parsed, from the block hashes of the parse
+            # or of the transcript index, the partial last block and the bytes past the
+            # index (docs/transcripts.md, "The digest"). Seeded with it, the fence's first
+            # activation reads no whole file.
+            ctl.seed_content_digest(
+                manager.parsed_fingerprint, manager.fence_digest(), manager.digest_size
+            )
         att.record(
             "setup",
             open=parsed - started,

@@ -135,8 +135,8 @@ def _h64(data: bytes | memoryview) -> int:
 class BlockHasher:
     """XXH3-128 of every ``BLOCK`` bytes fed, in order; ``hashes()`` adds the partial last
     block. ``full``: the hashes of the whole blocks that precede the bytes fed. The whole
-    blocks' hashes are the content digest's (``RollingDigest``: same blocks, same hash,
-    same canonical bytes), which ``RollingDigest.from_blocks`` rebuilds from them."""
+    blocks' hashes are the content digest's (``BlockDigest``: same blocks, same hash,
+    same canonical bytes), which ``BlockDigest.from_blocks`` rebuilds from them."""
 
     def __init__(self, full: Sequence[bytes] = ()) -> None:
         self.full: list[bytes] = list(full)
@@ -432,8 +432,8 @@ class IndexData:
 
     def blocks(self) -> list[bytes]:
         """The XXH3-128 of every block of ``[0, size)``, the partial last one included:
-        the whole blocks' hashes are those of the content digest (``RollingDigest.BLOCK``
-        is ``BLOCK``), so ``RollingDigest.from_blocks(blocks[:size // BLOCK], partial)``
+        the whole blocks' hashes are those of the content digest (``BlockDigest.BLOCK``
+        is ``BLOCK``), so ``BlockDigest.from_blocks(blocks[:size // BLOCK], partial)``
         is the digest of the prefix without reading it."""
         return [bytes.fromhex(h) for h in self.meta["blocks"]]
 

@@ -11,8 +11,10 @@ Notes for the fence controller (everything is O(appended bytes) after ``open``):
 
 - ``manager.parsed_fingerprint`` is the fingerprint (with ``window``) of exactly the bytes
   ``open`` parsed, and ``manager.parsed_digest`` their ``RollingDigest`` (a frozen copy:
-  cache or share it as is, ``copy()`` before rolling). Together they seed a fence snapshot
-  with no second read of the file.
+  cache or share it as is, ``copy()`` before rolling). The fence keeps its own digest (a
+  block-structured ``BlockDigest``): ``manager.fence_digest()`` builds it from the block
+  hashes the parse or the index holds, and seeds a fence snapshot
+  (``seed_content_digest``) with no second read of the file.
 - ``manager.digest`` is the manager's live ``RollingDigest`` of the file's bytes
   ``[0, manager.digest_size)``: right after ``open`` it equals ``parsed_digest`` and
   ``digest_size == parsed_fingerprint.size``. Take ``digest.copy()`` to keep your own.
@@ -476,6 +478,7 @@ class SessionManager:
         self._index_blocks: list[bytes] = []
         self._blocks_size = 0  # _index_blocks hash the bytes [0, _blocks_size)
         self._first: Any = None  # the first line that parsed as JSON (not_a_session)
+        self._fence_seed: tuple[int, Any] | None = None  # (size, BlockDigest) at open
         self._seen_first = False
         # The context settings at an entry (the index's leaf, or the leaf when this manager
         # last wrote the index), valid for the id mapping it was computed with: ids parsed
@@ -522,6 +525,11 @@ class SessionManager:
                     self._adopt(loaded, after)
                 else:
                     self._adopt_rows(loaded, after)
+            if self._base is not None:
+                # The fence's digest of what was parsed, taken now (the partial block and
+                # the lines past the index, from the page cache): a seed must describe the
+                # parse, not a file changed since under an equal stat.
+                self._fence_seed = self._compute_fence_digest()
             return
         raise UnstableFileError(self._path, OPEN_ATTEMPTS)
 
@@ -702,11 +710,10 @@ class SessionManager:
         partial = found.partial
         if partial is None or len(partial) != size % _index.BLOCK:
             return None
-        # The digest of [0, size) from the index's whole-block hashes and the partial block
-        # ``validate`` read: no byte of the prefix is read again, and the parse of the lines
-        # past it rolls it on (docs/transcripts.md, "The digest").
-        rolling = _backend.active().RollingDigest
-        self._digest = rolling.from_blocks(blocks[: size // _index.BLOCK], partial)
+        # The plain digest of [0, size) is read from the file only when asked for
+        # (``digest``); the fence's is rebuilt from the index's block hashes
+        # (``fence_digest``): no byte of the prefix is read again for either here.
+        self._digest = None
         self._digest_size = size
         os.lseek(fd, size, os.SEEK_SET)
         loaded = self._parse_delta(fd, size)
@@ -1234,34 +1241,81 @@ class SessionManager:
 
     @property
     def digest(self) -> Any:
-        """``RollingDigest`` of the file's bytes ``[0, digest_size)``. The live object: take
-        ``.copy()`` before rolling it yourself.
+        """``RollingDigest`` (XXH3-128, equal to ``content_digest``) of the file's bytes
+        ``[0, digest_size)``. The live object: take ``.copy()`` before rolling it yourself.
 
-        An open computes it while it reads: a cold open hashes every byte it parses; an
-        open through the index rebuilds it from the index's block hashes and the partial
-        last block (``RollingDigest.from_blocks``), then rolls it over the lines parsed
-        past the index, so it costs the partial block and the new bytes, never a reread
-        of the prefix. The index is trusted for the prefix on the same basis as the rest
-        of it (docs/transcripts.md, "The digest"): a prefix edited in place after the
-        index was written gives a digest of the content the index describes, which a
-        fence's next whole-content proof (``verify="full"``) finds different from the
-        file (a ``rewritten`` takeover: it fails closed)."""
+        A cold open computes it while it parses. After an open through the index it is
+        computed on first use, by reading ``[0, digest_size)`` once, checked against the
+        index's block hashes and the last bytes this manager parsed; when they differ (the
+        file was rewritten since), it is a digest no content has. The fence's own digest,
+        which needs no such read, is ``fence_digest()``."""
         if self._digest is None:
             self._digest = self._digest_from_file(self._digest_size)
         return self._digest
 
     def _digest_from_file(self, size: int) -> Any:
-        """The digest of ``[0, size)`` computed now: from the whole blocks whose hashes this
-        manager holds (its parse's, or the index's) and a read of the bytes after them.
-        When those bytes are provably not the ones parsed (another file, the partial block
-        or the bytes before ``_upto`` differ), the digest of the parsed bytes is out of
-        reach: the result is then one that no content has (the bytes read and a random
-        marker), so whoever compares it with the file (a fence seeded with it) sees the
-        change, as it would have with the parse's own digest."""
+        """The plain digest of ``[0, size)`` read now. When those bytes are provably not the
+        ones parsed (another file, a block or the bytes before ``_upto`` differ), the
+        digest of the parsed bytes is out of reach: the result is then one that no content
+        has (the bytes read and a random marker), so whoever compares it with the file sees
+        the change, as it would have with the parse's own digest."""
+        digest = _backend.active().RollingDigest()
+        hasher = _index.BlockHasher()
+        same = self._read_checked(0, size, (digest, hasher))
+        full = min(self._blocks_size, size) // _index.BLOCK
+        if not same or hasher.full[:full] != self._index_blocks[:full]:
+            digest.update(b"\0sessionfence: not the bytes parsed\0" + os.urandom(16))
+        return digest
+
+    def fence_digest(self) -> Any:
+        """The fence's content digest (``BlockDigest``: block-structured XXH3-128) of the
+        file's bytes ``[0, digest_size)``, a new object, for
+        ``SessionFenceController.seed_content_digest(m.parsed_fingerprint, m.fence_digest(),
+        m.digest_size)``: the first activation of a fence then reads nothing of its own.
+
+        Built from the hashes of the whole blocks this manager holds (its parse's, or the
+        index's) and a read of the bytes after them (the partial block and what was
+        appended since): never a reread of the prefix. The index is trusted for the prefix
+        on the same basis as the rest of it (docs/transcripts.md, "The digest"): a prefix
+        edited in place after the index was written gives a digest of the content the
+        index describes, which a fence's next whole-content proof (``verify="full"``)
+        finds different from the file (a ``rewritten`` takeover: it fails closed). When the
+        bytes read provably are not the ones parsed, it is a digest no content has."""
+        seed = self._fence_seed
+        if seed is not None and seed[0] == self._digest_size:
+            return seed[1].copy()
+        return self._compute_fence_digest()[1]
+
+    def _compute_fence_digest(self) -> tuple[int, Any]:
+        """``(digest_size, the fence's digest of [0, digest_size))`` computed now."""
+        size = self._digest_size
+        if size == 0:
+            return 0, _backend.active().BlockDigest()
         blocks = self._index_blocks
         full = min(self._blocks_size, size) // _index.BLOCK
-        digest = _backend.active().RollingDigest.from_blocks(blocks[:full])
+        digest = _backend.active().BlockDigest.from_blocks(blocks[:full])
         checker = _index.BlockHasher(blocks[:full])
+        checked = min(self._blocks_size, size)  # the hashes describe [0, checked)
+        same = self._read_checked(full * _index.BLOCK, size, (digest,), checker, checked)
+        # Read up to where the hashes end, the bytes must give the same hashes (the whole
+        # blocks were not read: they are the hashes themselves).
+        if checked == self._blocks_size and checker.hashes() != blocks:
+            same = False
+        if not same:
+            digest.update(b"\0sessionfence: not the bytes parsed\0" + os.urandom(16))
+        return size, digest
+
+    def _read_checked(
+        self,
+        offset: int,
+        size: int,
+        sinks: tuple[Any, ...],
+        checker: Any = None,
+        checked: int = 0,
+    ) -> bool:
+        """Feed the file's bytes ``[offset, size)`` to ``sinks`` (and those before
+        ``checked`` to ``checker``); False when they provably are not the bytes parsed
+        (another file, too short, the bytes before ``_upto`` differ)."""
         base = self._base
         same = True
         fd = os.open(self._path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
@@ -1269,18 +1323,17 @@ class SessionManager:
             st = os.fstat(fd)
             if base is not None and (st.st_dev, st.st_ino) != (base.dev, base.ino):
                 same = False
-            offset = full * _index.BLOCK
-            checked = min(self._blocks_size, size)  # the hashes describe [0, checked)
             while offset < size:
                 want = min(_io.DEFAULT_CHUNK, size - offset)
-                if offset < checked:
+                if checker is not None and offset < checked:
                     want = min(want, checked - offset)  # stop where the hashes stop
                 block = _io.pread(fd, want, offset)
                 if not block:
                     same = False
                     break
-                digest.update(block)
-                if offset < checked:
+                for sink in sinks:
+                    sink.update(block)
+                if checker is not None and offset < checked:
                     checker.update(block)
                 offset += len(block)
             tail = self._tail
@@ -1289,13 +1342,7 @@ class SessionManager:
                 same = False
         finally:
             os.close(fd)
-        # Read up to where the hashes end, the bytes must give the same hashes (the whole
-        # blocks were not read: they are the hashes themselves).
-        if checked == self._blocks_size and checker.hashes() != blocks:
-            same = False
-        if not same:
-            digest.update(b"\0sessionfence: not the bytes parsed\0" + os.urandom(16))
-        return digest
+        return same
 
     @property
     def digest_size(self) -> int:

@@ -107,13 +107,13 @@ async def test_first_activation_reads_the_file_once_per_process(
     path = tmp_path / "big.jsonl"
     make_transcript(path, 16 * MiB)
     computed: list[int | None] = []
-    original = backend.RollingDigest.from_file.__func__
+    original = backend.BlockDigest.from_file.__func__  # the fence's digest
 
     def counting(cls: type, p: Any, size: int | None = None) -> Any:
         computed.append(size)
         return original(cls, p, size)
 
-    monkeypatch.setattr(backend.RollingDigest, "from_file", classmethod(counting))
+    monkeypatch.setattr(backend.BlockDigest, "from_file", classmethod(counting))
     start = bytes_read()
     first = await make(path)
     await first.release_for_prompt()
@@ -141,15 +141,16 @@ async def test_a_digest_from_parsing_the_transcript_spares_the_whole_file_read(
     make_transcript(path, 16 * MiB)
     manager = SessionManager.open(path)  # reads and digests the file anyway
     computed: list[int | None] = []
-    original = backend.RollingDigest.from_file.__func__
+    original = backend.BlockDigest.from_file.__func__  # the fence's digest
 
     def counting(cls: type, p: Any, size: int | None = None) -> Any:
         computed.append(size)
         return original(cls, p, size)
 
-    monkeypatch.setattr(backend.RollingDigest, "from_file", classmethod(counting))
+    monkeypatch.setattr(backend.BlockDigest, "from_file", classmethod(counting))
     ctl = await make(path)
-    ctl.seed_content_digest(manager.parsed_fingerprint, manager.digest, manager.digest_size)
+    seed = manager.fence_digest()  # from the parse's block hashes and the partial block
+    ctl.seed_content_digest(manager.parsed_fingerprint, seed, manager.digest_size)
     start = bytes_read()
     await ctl.release_for_prompt()
     assert bytes_read() - start < 256 * KiB and computed == []
@@ -212,13 +213,13 @@ async def test_verify_full_rolls_its_digest_without_rereading_for_the_reference(
     session_file: Path, backend: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     computed: list[int | None] = []
-    original = backend.RollingDigest.from_file.__func__
+    original = backend.BlockDigest.from_file.__func__  # the fence's digest
 
     def counting(cls: type, p: Any, size: int | None = None) -> Any:
         computed.append(size)
         return original(cls, p, size)
 
-    monkeypatch.setattr(backend.RollingDigest, "from_file", classmethod(counting))
+    monkeypatch.setattr(backend.BlockDigest, "from_file", classmethod(counting))
     merge = MergeSpy()
     ctl = await make(session_file, verify="full", merge_foreign_entries=merge)
     await ctl.release_for_prompt()

@@ -1,6 +1,7 @@
-"""The content digest's definition (SPEC 2.3 as redefined by issue 15, docs/design.md),
+"""The fence's block digest's definition (``BlockDigest``, issue 15, docs/design.md),
 computed from plain XXH3-128 over bytes held in memory: the oracle both backends are
-checked against.
+checked against. (``content_digest`` and ``RollingDigest`` stay the plain XXH3-128 of the
+bytes, SPEC 2.3.)
 
 With ``H`` the XXH3-128 (seed 0) of a piece in its canonical big-endian 16 bytes and
 ``BLOCK`` = 1 MiB, the digest of ``n`` bytes is::

@@ -1,7 +1,8 @@
-"""Both backends hash exactly like upstream XXH3 (tail hashes, the C entry points) and
-compute the block-structured content digest of its definition (digest_reference.py), whose
-values are pinned below: a change of definition must be deliberate (nothing persists a
-digest, but every process comparing them must agree)."""
+"""Both backends hash exactly like upstream XXH3 (tail hashes, ``content_digest`` and
+``RollingDigest``: SPEC 2.3, the C entry points) and compute the fence's block-structured
+digest (``BlockDigest``) of its definition (digest_reference.py), whose values are pinned
+below: a change of definition must be deliberate (every process comparing them must
+agree)."""
 
 from __future__ import annotations
 
@@ -42,34 +43,55 @@ def test_tail_hash_matches_xxh3_64_vector(impl: ModuleType, tmp_path: Path, leng
     assert fp.tail_hash == XXH3_64[length]
 
 
-@pytest.mark.parametrize("length", sorted(DIGEST_VECTORS))
-def test_content_digest_matches_its_vectors(impl: ModuleType, tmp_path: Path, length: int) -> None:
-    high, low = DIGEST_VECTORS[length]
-    data = _big_buffer()[:length]
-    assert reference_digest(data) == (high << 64) | low
+@pytest.mark.parametrize("length", sorted(XXH3_128))
+def test_content_digest_matches_xxh3_128_vector(
+    impl: ModuleType, tmp_path: Path, length: int
+) -> None:
+    low, high = XXH3_128[length]
     path = tmp_path / "v.bin"
-    path.write_bytes(data + b"trailing bytes beyond size")
+    path.write_bytes(BUFFER[:length] + b"trailing bytes beyond size")
     assert impl.content_digest(path, length) == (high << 64) | low
     assert impl.RollingDigest.from_file(path, length).intdigest() == (high << 64) | low
 
 
-@pytest.mark.parametrize("length", sorted(DIGEST_VECTORS))
-def test_rolling_digest_matches_its_vectors_in_any_split(impl: ModuleType, length: int) -> None:
-    high, low = DIGEST_VECTORS[length]
-    data = _big_buffer()[:length]
-    for cut in {0, length // 3, length // 2, BLOCK, length}:
-        cut = min(cut, length)
+@pytest.mark.parametrize("length", sorted(XXH3_128))
+def test_rolling_digest_matches_xxh3_128_vector_in_any_split(impl: ModuleType, length: int) -> None:
+    low, high = XXH3_128[length]
+    data = BUFFER[:length]
+    for cut in {0, length // 3, length // 2, length}:
         digest = impl.RollingDigest()
         digest.update(data[:cut])
         digest.update(memoryview(data)[cut:])
         assert digest.intdigest() == (high << 64) | low
 
 
-def test_small_digests_are_not_plain_xxh3_128(impl: ModuleType) -> None:
-    """The definition changed on purpose (issue 15): a plain XXH3-128 stream cannot be
-    rebuilt from block hashes. Nothing compares a digest with a plain XXH3-128 value."""
+@pytest.mark.parametrize("length", sorted(DIGEST_VECTORS))
+def test_block_digest_matches_its_vectors(impl: ModuleType, tmp_path: Path, length: int) -> None:
+    high, low = DIGEST_VECTORS[length]
+    data = _big_buffer()[:length]
+    assert reference_digest(data) == (high << 64) | low
+    path = tmp_path / "v.bin"
+    path.write_bytes(data + b"trailing bytes beyond size")
+    assert impl.BlockDigest.from_file(path, length).intdigest() == (high << 64) | low
+
+
+@pytest.mark.parametrize("length", sorted(DIGEST_VECTORS))
+def test_block_digest_matches_its_vectors_in_any_split(impl: ModuleType, length: int) -> None:
+    high, low = DIGEST_VECTORS[length]
+    data = _big_buffer()[:length]
+    for cut in {0, length // 3, length // 2, BLOCK, length}:
+        cut = min(cut, length)
+        digest = impl.BlockDigest()
+        digest.update(data[:cut])
+        digest.update(memoryview(data)[cut:])
+        assert digest.intdigest() == (high << 64) | low
+
+
+def test_block_digests_are_not_plain_xxh3_128(impl: ModuleType) -> None:
+    """Two functions of the bytes: the public digest is plain XXH3-128 (SPEC 2.3), the
+    fence's is block-structured (it can be rebuilt from block hashes); never mixed."""
     low, high = XXH3_128[2240]
-    digest = impl.RollingDigest()
+    digest = impl.BlockDigest()
     digest.update(BUFFER[:2240])
     assert digest.intdigest() != (high << 64) | low
 

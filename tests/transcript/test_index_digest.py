@@ -54,23 +54,27 @@ def append(path: Path, data: bytes) -> None:
 
 
 class Counting:
-    """Counts the backend's whole-content digests (``from_file``, ``content_digest``) while
-    they still run: the real functions, wrapped."""
+    """Counts the backend's whole-content digests (``from_file`` of both digests,
+    ``content_digest``) while they still run: the real functions, wrapped."""
 
     def __init__(self, backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[tuple[str, int | None]] = []
-        from_file = backend.RollingDigest.from_file.__func__
         content = backend.content_digest
+        for kind in (backend.RollingDigest, backend.BlockDigest):
+            from_file = kind.from_file.__func__
 
-        def counted_from_file(cls: type, path: Any, size: int | None = None) -> Any:
-            self.calls.append(("from_file", size))
-            return from_file(cls, path, size)
+            def counted_from_file(
+                cls: type, path: Any, size: int | None = None, _real: Any = from_file
+            ) -> Any:
+                self.calls.append(("from_file", size))
+                return _real(cls, path, size)
+
+            monkeypatch.setattr(kind, "from_file", classmethod(counted_from_file))
 
         def counted_content(path: Any, size: int | None = None) -> int:
             self.calls.append(("content_digest", size))
             return int(content(path, size))
 
-        monkeypatch.setattr(backend.RollingDigest, "from_file", classmethod(counted_from_file))
         monkeypatch.setattr(backend, "content_digest", counted_content)
 
 
@@ -88,11 +92,12 @@ def test_warm_open_rebuilds_the_digest_from_the_block_hashes(
     # blocks' hashes plus the partial block, whatever else the file holds.
     full = index.size // BLOCK
     raw = path.read_bytes()
-    rebuilt = backend.RollingDigest.from_blocks(index.blocks()[:full], raw[full * BLOCK :])
-    assert rebuilt.intdigest() == reference_digest(raw) == backend.content_digest(path)
+    rebuilt = backend.BlockDigest.from_blocks(index.blocks()[:full], raw[full * BLOCK :])
+    assert rebuilt.intdigest() == reference_digest(raw) == cold.fence_digest().intdigest()
 
     warm = SessionManager.open(path)
     assert warm._index_size == index.size  # through the index
+    assert warm.fence_digest().intdigest() == reference_digest(raw)
     assert warm.digest.intdigest() == backend.content_digest(path)
     assert warm.parsed_digest.intdigest() == backend.content_digest(path)
     assert warm.digest_size == warm.parsed_fingerprint.size == len(raw)
@@ -101,6 +106,7 @@ def test_warm_open_rebuilds_the_digest_from_the_block_hashes(
     append(path, mirror(1) + mirror(2))
     later = SessionManager.open(path)
     assert later._index_size == index.size
+    assert later.fence_digest().intdigest() == reference_digest(path.read_bytes())
     assert later.digest.intdigest() == backend.content_digest(path)
     later.append_message({"role": "user", "content": "own"})
     append(path, mirror(3))
@@ -108,6 +114,7 @@ def test_warm_open_rebuilds_the_digest_from_the_block_hashes(
     assert later.digest_size == os.path.getsize(path)
     assert later.digest.intdigest() == backend.content_digest(path)
     assert later.parsed_digest.intdigest() == backend.content_digest(path)
+    assert later.fence_digest().intdigest() == reference_digest(path.read_bytes())
 
 
 class TranscriptReads:
@@ -148,14 +155,15 @@ async def test_a_fence_seeded_after_a_warm_open_reads_no_whole_file(
     counting = Counting(backend, monkeypatch)
     reads = TranscriptReads(path, monkeypatch)
     manager = SessionManager.open(path)
-    assert manager.digest.intdigest() == reference_digest(path.read_bytes())
+    seed = manager.fence_digest()
+    assert seed.intdigest() == reference_digest(path.read_bytes())
     # the tail window, the header, the partial block, the context rows, the new line
     assert reads.total < 2 * BLOCK < os.path.getsize(path) // 3
     ctl = await SessionFenceController.create(
         path, verify="tail", merge_foreign_entries=manager.merge_foreign_entries
     )
     try:
-        ctl.seed_content_digest(manager.parsed_fingerprint, manager.digest, manager.digest_size)
+        ctl.seed_content_digest(manager.parsed_fingerprint, seed, manager.digest_size)
         await ctl.release_for_prompt()  # the fence's first activation
         append(path, mirror(2))  # a benign foreign append in the window
         await ctl.reacquire_after_prompt()
@@ -192,14 +200,15 @@ async def test_a_prefix_edited_after_the_index_is_caught_by_the_full_proof(
 
     manager = SessionManager.open(path)
     assert manager._index_size == len(original)  # the index passed its checks
-    assert manager.digest.intdigest() == reference_digest(original + mirror(1))
-    assert manager.digest.intdigest() != backend.content_digest(path)
+    seed = manager.fence_digest()
+    assert seed.intdigest() == reference_digest(original + mirror(1))
+    assert seed.intdigest() != reference_digest(path.read_bytes())
 
     ctl = await SessionFenceController.create(
         path, verify="full", merge_foreign_entries=manager.merge_foreign_entries
     )
     try:
-        ctl.seed_content_digest(manager.parsed_fingerprint, manager.digest, manager.digest_size)
+        ctl.seed_content_digest(manager.parsed_fingerprint, seed, manager.digest_size)
         await ctl.release_for_prompt()
         append(path, mirror(2))  # accepted only once the old content is proven unchanged
         with pytest.raises(SessionTakeoverError) as caught:
@@ -212,3 +221,16 @@ async def test_a_prefix_edited_after_the_index_is_caught_by_the_full_proof(
     os.unlink(_index.index_path_for(path))
     fresh = SessionManager.open(path)
     assert fresh.digest.intdigest() == backend.content_digest(path)
+    assert fresh.fence_digest().intdigest() == reference_digest(path.read_bytes())
+
+
+async def test_seeding_a_fence_with_the_plain_digest_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    realistic(path, 5000)
+    manager = SessionManager.open(path)
+    ctl = await SessionFenceController.create(path)
+    try:
+        with pytest.raises(TypeError, match="BlockDigest"):
+            ctl.seed_content_digest(manager.parsed_fingerprint, manager.digest)
+    finally:
+        await ctl.dispose()
