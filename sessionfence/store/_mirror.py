@@ -188,7 +188,13 @@ class StoreMirror:
 
     def close(self) -> None:
         """Release the copy: a private one is removed, a cached one stays for the next
-        manager (its lock is released). Also done when the mirror is garbage collected."""
+        manager (its state written, then its lock released). Garbage collection releases
+        it too, without writing the state: the next manager then copies the session again
+        (the state is written only here, not at every append: a copy whose state is stale
+        is never resumed)."""
+        if self._finalizer.alive and self._state_path is not None:
+            with contextlib.suppress(OSError):
+                self._save_state()
         self._finalizer()
 
     def _fetch(self, after: int, upto: int) -> tuple[int, int, str, list[_Row]] | None:
@@ -247,8 +253,6 @@ class StoreMirror:
                 os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o600))
             os.replace(target, self.path)
         self._stat = self._copy_stat()
-        if copied:
-            self._save_state()
         return copied
 
     def _start_over(self) -> str:
@@ -291,7 +295,6 @@ class StoreMirror:
             raise ValueError("the copy changed behind this mirror")
         self._write(self.path, [(seq, line[:-1], True)])
         self._stat = self._copy_stat()
-        self._save_state()
 
     def line_at(self, seq: int) -> bytes | None:
         """The stored line ``seq`` (without newline), read from the store."""
