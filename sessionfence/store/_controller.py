@@ -73,27 +73,24 @@ class StoreFenceController:
         if isinstance(store, AsyncPostgresStore):
             conn, owns = store, False
         elif isinstance(store, PostgresStore):
-            conn = AsyncPostgresStore(
-                store.conninfo,
-                schema=store.schema,
-                connect_timeout=store.connect_timeout,
-                unreachable_timeout=store.unreachable_timeout,
-                application_name=store.application_name,
-            )
-            owns = True
+            conn, owns = store.async_twin(), True
         else:
             raise TypeError(f"not a PostgreSQL store: {type(store).__name__}")
         merge = _merge_fn(merge_foreign_entries, reload_session_file)
+
+        async def claim() -> PostgresFence:
+            return await PostgresFence.open(
+                conn,
+                session_id,
+                run_id=run_id,
+                benign_policy=benign_policy,
+                merge_foreign_entries=merge,
+                owns_store=owns,
+            )
+
         try:
             try:
-                fence = await PostgresFence.open(
-                    conn,
-                    session_id,
-                    run_id=run_id,
-                    benign_policy=benign_policy,
-                    merge_foreign_entries=merge,
-                    owns_store=owns,
-                )
+                fence = await claim()
             except KeyError:
                 # No such session yet: as a controller of a missing transcript file, claim
                 # it anyway, creating it with its header line (whoever creates it first).
@@ -101,14 +98,7 @@ class StoreFenceController:
                 header["cwd"] = os.getcwd()
                 with contextlib.suppress(FileExistsError):
                     await conn.create_session(session_id, header)
-                fence = await PostgresFence.open(
-                    conn,
-                    session_id,
-                    run_id=run_id,
-                    benign_policy=benign_policy,
-                    merge_foreign_entries=merge,
-                    owns_store=owns,
-                )
+                fence = await claim()
         except BaseException:
             if owns:
                 await conn.aclose()

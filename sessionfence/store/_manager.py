@@ -197,23 +197,17 @@ class StoreSessionManager(SessionManager):
             raise TranscriptChangedError(f"line {seq} of {self._label} is not the one appended")
 
     def _adopt_own(self, entry: dict[str, Any], line: bytes) -> None:
-        """Our line is in the copy; account for it as ``_put`` does for a file write: the
-        model stays a reader's view, and the digest rolls over it, when the line sits right
-        where they ended."""
+        """Our line is in the copy; account for it as ``_put`` does for a file write."""
         end = os.path.getsize(self.path)
         start = end - len(line)
-        if start == self._digest_size:
-            if self._digest is not None:
-                self._digest.update(line)
-            self._digest_size = end
-        if self._pure and start == self._upto:
-            ident = entry.get("id")
-            self._delta_rows.append((start, len(line) - 1, entry, ident))
-            self._upto = end
-            self._tail = (self._tail + line)[-4096:]
-            self._clean = end
-        else:
-            self._pure = False
+        self._own_bytes_landed(
+            entry,
+            line,
+            line,
+            end,
+            digest_follows=start == self._digest_size,
+            model_follows=True,
+        )
         self._torn = None
         self._file_known = True
 

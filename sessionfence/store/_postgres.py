@@ -714,6 +714,17 @@ class PostgresStore(_Common):
 
     # fences -----------------------------------------------------------------------------------
 
+    def async_twin(self) -> AsyncPostgresStore:
+        """An ``AsyncPostgresStore`` on the same server and schema, with the same options
+        (its own connection, made on first use; the caller closes it)."""
+        return AsyncPostgresStore(
+            self.conninfo,
+            schema=self.schema,
+            connect_timeout=self.connect_timeout,
+            unreachable_timeout=self.unreachable_timeout,
+            application_name=self.application_name,
+        )
+
     async def open_fence(
         self,
         session_id: str,
@@ -723,13 +734,7 @@ class PostgresStore(_Common):
         merge_foreign_entries: MergeFn | None = None,
     ) -> Any:
         """A fence on its own async connection (closed by ``dispose``)."""
-        store = AsyncPostgresStore(
-            self.conninfo,
-            schema=self.schema,
-            connect_timeout=self.connect_timeout,
-            unreachable_timeout=self.unreachable_timeout,
-            application_name=self.application_name,
-        )
+        store = self.async_twin()
         try:
             return await store.open_fence(
                 session_id,

@@ -1863,13 +1863,35 @@ class SessionManager:
             self._version = float(CURRENT_VERSION)
         # Exactly our bytes between the two stats: the line sits at the old end, so the
         # digest can roll over it without reading anything.
-        if size == self._digest_size and after == size + len(data):
+        self._own_bytes_landed(
+            entry,
+            line,
+            data,
+            end,
+            digest_follows=size == self._digest_size and after == size + len(data),
+            model_follows=header is None and end - len(data) == size,
+        )
+
+    def _own_bytes_landed(
+        self,
+        entry: Entry,
+        line: bytes,
+        data: bytes,
+        end: int,
+        *,
+        digest_follows: bool,
+        model_follows: bool,
+    ) -> None:
+        """Account for an own append whose bytes ``data`` (``line`` and any separator
+        before it) now end the file at ``end``: the digest rolls over them when they sit
+        where it ended (``digest_follows``); the model stays a reader's view of the file
+        when they sit where the model ends (``model_follows`` and no foreign line
+        between), else it is no longer pure."""
+        if digest_follows:
             if self._digest is not None:
                 self._digest.update(data)
-            self._digest_size = after
-        # The model stays a reader's view of the file when the line landed right where
-        # the model ends (no foreign line between).
-        if self._pure and header is None and end - len(data) == size == self._upto:
+            self._digest_size = end
+        if self._pure and model_follows and end - len(data) == self._upto:
             ident = entry.get("id")
             self._delta_rows.append((end - len(line), len(line) - 1, entry, ident))
             self._upto = end
