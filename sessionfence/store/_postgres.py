@@ -217,6 +217,9 @@ def _header_line(header: Mapping[str, Any] | None) -> bytes:
     return dumps_line(value)[:-1]
 
 
+_APPEND_TRIES = 1000  # rebuilt lines before giving up (racing writers, taken ids)
+
+
 @dataclass
 class _AppendCall:
     """One append being made: what to send, and how many times the line was rebuilt."""
@@ -230,6 +233,39 @@ class _AppendCall:
     line: bytes = b""
     kind: str = ""
     expect: int | None = None
+    # (last seq, last entry id) of the session, read before an entry without parentId
+    head: tuple[int, str | None] | None = None
+
+    def needs_head(self) -> bool:
+        return not self.explicit_parent and self.head is None
+
+    def take_head(self, row: Any) -> None:
+        if row is None:
+            raise KeyError(f"no such session: {self.session_id}")
+        self.head = (int(row[0]), row[1])
+
+    def params(self) -> tuple[Any, ...]:
+        """The ``sf_append`` arguments for the next try."""
+        head = self.head
+        return self.build(
+            head[1] if head else None, None if self.explicit_parent or not head else head[0]
+        )
+
+    def take(self, row: Any) -> AppendResult | None:
+        """The result of a try; None: try again (the session moved on under an entry
+        hung on its last one, or a generated id was taken)."""
+        outcome = _append_outcome(self, row)
+        if isinstance(outcome, AppendResult):
+            return outcome
+        if outcome == "moved":
+            self.head = (int(row[1]), row[6])
+        elif outcome == "id-taken":
+            if "id" in self.entry:
+                raise ValueError(f"entry {self.entry['id']} already exists")
+            self.line = b""  # a fresh id
+        else:  # pragma: no cover - the function returns no other status
+            raise RuntimeError(f"sf_append: {outcome}")
+        return None
 
     def build(self, parent: str | None, expect: int | None) -> tuple[Any, ...]:
         if not self.explicit_parent or not self.line:
@@ -594,28 +630,14 @@ class PostgresStore(_Common):
         was written. Without ``parentId`` the entry hangs on the session's last entry (read,
         then checked at commit: rebuilt if the session moved on meanwhile)."""
         call = self._append_call(session_id, entry, writer, idempotency_key)
-        head: tuple[int, str | None] | None = None
-        for _ in range(1000):
-            if not call.explicit_parent and head is None:
-                row = self._run(lambda c: c.execute(self.sql.head, (session_id,)).fetchone())
-                if row is None:
-                    raise KeyError(f"no such session: {session_id}")
-                head = (int(row[0]), row[1])
-            params = call.build(
-                head[1] if head else None, None if call.explicit_parent or not head else head[0]
-            )
-            row = self._run(partial(self._exec_one, self.sql.append, params))
-            outcome = _append_outcome(call, row)
-            if isinstance(outcome, AppendResult):
-                return outcome
-            if outcome == "moved":
-                head = (int(row[1]), row[6])
-            elif outcome == "id-taken":
-                if "id" in entry:
-                    raise ValueError(f"entry {entry['id']} already exists")
-                call.line = b""  # a fresh id
-            else:  # pragma: no cover - the function returns no other status
-                raise RuntimeError(f"sf_append: {outcome}")
+        for _ in range(_APPEND_TRIES):
+            if call.needs_head():
+                call.take_head(
+                    self._run(lambda c: c.execute(self.sql.head, (session_id,)).fetchone())
+                )
+            result = call.take(self._run(partial(self._exec_one, self.sql.append, call.params())))
+            if result is not None:
+                return result
         raise RuntimeError("append kept racing other writers")  # pragma: no cover
 
     def append_as_cotenant(
@@ -867,28 +889,12 @@ class AsyncPostgresStore(_Common):
         idempotency_key: str | None = None,
     ) -> AppendResult:
         call = self._append_call(session_id, entry, writer, idempotency_key)
-        head: tuple[int, str | None] | None = None
-        for _ in range(1000):
-            if not call.explicit_parent and head is None:
-                row = await self._one(self.sql.head, (session_id,))
-                if row is None:
-                    raise KeyError(f"no such session: {session_id}")
-                head = (int(row[0]), row[1])
-            params = call.build(
-                head[1] if head else None, None if call.explicit_parent or not head else head[0]
-            )
-            row = await self._one(self.sql.append, params)
-            outcome = _append_outcome(call, row)
-            if isinstance(outcome, AppendResult):
-                return outcome
-            if outcome == "moved":
-                head = (int(row[1]), row[6])
-            elif outcome == "id-taken":
-                if "id" in entry:
-                    raise ValueError(f"entry {entry['id']} already exists")
-                call.line = b""
-            else:  # pragma: no cover
-                raise RuntimeError(f"sf_append: {outcome}")
+        for _ in range(_APPEND_TRIES):
+            if call.needs_head():
+                call.take_head(await self._one(self.sql.head, (session_id,)))
+            result = call.take(await self._one(self.sql.append, call.params()))
+            if result is not None:
+                return result
         raise RuntimeError("append kept racing other writers")  # pragma: no cover
 
     async def append_as_cotenant(
