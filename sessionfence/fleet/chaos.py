@@ -186,9 +186,16 @@ def _disguised_line(rng: random.Random, parent: str | None) -> tuple[str, bytes]
     return entry_id, message_line(entry_id, parent, message)
 
 
-def _mutation_offset(line: bytes, rng: random.Random) -> int | None:
-    """Offset of a lowercase letter inside a text value of ``line`` (keeps the JSON valid)."""
-    for key in (b'"text":"', b'"summary":"', b'"cwd":"', b'"type":"'):
+_TEXT_KEYS = (b'"text":"', b'"summary":"', b'"cwd":"', b'"type":"')
+
+
+def mutation_offset(
+    line: bytes, rng: random.Random, keys: Sequence[bytes] = _TEXT_KEYS
+) -> int | None:
+    """Offset of a lowercase letter inside the string value of the first of ``keys`` in
+    ``line`` that holds one, never the letter of an escape (the edit keeps the JSON
+    valid); None when there is none."""
+    for key in keys:
         start = line.find(key)
         if start < 0:
             continue
@@ -233,7 +240,7 @@ def _rewrite(path: str, where: str, rng: random.Random) -> dict[str, Any]:
     if target is None:
         return {"skipped": "empty file"}
     offset, line = target
-    pos = _mutation_offset(line, rng)
+    pos = mutation_offset(line, rng)
     if pos is None:
         return {"skipped": "no letter to change"}
     old = line[pos]

@@ -38,6 +38,7 @@ from typing import Any
 from ..controller import SessionFenceController
 from ..errors import SessionSupersededError, SessionTakeoverError
 from ..transcript import SessionManager
+from .chaos import mutation_offset
 from .transcripts import foreign_id, message_line, now_iso
 
 #: Kinds of foreign events the rogue client makes in a prompt window: benign ones the
@@ -225,20 +226,16 @@ class _Rogue:
         raise ValueError(f"unknown rogue event kind {kind!r}")
 
 
+_ALTERED_KEYS = (b'"text":"', b'"content":"', b'"customType":"', b'"timestamp":"', b'"type":"')
+
+
 def _altered(line: bytes, rng: random.Random) -> bytes:
     """``line`` with one lower-case letter of a string value changed (still valid JSON)."""
-    for key in (b'"text":"', b'"content":"', b'"customType":"', b'"timestamp":"', b'"type":"'):
-        start = line.find(key)
-        if start < 0:
-            continue
-        start += len(key)
-        end = line.find(b'"', start)
-        letters = [i for i in range(start, end) if 0x61 <= line[i] <= 0x7A and line[i - 1] != 0x5C]
-        if letters:
-            at = rng.choice(letters)
-            new = rng.choice([c for c in b"abcdefghijklmnopqrstuvwxyz" if c != line[at]])
-            return line[:at] + bytes([new]) + line[at + 1 :]
-    return line + b" "
+    at = mutation_offset(line, rng, _ALTERED_KEYS)
+    if at is None:
+        return line + b" "
+    new = rng.choice([c for c in b"abcdefghijklmnopqrstuvwxyz" if c != line[at]])
+    return line[:at] + bytes([new]) + line[at + 1 :]
 
 
 class _Plan:
